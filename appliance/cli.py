@@ -1,0 +1,401 @@
+"""The ``appliance`` command: a thin shell over the library.
+
+Every command that reports takes ``--json`` and prints one JSON object. A user
+mistake (an ApplianceError) becomes one sentence on stderr and a non-zero exit,
+never a traceback. Heavy libraries load inside the commands that need them, so
+``appliance --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ApplianceError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="Offline fine-tuning appliance: import, train, merge, export, ask.")
+    p.add_argument("--version", action="version", version=f"appliance {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def add(name: str, help: str, json_out: bool = True, **kw) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, **kw)
+        if json_out:
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
+        return sp
+
+    d = add("demo", "the whole pipeline on the embedded default model and the demo dataset")
+    d.add_argument("--base", help="a .gguf file to use instead of the embedded SmolLM2-135M-Instruct")
+    d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
+    d.add_argument("--eval-samples", type=int, default=48, help="held-out examples scored for base vs tuned")
+
+    m = add("models", "imported base models", json_out=False)
+    msub = m.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    mi = msub.add_parser("import", help="import a .gguf file or a Hugging Face folder (safetensors only)")
+    mi.add_argument("path")
+    mi.add_argument("--name", help="model id (default: from the file)")
+    mi.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="precision of the imported weights (GGUF is dequantized to it)")
+    mi.add_argument("--json", action="store_true")
+    ml = msub.add_parser("list", help="list imported models")
+    ml.add_argument("--json", action="store_true")
+
+    t = add("train", "start a training run from a recipe; prints the run id")
+    t.add_argument("recipe")
+    t.add_argument("--detach", action="store_true", help="start the run and return at once")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set training.max_steps=10")
+
+    r = add("runs", "training runs", json_out=False)
+    rsub = r.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    for name, help in (("list", "list runs"), ("show", "one run in detail"), ("follow", "follow a run's progress"),
+                       ("stop", "stop a running run (it stays resumable)"),
+                       ("resume", "continue an interrupted run from its last checkpoint")):
+        sp = rsub.add_parser(name, help=help)
+        if name != "list":
+            sp.add_argument("run")
+        if name == "resume":
+            sp.add_argument("--detach", action="store_true")
+        sp.add_argument("--json", action="store_true")
+
+    g = add("merge", "merge a run's adapter into its 16-bit base model")
+    g.add_argument("run")
+
+    x = add("export", "export a run's merged model to GGUF and check it against the merged model")
+    x.add_argument("run")
+    x.add_argument("--quant", default=None, help="comma-separated: f16,q8_0,q4_k_m (default: the recipe's)")
+
+    e = add("eval", "score base vs tuned on the held-out split")
+    e.add_argument("run")
+    e.add_argument("--samples", type=int, default=48)
+
+    a = add("ask", "one answer from a model (run id, model id or .gguf path)")
+    a.add_argument("model")
+    a.add_argument("--prompt", required=True)
+    a.add_argument("--system")
+    a.add_argument("--max-tokens", type=int, default=256)
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--threads", type=int)
+
+    c = add("chat", "interactive chat with a model (run id, model id or .gguf path)", json_out=False)
+    c.add_argument("model")
+    c.add_argument("--system")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.7)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
+    key = args.cmd if getattr(args, "sub", None) is None else f"{args.cmd} {args.sub}"
+    try:
+        return COMMANDS[key](args)
+    except ApplianceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user mistake: say so briefly, keep the details one switch away
+        if os.environ.get("APPLIANCE_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run again with APPLIANCE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 70
+
+
+# -- output helpers ---------------------------------------------------------
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _reporter(json_mode: bool):
+    """An Emit that renders stage/warning events as plain lines (nothing in --json mode)."""
+    from .events import Event
+
+    console = None if json_mode else _console()
+
+    def emit(event: Event) -> None:
+        if console is None:
+            return
+        if event.type == "stage":
+            console.print(f"[bold cyan]»[/] {event.message}")
+        elif event.type == "warning":
+            console.print(f"[yellow]warning:[/] {event.message}")
+        elif event.type == "metric" and event.message:
+            console.print(f"  {event.message}")
+    return emit
+
+
+# -- commands ----------------------------------------------------------------
+
+@command("models import")
+def _models_import(args) -> int:
+    from .models import import_model
+
+    m = import_model(args.path, name=args.name, dtype=args.dtype, emit=_reporter(args.json))
+    if args.json:
+        _print_json(m)
+    else:
+        print(f"imported {m['id']} ({m['details'].get('architecture')}, {len(m['files'])} files)")
+    return 0
+
+
+@command("models list")
+def _models_list(args) -> int:
+    from .models import list_models
+
+    ms = list_models()
+    if args.json:
+        _print_json({"models": ms})
+        return 0
+    from rich.table import Table
+
+    table = Table("id", "architecture", "params", "dtype", "source")
+    for m in ms:
+        d = m["details"]
+        params = f"{d['parameters'] / 1e6:.0f}M" if d.get("parameters") else "-"
+        table.add_row(m["id"], str(d.get("architecture")), params, str(d.get("dtype", "-")),
+                      d.get("source", {}).get("format", "-"))
+    _console().print(table if ms else "no models yet: `appliance models import PATH`")
+    return 0
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    from .errors import InvalidInput
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InvalidInput(f"--set {pair!r} needs the form KEY=VALUE, e.g. --set training.max_steps=10.")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@command("train")
+def _train(args) -> int:
+    from . import recipes, runs
+
+    recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
+    run_id = runs.create(recipe)
+    offset = 0
+    runs.start(run_id)
+    return _after_start(run_id, offset, args.detach, args.json)
+
+
+def _after_start(run_id: str, offset: int, detach: bool, json_mode: bool) -> int:
+    from . import runs
+
+    if detach:
+        _print_json({"run": run_id, "state": "running"}) if json_mode else print(run_id)
+        return 0
+    if not json_mode:
+        print(f"run {run_id}")
+    return _follow(run_id, json_mode)
+
+
+def _follow(run_id: str, json_mode: bool) -> int:
+    from . import runs
+    from .render import follow_training
+
+    follow_training(runs.follow(run_id), quiet=json_mode)
+    st = runs.status(run_id)
+    if json_mode:
+        _print_json(st)
+    elif st["state"] == "finished":
+        s = st["summary"] or {}
+        print(f"finished: {s.get('steps')} steps, final loss {s.get('final_loss')}, adapter in {st['path']}/adapter")
+    elif st["state"] == "failed":
+        print(f"error: run {run_id} failed: {st['error']}", file=sys.stderr)
+    elif st["state"] == "interrupted":
+        print(f"run {run_id} stopped at step {st['step']}; `appliance runs resume {run_id}` continues "
+              f"from {st['last_checkpoint'] or 'the start'}", file=sys.stderr)
+    return {"finished": 0, "running": 0}.get(st["state"], 4)
+
+
+@command("runs list")
+def _runs_list(args) -> int:
+    from . import runs
+
+    rs = runs.list_runs()
+    if args.json:
+        _print_json({"runs": rs})
+        return 0
+    from rich.table import Table
+
+    table = Table("id", "state", "step", "loss", "base model")
+    for r in rs:
+        step = f"{r['step']}/{r['max_steps']}" if r["max_steps"] else str(r["step"])
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        table.add_row(r["id"], r["state"], step, loss, r["base_model"])
+    _console().print(table if rs else "no runs yet: `appliance train RECIPE`")
+    return 0
+
+
+@command("runs show")
+def _runs_show(args) -> int:
+    from . import runs
+
+    st = runs.status(args.run)
+    for name in ("merge.json", "export.json", "eval.json"):
+        path = Path(st["path"]) / name
+        if path.is_file():
+            st[name.removesuffix(".json")] = json.loads(path.read_text())
+    if args.json:
+        _print_json(st)
+        return 0
+    for key in ("id", "state", "recipe", "base_model", "dataset", "step", "max_steps", "loss", "last_checkpoint",
+                "error", "path"):
+        if st.get(key) is not None:
+            print(f"{key:>16}: {st[key]}")
+    for key in ("summary", "merge", "export", "eval"):
+        if st.get(key):
+            print(f"{key:>16}: {json.dumps(st[key], sort_keys=True)}")
+    return 0
+
+
+@command("runs follow")
+def _runs_follow(args) -> int:
+    return _follow(args.run, args.json)
+
+
+@command("runs stop")
+def _runs_stop(args) -> int:
+    from . import runs
+
+    stopped = runs.stop(args.run)
+    _print_json({"run": args.run, "stopped": stopped}) if args.json else print(
+        f"stopping {args.run}" if stopped else f"run {args.run} is not running")
+    return 0
+
+
+@command("runs resume")
+def _runs_resume(args) -> int:
+    from . import runs
+
+    runs.resume(args.run)
+    return _after_start(args.run, 0, args.detach, args.json)
+
+
+@command("merge")
+def _merge(args) -> int:
+    from .merge import merge
+
+    result = merge(args.run, emit=_reporter(args.json))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"merged into {result['path']} (max |logit difference| vs base+adapter: {result['max_abs_logit_diff']:.2e})")
+    return 0
+
+
+@command("export")
+def _export(args) -> int:
+    from .export import export
+
+    quants = [q.strip() for q in args.quant.split(",")] if args.quant else None
+    result = export(args.run, quants, emit=_reporter(args.json))
+    if args.json:
+        _print_json(result)
+        return 0
+    for q, f in result["files"].items():
+        print(f"{q:>8}: {f['path']} ({f['bytes'] / 2**20:.1f} MiB)")
+    p = result["parity"]
+    print(f"  checks: template tokens identical on {p['template_conversations']} conversations; "
+          f"stops at {p['eot_token']!r}; top-1 agreement {p['top1_agreement']:.2%} over {p['positions']} positions")
+    return 0
+
+
+@command("eval")
+def _eval(args) -> int:
+    from .evaluate import evaluate
+    from .render import eval_table
+
+    report = evaluate(args.run, samples=args.samples, emit=_reporter(args.json))
+    if args.json:
+        _print_json(report)
+    else:
+        _console().print(eval_table(report))
+    return 0
+
+
+@command("ask")
+def _ask(args) -> int:
+    from .infer import ask
+
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = ask(args.model, args.prompt, system=args.system, max_tokens=args.max_tokens,
+                 temperature=args.temperature, threads=args.threads, on_text=stream)
+    if args.json:
+        _print_json(result)
+    else:
+        print()
+    return 0
+
+
+@command("chat")
+def _chat(args) -> int:
+    from .infer import Chat
+
+    with Chat(args.model, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature) as chat:
+        print(f"chatting with {chat.model_path.name} (template from the GGUF); an empty line or Ctrl-D ends")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                break
+            if not line.strip():
+                break
+            sys.stdout.write("model> ")
+            chat.say(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            print()
+    return 0
+
+
+@command("demo")
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(base=args.base, steps=args.steps, eval_samples=args.eval_samples, json_mode=args.json)
+    if args.json:
+        _print_json(result)
+    return 0 if result["tuned_beats_base"] else 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The demo task: turn a free-text personnel record into a fixed JSON shape.
+
+A 135M model cannot do this reliably out of the box (it invents keys, wraps the
+object in prose, or drops fields) and learns it from a few hundred examples in
+minutes on a CPU, so base vs tuned differ visibly and measurably. Everything
+here is generated from a seed; no real person is described.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+KEYS = ("name", "age", "city", "occupation")
+INSTRUCTION = "Convert this record to JSON with the keys name, age, city and occupation."
+
+_FIRST = """Maria James Aiko Omar Lena Tomas Priya Kwame Sofia Lucas Ingrid Mateo Chloe Ravi Hana Felix
+Amara Jonas Elif Diego Nora Arjun Yara Pavel Mei Samuel Zara Oskar Leila Bruno Ada Kenji Rosa Emil Nia
+Victor Ines Hugo Freya Malik Clara Ivan Sana Theo Lucia Dmitri Esme Farid Greta""".split()
+_LAST = """Lopez Smith Tanaka Haddad Fischer Novak Sharma Mensah Rossi Martin Larsen Garcia Dubois Patel
+Kim Weber Okafor Berg Yilmaz Silva Moreau Nair Costa Ivanov Chen Cohen Ahmed Lind Rahman Ferreira Byrne
+Sato Alvarez Kowalski Mwangi Dupont Santos Hoffmann Nguyen Eriksen""".split()
+_CITY = """Valencia Osaka Lagos Hamburg Lyon Porto Pune Accra Turin Leeds Bergen Cusco Ghent Kyoto Izmir
+Recife Nantes Kochi Gdansk Tartu Graz Brno Malmo Busan Haifa Oulu Cork Quebec Perth Tampere Bilbao
+Kraków Seville Utrecht Aarhus Bologna Dakar Lille Nagoya Durban""".split()
+_JOB = """nurse carpenter pharmacist pilot teacher electrician architect chef librarian welder
+accountant dentist firefighter journalist plumber surveyor translator veterinarian baker mechanic
+geologist paramedic optician tailor botanist""".split()
+
+_TEMPLATES = (
+    "{name}, {age}, works as a {occupation} in {city}.",
+    "{name} is a {age}-year-old {occupation} living in {city}.",
+    "Meet {name}: {occupation}, age {age}, based in {city}.",
+    "From {city}, {name} ({age}) earns a living as a {occupation}.",
+    "{occupation} {name}, aged {age}, resides in {city}.",
+    "Record: {name} / {city} / {occupation} / {age} years old.",
+    "In {city} lives {name}, who is {age} and works as a {occupation}.",
+    "{name} has been a {occupation} for years; {age} now, still in {city}.",
+    "Age {age}. Name {name}. Job: {occupation}. Home town: {city}.",
+    "Our new {occupation}, {name}, is {age} and moved here from {city}.",
+    "{name} ({occupation}, {city}) turned {age} this spring.",
+    "Contact {name} in {city}; the {age}-year-old {occupation} is on call.",
+)
+
+
+def make_record(rng: random.Random) -> dict:
+    return {
+        "name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+        "age": rng.randint(19, 78),
+        "city": rng.choice(_CITY),
+        "occupation": rng.choice(_JOB),
+    }
+
+
+def answer(record: dict) -> str:
+    return json.dumps({k: record[k] for k in KEYS}, ensure_ascii=False)
+
+
+def example(rng: random.Random) -> dict:
+    record = make_record(rng)
+    text = rng.choice(_TEMPLATES).format(**record)
+    return {
+        "messages": [
+            {"role": "user", "content": f"{INSTRUCTION}\n{text}"},
+            {"role": "assistant", "content": answer(record)},
+        ]
+    }
+
+
+def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234) -> Path:
+    """Write ``train.jsonl`` and ``validation.jsonl`` (records never repeat across splits)."""
+    from .workspace import write_atomic
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < train + validation:
+        ex = example(rng)
+        key = ex["messages"][0]["content"]
+        if key not in seen:
+            seen.add(key)
+            rows.append(ex)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:train]), ("validation", rows[train:])):
+        write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    return out_dir
+
+
+def score(prediction: str, reference: str) -> dict[str, float]:
+    """Per-example task metrics: valid JSON object, exact keys, field accuracy, exact match."""
+    ref = json.loads(reference)
+    try:
+        got = json.loads(prediction.strip())
+    except (json.JSONDecodeError, ValueError):
+        got = None
+    if not isinstance(got, dict):
+        return {"valid_json": 0.0, "exact_keys": 0.0, "field_accuracy": 0.0, "exact_match": 0.0}
+    fields = sum(1 for k in KEYS if str(got.get(k, "")).strip().lower() == str(ref[k]).lower()) / len(KEYS)
+    return {
+        "valid_json": 1.0,
+        "exact_keys": float(set(got) == set(KEYS)),
+        "field_accuracy": fields,
+        "exact_match": float(got == ref),
+    }

@@ -1,0 +1,166 @@
+"""Recipes: declarative, validated YAML describing one training run.
+
+Every key is checked; an unknown key is rejected with a did-you-mean, and all
+problems of a file are reported together, each with its line. A recipe names
+its base model (a model id from ``appliance models list``) and its dataset (for
+now a folder holding ``train.jsonl`` and ``validation.jsonl``; the vault will
+replace that with dataset ids).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidInput, NotFound
+
+QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q4_0")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Lora(_Strict):
+    r: int = Field(16, ge=1, le=1024, description="rank; higher learns more and costs more memory")
+    alpha: int = Field(32, ge=1, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
+
+
+class Training(_Strict):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_seq_length: int = Field(512, ge=16, le=131072)
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
+    save_steps: int = Field(25, ge=1, description="checkpoint every N steps")
+    eval_steps: int = Field(25, ge=1, description="validation loss every N steps")
+    logging_steps: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+
+
+class Quantization(_Strict):
+    method: Literal["nf4", "none"] = Field("nf4", description="nf4: QLoRA on a 4-bit base; none: LoRA on 16-bit")
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class Export(_Strict):
+    quant: list[str] = Field(default_factory=lambda: ["f16", "q4_k_m"])
+    parity_samples: int = Field(16, ge=1)
+
+    @field_validator("quant")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for q in value:
+            if q not in QUANTS:
+                raise ValueError(f"unknown quantization {q!r}; choose from {', '.join(QUANTS)}")
+        return value
+
+
+class Recipe(_Strict):
+    name: str
+    base_model: str = Field(description="a model id from `appliance models list`")
+    dataset: str = Field(description="a dataset folder holding train.jsonl and validation.jsonl")
+    seed: int = 42
+    system_prompt: str | None = None
+    quantization: Quantization = Field(default_factory=Quantization)
+    lora: Lora = Field(default_factory=Lora)
+    training: Training = Field(default_factory=Training)
+    export: Export = Field(default_factory=Export)
+
+    # Where the recipe was read from, so relative paths resolve against it.
+    source: str | None = Field(None, exclude=True)
+
+    def dataset_path(self) -> Path:
+        p = Path(self.dataset).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def load(path: str | Path, **overrides: Any) -> Recipe:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"recipe {path} does not exist; pass the path of a YAML recipe (see recipes/).")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InvalidInput(f"{where}: the recipe is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax.") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{path}: a recipe must be a mapping of keys to values.")
+    for dotted, value in overrides.items():
+        _set_dotted(raw, dotted, value)
+    return from_dict(raw, source=path, lines=_key_lines(node))
+
+
+def from_dict(raw: dict, source: Path | None = None, lines: dict[tuple, int] | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err, source, lines or {}) for err in e.errors()]
+        raise InvalidInput("; ".join(problems) + ".") from None
+    recipe.source = str(source) if source else None
+    return recipe
+
+
+def _describe(err: dict, source: Path | None, lines: dict[tuple, int]) -> str:
+    loc = tuple(str(x) for x in err["loc"])
+    field = ".".join(loc)
+    line = lines.get(loc) or lines.get(loc[:-1])
+    where = f"{source}:{line}" if source and line else (str(source) if source else "recipe")
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(known)}"
+        return f"{where}: unknown key {field!r}{hint}"
+    if err["type"] == "missing":
+        return f"{where}: required key {field!r} is missing"
+    return f"{where}: {field}: {err['msg']}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return [name for name in model.model_fields if name != "source"]
+
+
+def _key_lines(node: Any, prefix: tuple = ()) -> dict[tuple, int]:
+    import yaml
+
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (str(key.value),)
+            out[path] = key.start_mark.line + 1
+            out.update(_key_lines(value, path))
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    target = raw
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[last] = value

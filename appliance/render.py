@@ -1,0 +1,64 @@
+"""Terminal rendering of events and reports with rich (the CLI's only view code)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .events import Event
+
+
+def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
+    """Draw a progress bar with loss, learning rate, tokens/s and memory until the run ends."""
+    if quiet:
+        for _ in events:
+            pass
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(highlight=False)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=console, transient=False)
+    task = None
+    eval_loss = None
+    with progress:
+        for e in events:
+            if e.type == "stage":
+                progress.console.print(f"[bold cyan]»[/] {e.message}")
+            elif e.type == "warning":
+                progress.console.print(f"[yellow]warning:[/] {e.message}")
+            elif e.type == "failed":
+                progress.console.print(f"[red]failed:[/] {e.message}")
+            elif e.type == "metric" and "eval_loss" in e.data:
+                eval_loss = e.data["eval_loss"]
+            elif e.type == "progress":
+                d = e.data
+                if task is None:
+                    task = progress.add_task("train", total=d.get("max_steps"), info="")
+                info = []
+                if "loss" in d:
+                    info.append(f"loss {d['loss']:.4f}")
+                if eval_loss is not None:
+                    info.append(f"val {eval_loss:.4f}")
+                if "learning_rate" in d:
+                    info.append(f"lr {d['learning_rate']:.1e}")
+                if "tokens_per_s" in d:
+                    info.append(f"{d['tokens_per_s']:.0f} tok/s")
+                if "rss_bytes" in d:
+                    info.append(f"rss {d['rss_bytes'] / 2**30:.2f} GiB")
+                progress.update(task, completed=d.get("step", 0), total=d.get("max_steps"), info="  ".join(info))
+
+
+def eval_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"held-out split: {report['samples']} examples", title_justify="left")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    for metric in report["metrics"]:
+        b, t = report["base"][metric], report["tuned"][metric]
+        style = "green" if t > b else ("red" if t < b else "")
+        table.add_row(metric, f"{b:.1%}", f"[{style}]{t:.1%}[/]" if style else f"{t:.1%}")
+    return table

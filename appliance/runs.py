@@ -1,0 +1,161 @@
+"""Training runs: create, start, follow, stop and resume.
+
+A run lives in ``runs/<id>/``::
+
+    run.json          id, recipe digest, base model, dataset, pid of the worker
+    recipe.json       the resolved recipe the run was started with
+    events.jsonl      everything the worker reported, one JSON event a line
+    worker.log        the worker's stderr (no dataset text is ever logged)
+    checkpoints/      checkpoint-N/ folders; one is usable once it holds COMPLETE
+    adapter/          the trained LoRA adapter, with its tokenizer and manifest
+    summary.json      final figures (losses, steps, time, tokens/s)
+
+Training runs in a child process (``appliance._train_worker``) started in its
+own session: closing the terminal or the TUI does not stop it, and a crash of
+the child (an OOM kill, a CUDA fault) never takes the caller down. Its state is
+derived from the events and whether the worker is alive, never stored twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from . import events as ev
+from .errors import InvalidInput, NotFound
+from .recipes import Recipe
+from .workspace import folder, new_id, read_json, write_json
+
+COMPLETE = "COMPLETE"
+
+
+def run_dir(run_id: str) -> Path:
+    path = folder("runs") / run_id
+    if not (path / "run.json").is_file():
+        known = [r["id"] for r in list_runs()][-5:]
+        hint = f" (latest: {', '.join(known)})" if known else ""
+        raise NotFound(f"no run with id {run_id!r} in {folder('runs')}{hint}; `appliance runs list` shows them.")
+    return path
+
+
+def list_runs() -> list[dict]:
+    return [status(p.name) for p in sorted(folder("runs").iterdir()) if (p / "run.json").is_file()]
+
+
+def create(recipe: Recipe) -> str:
+    """Validate what the recipe points at and make the run's folder; start nothing."""
+    from . import data
+    from .models import model_dir
+
+    model_dir(recipe.base_model)
+    dataset = recipe.dataset_path()
+    for split in data.SPLITS:
+        data.load_split(dataset, split)  # fail here, in the caller, with a clear message
+    run_id = new_id(recipe.name)
+    path = folder("runs") / run_id
+    path.mkdir(parents=True)
+    write_json(path / "recipe.json", {**recipe.model_dump(mode="json"), "source": recipe.source})
+    write_json(path / "run.json", {"id": run_id, "recipe": recipe.name, "recipe_sha256": recipe.digest(),
+                                   "base_model": recipe.base_model, "dataset": str(dataset.resolve())})
+    return run_id
+
+
+def start(run_id: str, resume: bool = False) -> int:
+    """Start the worker for a run in its own session; return its pid."""
+    path = run_dir(run_id)
+    cmd = [sys.executable, "-m", "appliance._train_worker", str(path)]
+    if resume:
+        cmd.append("--resume")
+    with open(path / "worker.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    info = read_json(path / "run.json")
+    info["pid"] = proc.pid
+    write_json(path / "run.json", info)
+    return proc.pid
+
+
+def load_recipe(run_id: str) -> Recipe:
+    from .recipes import from_dict
+
+    raw = read_json(run_dir(run_id) / "recipe.json")
+    source = raw.pop("source", None)
+    recipe = from_dict(raw)
+    recipe.source = source
+    return recipe
+
+
+def alive(run_id: str) -> bool:
+    info = read_json(run_dir(run_id) / "run.json")
+    pid = info.get("pid")
+    if not pid:
+        return False
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and any(run_id in part for part in proc.cmdline())
+    except Exception:  # gone, or not ours any more
+        return False
+
+
+def status(run_id: str) -> dict:
+    path = run_dir(run_id)
+    info = read_json(path / "run.json")
+    evs = ev.read(path / "events.jsonl")
+    last_progress = next((e for e in reversed(evs) if e.type == "progress"), None)
+    final = next((e for e in reversed(evs) if e.type in ("finished", "failed")), None)
+    running = alive(run_id)
+    if running:
+        state = "running"
+    elif final is not None and evs and evs[-1] is final:
+        state = final.type
+    elif not evs:
+        state = "created"
+    else:
+        state = "interrupted"
+    summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else None
+    return {
+        **info,
+        "state": state,
+        "step": last_progress.data.get("step") if last_progress else 0,
+        "max_steps": last_progress.data.get("max_steps") if last_progress else None,
+        "loss": last_progress.data.get("loss") if last_progress else None,
+        "last_checkpoint": (c.name if (c := last_checkpoint(run_id)) else None),
+        "error": final.message if final is not None and final.type == "failed" else None,
+        "summary": summary,
+        "path": str(path),
+    }
+
+
+def last_checkpoint(run_id: str) -> Path | None:
+    """The newest checkpoint that was written completely (a kill during a save leaves one without COMPLETE)."""
+    root = folder("runs") / run_id / "checkpoints"
+    done = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resume(run_id: str) -> int:
+    st = status(run_id)
+    if st["state"] == "running":
+        raise InvalidInput(f"run {run_id} is still running (pid {st['pid']}); `appliance runs follow {run_id}` shows it.")
+    if st["state"] == "finished":
+        raise InvalidInput(f"run {run_id} has finished; there is nothing to resume.")
+    return start(run_id, resume=True)
+
+
+def stop(run_id: str) -> bool:
+    """Ask the worker to stop (SIGTERM); it saves nothing partial and the run stays resumable."""
+    if not alive(run_id):
+        return False
+    pid = read_json(run_dir(run_id) / "run.json")["pid"]
+    os.kill(pid, signal.SIGTERM)
+    return True
+
+
+def follow(run_id: str, poll: float = 0.25):
+    path = run_dir(run_id)
+    return ev.follow(path / "events.jsonl", alive=lambda: alive(run_id), poll=poll)
