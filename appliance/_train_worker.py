@@ -34,6 +34,12 @@ class _Stopped(Exception):
     pass
 
 
+# Set by SIGTERM once training has started: the callback then saves a checkpoint at the end of the current
+# step and ends the loop, so a stopped run loses nothing and resumes exactly where it stopped.
+_stop_requested = False
+_training_started = False
+
+
 def main(argv: list[str]) -> int:
     run = Path(argv[0])
     resume = "--resume" in argv[1:]
@@ -43,7 +49,11 @@ def main(argv: list[str]) -> int:
     write_json(run / "run.json", info)
 
     def on_term(signum, frame):
-        raise _Stopped()
+        global _stop_requested
+        if _training_started:
+            _stop_requested = True
+        else:
+            raise _Stopped()
 
     signal.signal(signal.SIGTERM, on_term)
     try:
@@ -155,7 +165,13 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         emit(ev.Event("stage", STAGE, f"resuming from {checkpoint.name if checkpoint else 'the start (no complete checkpoint)'}",
                       {"checkpoint": checkpoint.name if checkpoint else None}))
     started = time.time()
+    global _training_started
+    _training_started = True
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if _stop_requested:
+        emit(ev.Event("warning", STAGE, f"stopped on request at step {trainer.state.global_step} with a checkpoint; "
+                      "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
+        return
 
     adapter = run / "adapter"
     from .workspace import staging
@@ -192,6 +208,7 @@ def _Events(emit: ev.Emit, run: Path, threads: int):
     from .runs import COMPLETE
 
     proc = psutil.Process()
+    fault = os.environ.get("APPLIANCE_FAULT", "")  # fault injection for tests, e.g. "hang_after_checkpoint:4"
 
     class Events(TrainerCallback):
         def __init__(self):
@@ -207,6 +224,9 @@ def _Events(emit: ev.Emit, run: Path, threads: int):
 
         def on_step_end(self, args, state, control, **kw):
             self.busy += time.perf_counter() - self.step_started
+            if _stop_requested:
+                control.should_save = True
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -235,6 +255,8 @@ def _Events(emit: ev.Emit, run: Path, threads: int):
             if ckpt.is_dir():
                 (ckpt / COMPLETE).write_text(f"{state.global_step}\n")
                 emit(ev.Event("metric", STAGE, "", {"step": state.global_step, "checkpoint": ckpt.name}))
+                if fault == f"hang_after_checkpoint:{state.global_step}":
+                    time.sleep(3600)  # test-only: a worker stuck here is killed with SIGKILL by the test
 
     return Events()
 

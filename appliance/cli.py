@@ -257,11 +257,12 @@ def _runs_list(args) -> int:
         return 0
     from rich.table import Table
 
-    table = Table("id", "state", "step", "loss", "base model")
+    table = Table("state", "step", "loss", "base model")
+    table.add_column("id", no_wrap=True)
     for r in rs:
         step = f"{r['step']}/{r['max_steps']}" if r["max_steps"] else str(r["step"])
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
-        table.add_row(r["id"], r["state"], step, loss, r["base_model"])
+        table.add_row(r["state"], step, loss, r["base_model"], r["id"])
     _console().print(table if rs else "no runs yet: `appliance train RECIPE`")
     return 0
 

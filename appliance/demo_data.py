@@ -12,8 +12,10 @@ import json
 import random
 from pathlib import Path
 
-KEYS = ("name", "age", "city", "occupation")
-INSTRUCTION = "Convert this record to JSON with the keys name, age, city and occupation."
+# The house format: a fixed key set and order, the name split in two, the age a number, the occupation in
+# lower case. The instruction does not spell it out; the model has to learn it from the examples.
+KEYS = ("first_name", "last_name", "age", "city", "occupation")
+INSTRUCTION = "Convert this record to JSON."
 
 _FIRST = """Maria James Aiko Omar Lena Tomas Priya Kwame Sofia Lucas Ingrid Mateo Chloe Ravi Hana Felix
 Amara Jonas Elif Diego Nora Arjun Yara Pavel Mei Samuel Zara Oskar Leila Bruno Ada Kenji Rosa Emil Nia
@@ -46,7 +48,8 @@ _TEMPLATES = (
 
 def make_record(rng: random.Random) -> dict:
     return {
-        "name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+        "first_name": rng.choice(_FIRST),
+        "last_name": rng.choice(_LAST),
         "age": rng.randint(19, 78),
         "city": rng.choice(_CITY),
         "occupation": rng.choice(_JOB),
@@ -59,7 +62,7 @@ def answer(record: dict) -> str:
 
 def example(rng: random.Random) -> dict:
     record = make_record(rng)
-    text = rng.choice(_TEMPLATES).format(**record)
+    text = rng.choice(_TEMPLATES).format(name=f"{record['first_name']} {record['last_name']}", **record)
     return {
         "messages": [
             {"role": "user", "content": f"{INSTRUCTION}\n{text}"},
@@ -86,20 +89,3 @@ def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 
         write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     return out_dir
 
-
-def score(prediction: str, reference: str) -> dict[str, float]:
-    """Per-example task metrics: valid JSON object, exact keys, field accuracy, exact match."""
-    ref = json.loads(reference)
-    try:
-        got = json.loads(prediction.strip())
-    except (json.JSONDecodeError, ValueError):
-        got = None
-    if not isinstance(got, dict):
-        return {"valid_json": 0.0, "exact_keys": 0.0, "field_accuracy": 0.0, "exact_match": 0.0}
-    fields = sum(1 for k in KEYS if str(got.get(k, "")).strip().lower() == str(ref[k]).lower()) / len(KEYS)
-    return {
-        "valid_json": 1.0,
-        "exact_keys": float(set(got) == set(KEYS)),
-        "field_accuracy": fields,
-        "exact_match": float(got == ref),
-    }

@@ -3,8 +3,8 @@
 Every key is checked; an unknown key is rejected with a did-you-mean, and all
 problems of a file are reported together, each with its line. A recipe names
 its base model (a model id from ``appliance models list``) and its dataset (for
-now a folder holding ``train.jsonl`` and ``validation.jsonl``; the vault will
-replace that with dataset ids).
+now a dataset id in the workspace or a folder holding ``train.jsonl`` and
+``validation.jsonl``; the vault makes the ids encrypted).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Export(_Strict):
 class Recipe(_Strict):
     name: str
     base_model: str = Field(description="a model id from `appliance models list`")
-    dataset: str = Field(description="a dataset folder holding train.jsonl and validation.jsonl")
+    dataset: str = Field(description="a dataset id in the workspace, or a folder holding train.jsonl and validation.jsonl")
     seed: int = 42
     system_prompt: str | None = None
     quantization: Quantization = Field(default_factory=Quantization)
@@ -84,9 +84,19 @@ class Recipe(_Strict):
     source: str | None = Field(None, exclude=True)
 
     def dataset_path(self) -> Path:
+        """The dataset's folder: a workspace dataset id first, else a path (relative to the recipe's file)."""
+        from .workspace import folder
+
+        by_id = folder("datasets") / self.dataset
+        if "/" not in self.dataset and by_id.is_dir():
+            return by_id
         p = Path(self.dataset).expanduser()
         if not p.is_absolute() and self.source:
             p = Path(self.source).parent / p
+        if not p.is_dir():
+            where = f"{self.source}: " if self.source else ""
+            raise NotFound(f"{where}dataset {self.dataset!r} is neither a dataset in {folder('datasets')} nor a folder; "
+                           "fix the recipe's 'dataset' key.")
         return p
 
     def digest(self) -> str:
@@ -131,12 +141,22 @@ def _describe(err: dict, source: Path | None, lines: dict[tuple, int]) -> str:
     where = f"{source}:{line}" if source and line else (str(source) if source else "recipe")
     if err["type"] == "extra_forbidden":
         known = _fields_at(loc[:-1])
-        guess = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(known)}"
+        guess = _did_you_mean(loc[-1], known, loc[-2] if len(loc) > 1 else "")
+        hint = f"; did you mean {guess!r}?" if guess else f"; known keys here: {', '.join(known)}"
         return f"{where}: unknown key {field!r}{hint}"
     if err["type"] == "missing":
         return f"{where}: required key {field!r} is missing"
     return f"{where}: {field}: {err['msg']}"
+
+
+def _did_you_mean(word: str, known: list[str], section: str) -> str | None:
+    """The closest known key; 'lora_alpah' under 'lora' matches 'alpha' through its prefixed form too."""
+    def closeness(key: str) -> float:
+        forms = (key, f"{section}_{key}") if section else (key,)
+        return max(difflib.SequenceMatcher(None, word, form).ratio() for form in forms)
+
+    best = max(known, key=closeness, default=None)
+    return best if best is not None and closeness(best) >= 0.6 else None
 
 
 def _fields_at(loc: tuple) -> list[str]:

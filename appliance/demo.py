@@ -1,0 +1,120 @@
+"""``appliance demo``: the whole pipeline on the embedded default model, narrated.
+
+import the base model -> generate the demo dataset -> train QLoRA -> merge ->
+export GGUF (f16, q8_0, q4_k_m, self-checked) -> score base vs tuned on the
+held-out split -> answer one held-out prompt through llama.cpp. Every stage
+is the same library call the CLI exposes on its own; this module only strings
+them together and tells the story.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import NotFound
+
+MODEL_ID = "smollm2-135m-instruct"
+DATASET_ID = "demo-records"
+
+
+def recipe_path() -> Path:
+    """The shipped demo recipe (recipes/demo-cpu.yaml beside the package, or $APPLIANCE_RECIPES)."""
+    root = Path(os.environ.get("APPLIANCE_RECIPES") or Path(__file__).resolve().parents[1] / "recipes")
+    path = root / "demo-cpu.yaml"
+    if not path.is_file():
+        raise NotFound(f"the demo recipe {path} is missing; set APPLIANCE_RECIPES to the folder holding demo-cpu.yaml.")
+    return path
+
+
+def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
+    from rich.console import Console
+
+    from . import models, recipes, runs
+    from .cli import _reporter
+    from .demo_data import generate
+    from .evaluate import evaluate
+    from .export import export
+    from .infer import ask
+    from .merge import merge
+    from .render import eval_table, follow_training
+    from .workspace import folder
+
+    console = Console(quiet=json_mode, highlight=False)
+    emit = _reporter(json_mode)
+    timings: dict[str, float] = {}
+
+    def stage(title: str):
+        console.rule(f"[bold]{title}")
+        return time.perf_counter()
+
+    t = stage("1/6 import the base model")
+    gguf = Path(base) if base else models.default_gguf()
+    console.print(f"{gguf.name}: a real pretrained model, dequantized into 16-bit safetensors")
+    model = models.import_model(gguf, name=MODEL_ID if not base else None, emit=emit)
+    timings["import"] = time.perf_counter() - t
+
+    t = stage("2/6 the demo dataset")
+    dataset = folder("datasets") / DATASET_ID
+    if not (dataset / "train.jsonl").is_file():
+        generate(dataset)
+    example = json.loads((dataset / "train.jsonl").read_text().splitlines()[0])["messages"]
+    console.print("task: turn a free-text record into the house JSON format, e.g.")
+    console.print(f"  [dim]user:[/] {example[0]['content']!r}")
+    console.print(f"  [dim]assistant:[/] {example[1]['content']}")
+    timings["dataset"] = time.perf_counter() - t
+
+    t = stage("3/6 train QLoRA (NF4 base + LoRA on all linear layers)")
+    overrides = {"base_model": model["id"], "dataset": DATASET_ID}
+    if steps:
+        overrides["training.max_steps"] = steps
+    recipe = recipes.load(recipe_path(), **overrides)
+    run_id = runs.create(recipe)
+    console.print(f"run {run_id}: {recipe.training.max_steps} steps, micro-batch {recipe.training.micro_batch_size}, "
+                  f"lr {recipe.training.learning_rate}, in a child process (events in runs/{run_id}/events.jsonl)")
+    runs.start(run_id)
+    follow_training(runs.follow(run_id), quiet=json_mode)
+    st = runs.status(run_id)
+    if st["state"] != "finished":
+        from .errors import StageFailed
+
+        raise StageFailed(f"training run {run_id} ended {st['state']}: {st['error'] or 'see ' + st['path'] + '/worker.log'}.")
+    timings["train"] = time.perf_counter() - t
+
+    t = stage("4/6 merge the adapter into the 16-bit base")
+    merged = merge(run_id, emit=emit)
+    timings["merge"] = time.perf_counter() - t
+
+    t = stage("5/6 export GGUF with llama.cpp's converter and quantizer, then check it")
+    exported = export(run_id, emit=emit)
+    for q, f in exported["files"].items():
+        console.print(f"  {q:>7}: {f['bytes'] / 2**20:6.1f} MiB, top-1 agreement with the merged model {f['top1_agreement']:.2%}")
+    timings["export"] = time.perf_counter() - t
+
+    t = stage("6/6 base vs tuned on held-out records, through llama.cpp")
+    report = evaluate(run_id, samples=eval_samples, emit=emit)
+    console.print(eval_table(report))
+    sample = json.loads((dataset / "validation.jsonl").read_text().splitlines()[0])["messages"]
+    console.print(f"[dim]ask the tuned model:[/] {sample[0]['content']!r}")
+    answer = ask(run_id, sample[0]["content"], max_tokens=96)
+    console.print(f"[bold green]{answer['text']}[/]  [dim]({answer['completion_tokens']} tokens, "
+                  f"{answer['tokens_per_s'] or 0:.0f} tok/s)[/]")
+    timings["evaluate"] = time.perf_counter() - t
+
+    from rich.table import Table
+
+    table = Table(title="time per stage", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, secs in timings.items():
+        table.add_row(name, f"{secs:.0f}")
+    table.add_row("[bold]total", f"[bold]{sum(timings.values()):.0f}")
+    console.print(table)
+    run = Path(st["path"])
+    console.print(f"artifacts: adapter {run / 'adapter'}\n           merged  {merged['path']}\n"
+                  + "".join(f"           {q:<7} {f['path']}\n" for q, f in exported["files"].items()))
+    console.print(f"try: appliance ask {run_id} --prompt \"Convert this record to JSON.\\nAda Weber, 41, baker in Graz.\"")
+    return {"run": run_id, "model": model["id"], "timings_s": timings, "eval": {k: report[k] for k in ("base", "tuned", "samples")},
+            "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}

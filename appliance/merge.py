@@ -1,0 +1,79 @@
+"""Merging: a run's LoRA adapter folded into its base model's 16-bit weights.
+
+The adapter is merged into the base model loaded at full precision from its
+safetensors, never into 4-bit weights (merging onto NF4 would bake the
+quantization error into the result). The merge is checked: on held-out
+prompts the merged model's logits must equal those of base+adapter; the
+largest difference is recorded in ``runs/<id>/merge.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import data, manifest, runs
+from .chat_format import render, with_system
+from .errors import CheckFailed, NotFound
+from .events import Emit, Event, ignore
+from .workspace import read_json, staging, write_json
+
+STAGE = "merge"
+MAX_ABS_DIFF = 1e-3  # fp32 merge vs unmerged: algebraically equal, so only rounding may differ
+
+
+def merged_dir(run_id: str) -> Path:
+    return runs.run_dir(run_id) / "merged"
+
+
+def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import model_dir
+
+    run = runs.run_dir(run_id)
+    adapter = run / "adapter"
+    if not (adapter / manifest.NAME).is_file():
+        raise NotFound(f"run {run_id} has no trained adapter in {adapter}; finish or resume its training first.")
+    recipe = runs.load_recipe(run_id)
+    base = model_dir(recipe.base_model)
+    save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
+    emit(Event("stage", STAGE, f"merging the adapter into {recipe.base_model} (float32, saved as {save_dtype})"))
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    batch = _heldout_batch(tokenizer, recipe, samples)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merged = model.merge_and_unload().eval()
+        after = merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    diff = (unmerged - after).abs()[mask].max().item()
+    if diff > MAX_ABS_DIFF:
+        raise CheckFailed(f"the merged model's logits differ from base+adapter by {diff:.3g} (> {MAX_ABS_DIFF}); "
+                          "the adapter does not match its base model.")
+    out = merged_dir(run_id)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    with staging(out) as tmp:
+        merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"run": run_id, "base_model": recipe.base_model},
+                       dtype=save_dtype, max_abs_logit_diff=diff)
+    result = {"path": str(out), "dtype": save_dtype, "max_abs_logit_diff": diff, "positions": int(mask.sum()),
+              "prompts": batch["input_ids"].shape[0]}
+    write_json(run / "merge.json", result)
+    emit(Event("finished", STAGE, f"merged; max |logit diff| vs base+adapter {diff:.2e}", result))
+    return result
+
+
+def _heldout_batch(tokenizer, recipe, samples: int):
+    """Held-out conversations rendered with the training template, as one padded batch."""
+    records = data.load_split(recipe.dataset_path(), "validation")[:samples]
+    texts = [render(tokenizer, with_system(r["messages"], recipe.system_prompt)) for r in records]
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

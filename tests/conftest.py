@@ -1,0 +1,98 @@
+"""Shared fixtures: an isolated workspace per test, the real CLI, and a tiny random model.
+
+The tiny model is a 2-layer Llama with SmolLM2's real tokenizer and chat
+template (taken from the embedded GGUF), so everything around the weights
+(templates, stop tokens, llama.cpp's converter and tokenizer) is the real
+thing, while training takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APPLIANCE = [sys.executable, "-m", "appliance.cli"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    h = tmp_path / "home"
+    monkeypatch.setenv("APPLIANCE_HOME", str(h))
+    return h
+
+
+def run_cli(*args: str, home: Path, check: bool = True, env: dict | None = None, timeout: int = 900):
+    """Run the real `appliance` command in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, "APPLIANCE_HOME": str(home), **(env or {})}
+    proc = subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str, home: Path, **kw) -> dict:
+    return json.loads(run_cli(*args, "--json", home=home, **kw).stdout)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer and chat template, extracted from the embedded GGUF once per session."""
+    from transformers import AutoTokenizer
+
+    from appliance.models import default_gguf
+
+    gguf = default_gguf()
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A random 2-layer Llama (hidden 64) saved as a Hugging Face folder in safetensors."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2,
+        # Larger than the usual 0.02 so the random model's logits have clear winners: the export's top-1 parity
+        # check is then about the conversion, not about ties between near-equal logits.
+        initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in smollm2_tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    from appliance.demo_data import generate
+
+    return generate(tmp_path_factory.mktemp("demo-dataset"), train=64, validation=8)
+
+
+def write_recipe(path: Path, dataset: Path, base_model: str = "tiny", **training) -> Path:
+    import yaml
+
+    t = {"max_steps": 6, "micro_batch_size": 4, "learning_rate": 0.003, "max_seq_length": 128, "save_steps": 3,
+         "eval_steps": 3, "warmup_steps": 0, **training}
+    recipe = {"name": "tiny", "base_model": base_model, "dataset": str(dataset), "seed": 7,
+              "quantization": {"method": "nf4", "compute_dtype": "float32"},
+              "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "training": t,
+              "export": {"quant": ["f16", "q8_0"], "parity_samples": 4}}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
