@@ -156,6 +156,12 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[_Events(emit, run, threads)])
+    # TRL casts QLoRA adapter weights to bf16 when it builds the trainer, but a resume loads them from the
+    # checkpoint in fp32, so a resumed run would compute differently from an uninterrupted one. Keep the
+    # trainable weights in fp32 from the start (PEFT's own default): tiny in memory, identical across resumes.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
     checkpoint = None
     if resume:

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     key = args.cmd if getattr(args, "sub", None) is None else f"{args.cmd} {args.sub}"
+    quiet_libraries()
     try:
         return COMMANDS[key](args)
     except ApplianceError as e:
@@ -120,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(e).__name__}: {e} (run again with APPLIANCE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 70
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own chatter (progress bars, advisory warnings) off the user's terminal."""
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # bitsandbytes warns on every import that it could not fetch an optional CPU kernel from a hub;
+    # on an offline appliance that is expected, not news.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("transformers", "peft", "trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # -- output helpers ---------------------------------------------------------

@@ -96,7 +96,9 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
 
 
 def quantize(src: Path, dst: Path, quant: str) -> None:
-    import llama_cpp
+    from .infer import llama_cpp as _lib
+
+    llama_cpp = _lib()
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])

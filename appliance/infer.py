@@ -46,10 +46,20 @@ def resolve(model: str) -> Path:
                    "`appliance runs list` and `appliance models list` show what exists.")
 
 
+def llama_cpp():
+    """Import llama_cpp with llama.cpp's own logging limited to errors (it logs every tensor otherwise)."""
+    import logging
+
+    import llama_cpp as lib
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return lib
+
+
 @contextlib.contextmanager
 def load(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Iterator:
     """Open a GGUF with llama.cpp; always closed explicitly (its destructor can raise at interpreter exit)."""
-    import llama_cpp
+    llama_cpp = globals()["llama_cpp"]()
 
     if not path.is_file():
         raise NotFound(f"{path} does not exist.")
@@ -90,9 +100,8 @@ def tokenize(llm, text: str) -> list[int]:
 
 
 def is_eog(llm, token: int) -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+    lib = llama_cpp()
+    return bool(lib.llama_vocab_is_eog(lib.llama_model_get_vocab(llm.model), token))
 
 
 def generate(llm, prompt: list[int], max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,

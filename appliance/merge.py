@@ -26,10 +26,6 @@ def merged_dir(run_id: str) -> Path:
 
 
 def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .models import model_dir
 
     run = runs.run_dir(run_id)
@@ -40,6 +36,9 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
     base = model_dir(recipe.base_model)
     save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
     emit(Event("stage", STAGE, f"merging the adapter into {recipe.base_model} (float32, saved as {save_dtype})"))
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

@@ -108,11 +108,10 @@ def status(run_id: str) -> dict:
     evs = ev.read(path / "events.jsonl")
     last_progress = next((e for e in reversed(evs) if e.type == "progress"), None)
     final = next((e for e in reversed(evs) if e.type in ("finished", "failed")), None)
-    running = alive(run_id)
-    if running:
+    if final is not None and evs[-1] is final:
+        state = final.type  # even while the worker is still exiting
+    elif alive(run_id):
         state = "running"
-    elif final is not None and evs and evs[-1] is final:
-        state = final.type
     elif not evs:
         state = "created"
     else:

@@ -1,0 +1,122 @@
+"""The whole pipeline on a tiny random model through the real CLI: train, merge, export, ask; and resume after kill -9."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import cli_json, run_cli, write_recipe
+
+
+@pytest.fixture
+def tiny_home(home, tiny_model_dir):
+    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
+    return home
+
+
+def _events(home, run_id):
+    from appliance import events
+
+    return events.read(home / "runs" / run_id / "events.jsonl")
+
+
+def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
+    home = tiny_home
+    recipe = write_recipe(tmp_path / "tiny.yaml", demo_dataset)
+    st = cli_json("train", str(recipe), home=home)
+    assert st["state"] == "finished", st
+    run_id, run = st["id"], home / "runs" / st["id"]
+    assert st["summary"]["steps"] == 6
+
+    evs = _events(home, run_id)
+    steps = [e.data for e in evs if e.type == "progress" and "loss" in e.data]
+    assert [d["step"] for d in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "learning_rate", "grad_norm", "rss_bytes"} <= set(steps[-1])
+    assert any("tokens_per_s" in d and d["tokens_per_s"] > 0 for d in steps)
+    assert [e.data["step"] for e in evs if e.type == "metric" and "eval_loss" in e.data] == [3, 6]
+    assert sorted(p.parent.name for p in (run / "checkpoints").glob("checkpoint-*/COMPLETE")) == ["checkpoint-3", "checkpoint-6"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    merged = cli_json("merge", run_id, home=home)
+    # fp32 merge vs base+adapter: the same function, so only float rounding (~1e-6) may differ.
+    assert merged["max_abs_logit_diff"] < 1e-3
+    assert json.loads((run / "merge.json").read_text())["max_abs_logit_diff"] == merged["max_abs_logit_diff"]
+
+    exported = cli_json("export", run_id, "--quant", "f16,q8_0", home=home)
+    parity = exported["parity"]
+    assert parity["top1_agreement"] >= 0.99 and parity["positions"] > 100
+    assert parity["eot_token"] == "<|im_end|>" and parity["template_conversations"] == 4
+    assert set(exported["files"]) == {"f16", "q8_0"}
+    assert exported["files"]["q8_0"]["bytes"] < exported["files"]["f16"]["bytes"]
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(exported["files"]["q8_0"]["path"])
+    template = reader.fields["tokenizer.chat_template"]
+    assert "<|im_start|>" in bytes(template.parts[template.data[0]]).decode()
+    eos = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert int(eos.parts[eos.data[0]][0]) == parity["eot_token_id"]
+
+    answer = cli_json("ask", run_id, "--prompt", "Convert this record to JSON.\nAda Weber, 41, baker in Graz.",
+                      "--max-tokens", "8", home=home)
+    assert answer["model"].endswith("model-q8_0.gguf")
+    assert answer["prompt_tokens"] > 10 and 1 <= answer["completion_tokens"] <= 8
+    streamed = run_cli("ask", exported["files"]["f16"]["path"], "--prompt", "hello", "--max-tokens", "5", home=home)
+    assert streamed.stdout.strip()
+
+    shown = cli_json("runs", "show", run_id, home=home)
+    assert shown["merge"]["max_abs_logit_diff"] == merged["max_abs_logit_diff"]
+    assert shown["export"]["parity"]["top1_agreement"] == parity["top1_agreement"]
+
+
+def _wait_for(predicate, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_kill_9_reaches_the_same_final_loss(tiny_home, tmp_path, demo_dataset):
+    home = tiny_home
+    recipe = write_recipe(tmp_path / "tiny.yaml", demo_dataset, max_steps=10, save_steps=4, eval_steps=100)
+    straight = cli_json("train", str(recipe), home=home)
+    assert straight["state"] == "finished"
+
+    # The worker hangs right after checkpoint-4 is complete, so the kill lands at a known point.
+    started = cli_json("train", str(recipe), "--detach", home=home, env={"APPLIANCE_FAULT": "hang_after_checkpoint:4"})
+    run_id = started["run"]
+    _wait_for(lambda: any(e.data.get("checkpoint") == "checkpoint-4" for e in _events(home, run_id)),
+              what="checkpoint-4")
+    pid = json.loads((home / "runs" / run_id / "run.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: cli_json("runs", "show", run_id, home=home)["state"] == "interrupted", what="interrupted")
+    shown = cli_json("runs", "show", run_id, home=home)
+    assert shown["last_checkpoint"] == "checkpoint-4" and shown["step"] == 4
+
+    resumed = cli_json("runs", "resume", run_id, home=home)
+    assert resumed["state"] == "finished", resumed
+    assert resumed["summary"]["resumed_from"] == "checkpoint-4"
+    assert resumed["summary"]["steps"] == 10
+    assert abs(resumed["summary"]["final_loss"] - straight["summary"]["final_loss"]) <= 1e-4
+    # Steps 5..10 were trained once more after the resume, and only those.
+    evs = _events(home, run_id)
+    resume_at = next(i for i, e in enumerate(evs) if e.type == "stage" and e.data.get("resume"))
+    assert [e.data["step"] for e in evs[resume_at:] if e.type == "progress" and "loss" in e.data] == list(range(5, 11))
+
+
+def test_stop_saves_a_checkpoint_and_resume_finishes(tiny_home, tmp_path, demo_dataset):
+    home = tiny_home
+    recipe = write_recipe(tmp_path / "tiny.yaml", demo_dataset, max_steps=8, save_steps=100, eval_steps=100)
+    run_id = cli_json("train", str(recipe), "--detach", home=home,
+                      env={"APPLIANCE_FAULT": "hang_after_checkpoint:never"})["run"]
+    _wait_for(lambda: any(e.type == "progress" and e.data.get("step", 0) >= 2 for e in _events(home, run_id)),
+              what="step 2")
+    assert cli_json("runs", "stop", run_id, home=home)["stopped"] is True
+    _wait_for(lambda: cli_json("runs", "show", run_id, home=home)["state"] == "interrupted", what="stop")
+    shown = cli_json("runs", "show", run_id, home=home)
+    assert shown["last_checkpoint"] is not None  # a stop saves where it stopped: nothing is lost
+    assert cli_json("runs", "resume", run_id, home=home)["state"] == "finished"
