@@ -127,7 +127,10 @@ def quiet_libraries() -> None:
     """Keep the libraries' own chatter (progress bars, advisory warnings) off the user's terminal."""
     import logging
 
+    import warnings
+
     os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     # bitsandbytes warns on every import that it could not fetch an optional CPU kernel from a hub;
     # on an offline appliance that is expected, not news.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

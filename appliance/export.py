@@ -17,7 +17,9 @@ A failed check fails the export; nothing is left under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +64,15 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
         emit(Event("stage", STAGE, "converting the merged model to GGUF f16 with llama.cpp's converter"))
         convert(merged, f16)
         files = {"f16": f16}
+        notes: dict[str, dict] = {}
         for q in quants:
             if q != "f16":
                 emit(Event("stage", STAGE, f"quantizing to {q}"))
                 files[q] = tmp / f"model-{q}.gguf"
-                quantize(f16, files[q], q)
+                notes[q] = quantize(f16, files[q], q)
+                if notes[q].get("fallback_tensors"):
+                    emit(Event("warning", STAGE, f"{q}: {notes[q]['fallback_tensors']} of {notes[q]['tensors']} tensors "
+                               "have rows that are not a multiple of 256 and use llama.cpp's fallback type"))
         emit(Event("stage", STAGE, f"checking template, stop token and top-1 parity on {len(conversations)} held-out conversations"))
         reference = reference_top1(merged, conversations)
         parity = check(merged, f16, conversations, reference)
@@ -78,7 +84,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
                        parity=parity, top1_agreement=agreement)
     result = {
         "files": {q: {"path": str(out / p.name), "bytes": (out / p.name).stat().st_size,
-                      "top1_agreement": agreement[q]} for q, p in files.items()},
+                      "top1_agreement": agreement[q], **notes.get(q, {})} for q, p in files.items()},
         "parity": parity,
     }
     write_json(run / "export.json", result)
@@ -95,7 +101,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
         raise StageFailed(f"llama.cpp's converter failed on {model_dir} ({last[0]}); the architecture may be unsupported.")
 
 
-def quantize(src: Path, dst: Path, quant: str) -> None:
+def quantize(src: Path, dst: Path, quant: str) -> dict:
     from .infer import llama_cpp as _lib
 
     llama_cpp = _lib()
@@ -103,9 +109,33 @@ def quantize(src: Path, dst: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _stderr_captured() as captured:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
-        raise StageFailed(f"llama.cpp's quantizer failed to write {dst.name} (code {rc}).")
+        last = captured().strip().splitlines()[-1:] or ["no message"]
+        raise StageFailed(f"llama.cpp's quantizer failed to write {dst.name} (code {rc}: {last[0]}).")
+    # K-quants need rows that are a multiple of 256; llama.cpp falls back per tensor (as on SmolLM2) and says so.
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", captured())
+    return {"fallback_tensors": int(fallback.group(1)), "tensors": int(fallback.group(2))} if fallback else {}
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Capture what C code writes to file descriptor 2 (llama.cpp's quantizer prints a line per tensor)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode("utf-8", "replace"))
 
 
 def check(merged: Path, gguf: Path, conversations: list[list[dict]], reference: list | None = None) -> dict:

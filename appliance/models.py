@@ -122,7 +122,8 @@ def _import_gguf(src: Path, out: Path, dtype: str) -> dict:
     torch_dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch_dtype)
+        # Dequantize in float32 (transformers' GGUF kernels compute in it), then store at the asked precision.
+        loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InvalidInput(f"{src}: transformers cannot load this GGUF ({e}); only architectures transformers can dequantize are supported.") from None
     # A model loaded from GGUF keeps a quantization config that save_pretrained

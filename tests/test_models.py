@@ -87,4 +87,9 @@ def test_import_embedded_gguf_dequantizes_to_bf16(home):
     assert 130e6 < d["parameters"] < 140e6
     folder = home / "models" / "smol"
     assert "<|im_start|>" in (folder / "chat_template.jinja").read_text()
-    assert json.loads((folder / "config.json").read_text()).get("quantization_config") is None
+    config = json.loads((folder / "config.json").read_text())
+    assert config.get("quantization_config") is None and config["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+        assert f.metadata() is None or "quantization" not in str(f.metadata())
