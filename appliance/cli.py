@@ -156,31 +156,14 @@ def _version() -> str:
     return __version__
 
 
-def _reporter(json_mode: bool):
-    """An Emit that renders stage/warning events as plain lines (nothing in --json mode)."""
-    from .events import Event
-
-    console = None if json_mode else _console()
-
-    def emit(event: Event) -> None:
-        if console is None:
-            return
-        if event.type == "stage":
-            console.print(f"[bold cyan]»[/] {event.message}")
-        elif event.type == "warning":
-            console.print(f"[yellow]warning:[/] {event.message}")
-        elif event.type == "metric" and event.message:
-            console.print(f"  {event.message}")
-    return emit
-
-
 # -- commands ----------------------------------------------------------------
 
 @command("models import")
 def _models_import(args) -> int:
     from .models import import_model
+    from .render import reporter
 
-    m = import_model(args.path, name=args.name, dtype=args.dtype, emit=_reporter(args.json))
+    m = import_model(args.path, name=args.name, dtype=args.dtype, emit=reporter(args.json))
     if args.json:
         _print_json(m)
     else:
@@ -228,14 +211,11 @@ def _train(args) -> int:
 
     recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
     run_id = runs.create(recipe)
-    offset = 0
     runs.start(run_id)
-    return _after_start(run_id, offset, args.detach, args.json)
+    return _after_start(run_id, args.detach, args.json)
 
 
-def _after_start(run_id: str, offset: int, detach: bool, json_mode: bool) -> int:
-    from . import runs
-
+def _after_start(run_id: str, detach: bool, json_mode: bool) -> int:
     if detach:
         _print_json({"run": run_id, "state": "running"}) if json_mode else print(run_id)
         return 0
@@ -325,14 +305,15 @@ def _runs_resume(args) -> int:
     from . import runs
 
     runs.resume(args.run)
-    return _after_start(args.run, 0, args.detach, args.json)
+    return _after_start(args.run, args.detach, args.json)
 
 
 @command("merge")
 def _merge(args) -> int:
     from .merge import merge
+    from .render import reporter
 
-    result = merge(args.run, emit=_reporter(args.json))
+    result = merge(args.run, emit=reporter(args.json))
     if args.json:
         _print_json(result)
     else:
@@ -343,9 +324,10 @@ def _merge(args) -> int:
 @command("export")
 def _export(args) -> int:
     from .export import export
+    from .render import reporter
 
     quants = [q.strip() for q in args.quant.split(",")] if args.quant else None
-    result = export(args.run, quants, emit=_reporter(args.json))
+    result = export(args.run, quants, emit=reporter(args.json))
     if args.json:
         _print_json(result)
         return 0
@@ -360,9 +342,9 @@ def _export(args) -> int:
 @command("eval")
 def _eval(args) -> int:
     from .evaluate import evaluate
-    from .render import eval_table
+    from .render import eval_table, reporter
 
-    report = evaluate(args.run, samples=args.samples, emit=_reporter(args.json))
+    report = evaluate(args.run, samples=args.samples, emit=reporter(args.json))
     if args.json:
         _print_json(report)
     else:

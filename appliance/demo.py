@@ -33,17 +33,16 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     from rich.console import Console
 
     from . import models, recipes, runs
-    from .cli import _reporter
     from .demo_data import generate
     from .evaluate import evaluate
     from .export import export
     from .infer import ask
     from .merge import merge
-    from .render import eval_table, follow_training
+    from .render import eval_table, follow_training, reporter
     from .workspace import folder
 
     console = Console(quiet=json_mode, highlight=False)
-    emit = _reporter(json_mode)
+    emit = reporter(json_mode)
     timings: dict[str, float] = {}
 
     def stage(title: str):
@@ -115,6 +114,6 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     run = Path(st["path"])
     console.print(f"artifacts: adapter {run / 'adapter'}\n           merged  {merged['path']}\n"
                   + "".join(f"           {q:<7} {f['path']}\n" for q, f in exported["files"].items()))
-    console.print(f"try: appliance ask {run_id} --prompt \"Convert this record to JSON.\\nAda Weber, 41, baker in Graz.\"")
+    console.print(f"try: appliance ask {run_id} --prompt $'Convert this record to JSON.\\nAda Weber, 41, baker in Graz.'")
     return {"run": run_id, "model": model["id"], "timings_s": timings, "eval": {k: report[k] for k in ("base", "tuned", "samples")},
             "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}

@@ -72,9 +72,9 @@ def read(path: Path) -> list[Event]:
     return events
 
 
-def follow(path: Path, alive: Callable[[], bool], poll: float = 0.25) -> Iterator[Event]:
-    """Yield events as they are appended until a final event, or until ``alive()`` turns false."""
-    offset = 0
+def follow(path: Path, alive: Callable[[], bool], poll: float = 0.25, start: int = 0) -> Iterator[Event]:
+    """Yield events from byte ``start`` as they are appended, until a final event or until ``alive()`` turns false."""
+    offset = start
     while True:
         events, offset = _read_from(path, offset)
         for event in events:
@@ -87,6 +87,20 @@ def follow(path: Path, alive: Callable[[], bool], poll: float = 0.25) -> Iterato
             yield from events
             return
         time.sleep(poll)
+
+
+def last_offset(path: Path, predicate: Callable[[Event], bool]) -> int:
+    """The byte offset of the last event matching ``predicate`` (0 if none): where to start following."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    found = position = 0
+    for line in raw.splitlines(keepends=True):
+        if line.endswith(b"\n") and line.strip() and predicate(Event.from_json(line.decode("utf-8"))):
+            found = position
+        position += len(line)
+    return found
 
 
 def _read_from(path: Path, offset: int) -> tuple[list[Event], int]:

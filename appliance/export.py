@@ -55,11 +55,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
     conversations = [with_system(r["messages"], recipe.system_prompt) for r in records]
 
     out = run / "gguf"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    with staging(out) as tmp:
+    with staging(out, replace=True) as tmp:
         f16 = tmp / "model-f16.gguf"
         emit(Event("stage", STAGE, "converting the merged model to GGUF f16 with llama.cpp's converter"))
         convert(merged, f16)

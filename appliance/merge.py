@@ -54,11 +54,7 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
         raise CheckFailed(f"the merged model's logits differ from base+adapter by {diff:.3g} (> {MAX_ABS_DIFF}); "
                           "the adapter does not match its base model.")
     out = merged_dir(run_id)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    with staging(out) as tmp:
+    with staging(out, replace=True) as tmp:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"run": run_id, "base_model": recipe.base_model},

@@ -7,6 +7,24 @@ from typing import Iterable
 from .events import Event
 
 
+def reporter(quiet: bool = False):
+    """An Emit that prints stage, warning and metric events as plain lines (nothing when quiet)."""
+    from rich.console import Console
+
+    console = None if quiet else Console(highlight=False)
+
+    def emit(event: Event) -> None:
+        if console is None:
+            return
+        if event.type == "stage":
+            console.print(f"[bold cyan]»[/] {event.message}")
+        elif event.type == "warning":
+            console.print(f"[yellow]warning:[/] {event.message}")
+        elif event.type == "metric" and event.message:
+            console.print(f"  {event.message}")
+    return emit
+
+
 def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
     """Draw a progress bar with loss, learning rate, tokens/s and memory until the run ends."""
     if quiet:

@@ -156,5 +156,7 @@ def stop(run_id: str) -> bool:
 
 
 def follow(run_id: str, poll: float = 0.25):
-    path = run_dir(run_id)
-    return ev.follow(path / "events.jsonl", alive=lambda: alive(run_id), poll=poll)
+    """Events of the run's latest attempt (a resume starts a new one), live until it ends."""
+    path = run_dir(run_id) / "events.jsonl"
+    start = ev.last_offset(path, lambda e: e.type == "stage" and "resume" in e.data)
+    return ev.follow(path, alive=lambda: alive(run_id), poll=poll, start=start)

@@ -64,19 +64,27 @@ def check_id(value: str, what: str) -> str:
 
 
 @contextlib.contextmanager
-def staging(final: Path) -> Iterator[Path]:
+def staging(final: Path, replace: bool = False) -> Iterator[Path]:
     """Yield a fresh folder beside ``final``; rename it to ``final`` on success.
 
     On any exception the staging folder is removed, so nothing half-written
-    ever appears under the final name.
+    ever appears under the final name. With ``replace``, an existing ``final``
+    is swapped out only once the new folder is complete, so a failed redo
+    keeps the previous artifact.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
+        old = None
+        if replace and final.exists():
+            old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 def scratch_workspace() -> Path:
     home = Path(os.environ.get("APPLIANCE_BENCH_HOME") or tempfile.mkdtemp(prefix="appliance-bench-"))
     os.environ["APPLIANCE_HOME"] = str(home)
+    from appliance.cli import quiet_libraries
+
+    quiet_libraries()
     from appliance import demo, models
     from appliance.demo_data import generate
     from appliance.workspace import folder

@@ -57,6 +57,7 @@ def plain(recipe) -> dict:
     model = get_peft_model(model, LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
                                              lora_dropout=recipe.lora.dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
+    model.train()  # from_pretrained returns eval mode; the Trainer trains with LoRA dropout on, so must this
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate)
     pad = tok.convert_tokens_to_ids(tok.unk_token)
     rates = []

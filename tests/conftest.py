@@ -27,10 +27,12 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
-def run_cli(*args: str, home: Path, check: bool = True, env: dict | None = None, timeout: int = 900):
+def run_cli(*args: str, home: Path, check: bool = True, env: dict | None = None, timeout: int = 900,
+            input: str | None = None):
     """Run the real `appliance` command in a subprocess; return the CompletedProcess."""
     full_env = {**os.environ, "APPLIANCE_HOME": str(home), **(env or {})}
-    proc = subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    proc = subprocess.run([*APPLIANCE, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          input=input if input is not None else "")
     if check and proc.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -84,3 +84,30 @@ def test_manifest_detects_changed_and_missing_files(tmp_path):
 def test_ids_are_checked(bad):
     with pytest.raises(InvalidInput):
         check_id(bad, "model name")
+
+
+def test_staging_replace_keeps_the_old_artifact_when_the_redo_fails(tmp_path):
+    final = tmp_path / "merged"
+    with staging(final) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(RuntimeError):
+        with staging(final, replace=True) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("the redo crashed")
+    assert (final / "v").read_text() == "1"
+    with staging(final, replace=True) as tmp:
+        (tmp / "v").write_text("3")
+    assert (final / "v").read_text() == "3" and os.listdir(tmp_path) == ["merged"]
+
+
+def test_following_starts_at_the_latest_attempt(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = ev.EventLog(path)
+    log(ev.Event("stage", "train", data={"resume": False}))
+    log(ev.Event("failed", "train", "first attempt died"))
+    log(ev.Event("stage", "train", data={"resume": True}))
+    log(ev.Event("progress", "train", data={"step": 5}))
+    log(ev.Event("finished", "train"))
+    start = ev.last_offset(path, lambda e: e.type == "stage" and "resume" in e.data)
+    got = list(ev.follow(path, alive=lambda: True, poll=0.01, start=start))
+    assert [e.type for e in got] == ["stage", "progress", "finished"]

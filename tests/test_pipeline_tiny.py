@@ -59,12 +59,30 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     eos = reader.fields["tokenizer.ggml.eos_token_id"]
     assert int(eos.parts[eos.data[0]][0]) == parity["eot_token_id"]
 
+    # A template that drifted from training's is caught: the same GGUF checked against a tokenizer whose
+    # template was edited after training must fail with a clear message.
+    import shutil
+
+    from appliance.errors import CheckFailed
+    from appliance.export import check
+
+    drifted = tmp_path / "drifted"
+    shutil.copytree(run / "merged", drifted)
+    jinja = drifted / "chat_template.jinja"
+    jinja.write_text(jinja.read_text() + "{# edited after training #}")
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(CheckFailed, match="differs from the one used in training"):
+        check(drifted, run / "gguf" / "model-f16.gguf", [conversation])
+
     answer = cli_json("ask", run_id, "--prompt", "Convert this record to JSON.\nAda Weber, 41, baker in Graz.",
                       "--max-tokens", "8", home=home)
     assert answer["model"].endswith("model-q8_0.gguf")
     assert answer["prompt_tokens"] > 10 and 1 <= answer["completion_tokens"] <= 8
     streamed = run_cli("ask", exported["files"]["f16"]["path"], "--prompt", "hello", "--max-tokens", "5", home=home)
     assert streamed.stdout.strip()
+
+    chat = run_cli("chat", run_id, "--max-tokens", "4", home=home, input="hello\nand again\n\n")
+    assert chat.stdout.count("model> ") == 2 and "model-q8_0.gguf" in chat.stdout
 
     shown = cli_json("runs", "show", run_id, home=home)
     assert shown["merge"]["max_abs_logit_diff"] == merged["max_abs_logit_diff"]
