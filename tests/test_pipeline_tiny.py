@@ -78,6 +78,8 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
                       "--max-tokens", "8", home=home)
     assert answer["model"].endswith("model-q8_0.gguf")
     assert answer["prompt_tokens"] > 10 and 1 <= answer["completion_tokens"] <= 8
+    by_model_id = cli_json("ask", "tiny", "--prompt", "hello", "--max-tokens", "3", home=home)
+    assert by_model_id["model"].endswith(".gguf-tiny/model-f16.gguf")  # the base model, converted on first use
     streamed = run_cli("ask", exported["files"]["f16"]["path"], "--prompt", "hello", "--max-tokens", "5", home=home)
     assert streamed.stdout.strip()
 
