@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     ml = msub.add_parser("list", help="list imported models")
     ml.add_argument("--json", action="store_true")
 
+    v = add("vault", "the encrypted store: its keyring and passphrase", json_out=False)
+    vsub = v.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    vi = vsub.add_parser("init", help="create the keyring (passphrase from $APPLIANCE_PASSPHRASE_FILE or a prompt)")
+    vi.add_argument("--kdf", default="scrypt", choices=["scrypt", "pbkdf2-sha256", "argon2id"],
+                    help="scrypt (default), pbkdf2-sha256 (FIPS-minded sites) or argon2id")
+    vi.add_argument("--json", action="store_true")
+    vs = vsub.add_parser("status", help="the keyring's KDF, parameters and datasets (no passphrase needed)")
+    vs.add_argument("--json", action="store_true")
+    vr = vsub.add_parser("rekey", help="change the passphrase: rewraps every key, re-encrypts no data "
+                                       "(new passphrase from $APPLIANCE_NEW_PASSPHRASE_FILE or a prompt)")
+    vr.add_argument("--kdf", choices=["scrypt", "pbkdf2-sha256", "argon2id"], help="switch KDF while at it")
+    vr.add_argument("--json", action="store_true")
+
     t = add("train", "start a training run from a recipe; prints the run id")
     t.add_argument("recipe")
     t.add_argument("--detach", action="store_true", help="start the run and return at once")
@@ -203,6 +216,50 @@ def _parse_overrides(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
+
+
+@command("vault init")
+def _vault_init(args) -> int:
+    from .errors import InvalidInput
+    from .vault import keyring, passphrase
+
+    if keyring.exists():  # before asking for a passphrase that would not be used
+        raise InvalidInput(f"a vault already exists at {keyring.path()}; `appliance vault rekey` changes its passphrase.")
+    keyring.init(passphrase.read(confirm=True), kdf=args.kdf)
+    st = keyring.status()
+    _print_json(st) if args.json else print(f"vault created at {st['path']} ({args.kdf})")
+    return 0
+
+
+@command("vault status")
+def _vault_status(args) -> int:
+    from .vault import keyring
+
+    st = keyring.status()
+    if args.json:
+        _print_json(st)
+    else:
+        params = ", ".join(f"{k}={v}" for k, v in st["kdf"].items() if k != "name")
+        lines = [f"keyring: {st['path']}", f"    kdf: {st['kdf']['name']} ({params})",
+                 f"datasets: {len(st['datasets'])}" + (f": {', '.join(st['datasets'])}" if st["datasets"] else ""),
+                 f" created: {st['created']}"]
+        if st.get("rekeyed"):
+            lines.append(f" rekeyed: {st['rekeyed']}")
+        print("\n".join(lines))
+    return 0
+
+
+@command("vault rekey")
+def _vault_rekey(args) -> int:
+    from .vault import keyring, passphrase
+
+    old = passphrase.read(prompt="current passphrase: ")
+    keyring.unlock(old)  # say "wrong passphrase" before asking for the new one
+    new = passphrase.read(passphrase.NEW_ENV, prompt="new passphrase: ", confirm=True)
+    keyring.rekey(old, new, kdf=args.kdf)
+    st = keyring.status()
+    _print_json(st) if args.json else print(f"passphrase changed; {len(st['datasets'])} keys rewrapped, no data re-encrypted")
+    return 0
 
 
 @command("train")
