@@ -122,3 +122,26 @@ def test_streaming_encrypt_and_decrypt_use_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert total == size and h.digest() == hashlib.sha256(bytes(size)).digest()
     assert peak < 8 * 2**20, f"decrypting 48 MiB peaked at {peak / 2**20:.1f} MiB of Python memory"
+
+
+def _doc_decryptor():
+    """The minimal decryptor printed in docs/vault-format.md, executed as written."""
+    doc = (Path(__file__).resolve().parents[1] / "docs/vault-format.md").read_text()
+    code = doc.split("### A minimal decryptor", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace["decrypt"]
+
+
+def test_the_documented_decryptor_agrees_with_the_vectors_and_ours():
+    decrypt = _doc_decryptor()
+    for t in TESTS:
+        key, ctx, ct = _case(t)
+        if t["result"] == "valid":
+            assert _digest_matches(decrypt(key, ct, ctx), t)
+        elif "InvalidKeySize" not in t["flags"]:
+            with pytest.raises(Exception):
+                decrypt(key, ct, ctx)
+    key = bytes(range(32))
+    msg = b"record one\nrecord two\n" * 2000
+    assert decrypt(key, chunked.encrypt(key, msg, b"appliance context"), b"appliance context") == msg
