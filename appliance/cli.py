@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("--json", action="store_true")
     vs = vsub.add_parser("status", help="the keyring's KDF, parameters and datasets (no passphrase needed)")
     vs.add_argument("--json", action="store_true")
+    vv = vsub.add_parser("verify", help="authenticate every file of every dataset and report any damage")
+    vv.add_argument("--json", action="store_true")
     vr = vsub.add_parser("rekey", help="change the passphrase: rewraps every key, re-encrypts no data "
                                        "(new passphrase from $APPLIANCE_NEW_PASSPHRASE_FILE or a prompt)")
     vr.add_argument("--kdf", choices=["scrypt", "pbkdf2-sha256", "argon2id"], help="switch KDF while at it")
@@ -246,6 +248,25 @@ def _vault_status(args) -> int:
         if st.get("rekeyed"):
             lines.append(f" rekeyed: {st['rekeyed']}")
         print("\n".join(lines))
+    return 0
+
+
+@command("vault verify")
+def _vault_verify(args) -> int:
+    from .vault import keyring, passphrase, store
+
+    report = store.verify(keyring.unlock(passphrase.read()))
+    bad = [r for r in report if not r["ok"]]
+    if args.json:
+        _print_json({"ok": not bad, "datasets": report})
+    else:
+        for r in report:
+            print(f"{'ok ' if r['ok'] else 'BAD'} {r['dataset']}" + "".join(f"\n    {p}" for p in r["problems"]))
+        print(f"{len(report)} datasets checked, {len(bad)} damaged" if report else "the keyring opens; no datasets yet")
+    if bad:
+        print(f"error: {len(bad)} of {len(report)} datasets are damaged: {', '.join(r['dataset'] for r in bad)}.",
+              file=sys.stderr)
+        return 3
     return 0
 
 

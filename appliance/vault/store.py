@@ -1,0 +1,141 @@
+"""Encrypted datasets: ``datasets/<id>/`` holds one chunked-encryption message per file.
+
+Each file's plaintext is UTF-8 JSON Lines, one canonical record per line. Its
+context is ``"appliance-dataset/1" 0x00 <dataset id> 0x00 <file name>``, so a
+file moved to another dataset, renamed to another split, or replayed from
+another version fails the key-commitment check before anything is decrypted.
+``manifest.json`` beside them holds only what is safe in the clear: the sha256
+of each ciphertext and record counts. A dataset's data key lives in the keyring;
+removing it crypto-shreds the dataset.
+
+Records stream in both directions: writing encrypts as it goes, reading
+decrypts one 16 KiB chunk at a time, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .. import manifest
+from ..errors import CheckFailed, InvalidInput, NotFound
+from ..workspace import check_id, folder, staging
+from . import chunked
+from .keyring import Unlocked
+
+FORMAT = "appliance-dataset/1"
+SUFFIX = ".c2sp"
+
+
+def context(dataset_id: str, name: str) -> bytes:
+    return FORMAT.encode() + b"\x00" + dataset_id.encode() + b"\x00" + name.encode()
+
+
+def dataset_dir(dataset_id: str) -> Path:
+    return folder("datasets") / dataset_id
+
+
+def is_encrypted(path: Path) -> bool:
+    m = path / manifest.NAME
+    return m.is_file() and manifest.read(path)["details"].get("format") == FORMAT
+
+
+def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], **details) -> dict:
+    """Encrypt ``files`` (name -> records) into a new dataset folder; all or nothing."""
+    check_id(dataset_id, "dataset name")
+    final = dataset_dir(dataset_id)
+    if final.exists():
+        raise InvalidInput(f"a dataset named {dataset_id!r} already exists; choose another --name or remove it first.")
+    key = vault.add_key(dataset_id)
+    try:
+        with staging(final) as tmp:
+            counts = {name: _encrypt_records(key, dataset_id, name, records, tmp / f"{name}{SUFFIX}")
+                      for name, records in files.items()}
+            return manifest.write(tmp, "dataset", dataset_id, format=FORMAT, records=counts, **details)
+    except BaseException:
+        vault.destroy_key(dataset_id)  # nothing half-imported: no folder, no key
+        raise
+
+
+def read(vault: Unlocked, dataset_id: str, name: str) -> Iterator[dict]:
+    """Stream the records of one file, decrypting as it goes."""
+    path = dataset_dir(dataset_id) / f"{name}{SUFFIX}"
+    if not path.is_file():
+        raise NotFound(f"dataset {dataset_id!r} has no {name!r} file ({path}).")
+    key = vault.data_key(dataset_id)
+    with open(path, "rb") as f:
+        reader = chunked.DecryptingReader(key, f, context(dataset_id, name))
+        try:
+            yield from _lines(reader)
+        except chunked.DecryptionError as e:
+            raise CheckFailed(f"{path} does not authenticate ({e}); the file was damaged or replaced.") from None
+
+
+def verify(vault: Unlocked) -> list[dict]:
+    """Authenticate every file of every dataset; one entry per dataset with its problems (empty when sound)."""
+    report = []
+    ids = sorted(set(vault.data["keys"]) | {p.name for p in folder("datasets").iterdir() if is_encrypted(p)})
+    for dataset_id in ids:
+        problems: list[str] = []
+        root = dataset_dir(dataset_id)
+        if dataset_id not in vault.data["keys"]:
+            problems.append("its key is not in the keyring (deleted?): the files cannot be decrypted")
+        elif not (root / manifest.NAME).is_file():
+            problems.append(f"the keyring holds a key but {root} has no manifest: the files are missing")
+        else:
+            m = manifest.read(root)
+            for rel, digest in m["files"].items():
+                path = root / rel
+                if not path.is_file():
+                    problems.append(f"{rel} is missing")
+                    continue
+                if manifest.sha256_file(path) != digest:
+                    problems.append(f"{rel} does not match its sha256 in the manifest")
+                if rel.endswith(SUFFIX):
+                    name = rel[: -len(SUFFIX)]
+                    try:
+                        n = sum(1 for _ in read(vault, dataset_id, name))
+                    except CheckFailed as e:
+                        problems.append(str(e))
+                        continue
+                    if n != m["details"]["records"].get(name):
+                        problems.append(f"{rel} holds {n} records, the manifest says {m['details']['records'].get(name)}")
+        report.append({"dataset": dataset_id, "ok": not problems, "problems": problems})
+    return report
+
+
+def remove(vault: Unlocked, dataset_id: str) -> None:
+    """Crypto-shred: destroy the wrapped key first (the data is unreadable from then on), then the files."""
+    had_key = vault.destroy_key(dataset_id)
+    root = dataset_dir(dataset_id)
+    if not had_key and not root.exists():
+        raise NotFound(f"no dataset named {dataset_id!r}; `appliance vault status` lists them.")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _encrypt_records(key: bytes, dataset_id: str, name: str, records: Iterable[dict], path: Path) -> int:
+    enc = chunked.Encryptor(key, context(dataset_id, name))
+    n = 0
+    with open(path, "wb") as f:
+        f.write(enc.header)
+        for record in records:
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            f.write(enc.update(line.encode("utf-8")))
+            n += 1
+        f.write(enc.finalize())
+    return n
+
+
+def _lines(reader: chunked.DecryptingReader) -> Iterator[dict]:
+    pending = b""
+    while block := reader.read(1 << 16):
+        pending += block
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line:
+                yield json.loads(line)
+    if pending:
+        yield json.loads(pending)
