@@ -69,6 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("--kdf", choices=["scrypt", "pbkdf2-sha256", "argon2id"], help="switch KDF while at it")
     vr.add_argument("--json", action="store_true")
 
+    d2 = add("data", "datasets in the encrypted vault", json_out=False)
+    dsub = d2.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    di = dsub.add_parser("import", help="import a JSONL, JSON or CSV file into the vault (validated, cleaned, split)")
+    di.add_argument("file")
+    di.add_argument("--name", required=True, help="the dataset's id")
+    di.add_argument("--format", default="auto", choices=["auto", "chat", "sharegpt", "alpaca", "completion", "dpo"])
+    di.add_argument("--near-dup", type=float, default=0.9,
+                    help="near-duplicate Jaccard threshold, 0.5 to 0.98 (default 0.9); 1.0 keeps near-duplicates")
+    di.add_argument("--min-tokens", type=int, default=10, help="drop examples shorter than this (default 10)")
+    di.add_argument("--val-ratio", type=float, default=0.1, help="held-out share (default 0.1, i.e. 9:1)")
+    di.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    di.add_argument("--salvage", action="store_true", help="import the complete records of a file cut off mid-record")
+    di.add_argument("--json", action="store_true")
+    dl = dsub.add_parser("list", help="datasets with their record counts (no passphrase needed)")
+    dl.add_argument("--json", action="store_true")
+    dsh = dsub.add_parser("show", help="decrypt a few records to the terminal")
+    dsh.add_argument("name")
+    dsh.add_argument("--split", default="train", choices=["train", "validation"])
+    dsh.add_argument("-n", type=int, default=5, help="how many records (default 5)")
+    dsh.add_argument("--report", action="store_true", help="show the import report instead")
+    dsh.add_argument("--json", action="store_true")
+    de = dsub.add_parser("export", help="write a dataset's plaintext to a file you name")
+    de.add_argument("name")
+    de.add_argument("--out", required=True, help="the file to write (JSON Lines); it must not exist")
+    de.add_argument("--split", default="all", choices=["all", "train", "validation"])
+    de.add_argument("--json", action="store_true")
+    dr = dsub.add_parser("rm", help="crypto-shred a dataset (its key is destroyed, its files removed)")
+    dr.add_argument("name")
+    dr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    dr.add_argument("--json", action="store_true")
+
     t = add("train", "start a training run from a recipe; prints the run id")
     t.add_argument("recipe")
     t.add_argument("--detach", action="store_true", help="start the run and return at once")
@@ -267,6 +298,135 @@ def _vault_verify(args) -> int:
         print(f"error: {len(bad)} of {len(report)} datasets are damaged: {', '.join(r['dataset'] for r in bad)}.",
               file=sys.stderr)
         return 3
+    return 0
+
+
+def _unlocked():
+    from .vault import keyring, passphrase
+
+    keyring.load()  # a missing vault is reported before a passphrase is asked for
+    return keyring.unlock(passphrase.read())
+
+
+@command("data import")
+def _data_import(args) -> int:
+    from .importer import import_dataset
+    from .render import import_report, reporter
+
+    report = import_dataset(_unlocked(), args.file, args.name, fmt=args.format, near_dup=args.near_dup,
+                            min_tokens=args.min_tokens, val_ratio=args.val_ratio, seed=args.seed,
+                            salvage=args.salvage, emit=reporter(args.json))
+    if args.json:
+        _print_json(report)
+    else:
+        _console().print(import_report(report))
+    return 0
+
+
+@command("data list")
+def _data_list(args) -> int:
+    from . import manifest
+    from .workspace import folder
+
+    rows = []
+    for p in sorted(folder("datasets").iterdir()):
+        if (p / manifest.NAME).is_file():
+            d = manifest.read(p)["details"]
+            rows.append({"id": p.name, "encrypted": d.get("format") == "appliance-dataset/1",
+                         "records": d.get("records"), "format": d.get("format"), "source": d.get("source")})
+        elif (p / "train.jsonl").is_file():
+            rows.append({"id": p.name, "encrypted": False, "records": None, "format": "plain jsonl", "source": None})
+    if args.json:
+        _print_json({"datasets": rows})
+        return 0
+    from rich.table import Table
+
+    table = Table("id", "encrypted", "train", "validation", "source")
+    for r in rows:
+        rec = r["records"] or {}
+        table.add_row(r["id"], "yes" if r["encrypted"] else "[red]no[/]", str(rec.get("train", "-")),
+                      str(rec.get("validation", "-")), str(r["source"] or "-"))
+    _console().print(table if rows else "no datasets yet: `appliance data import FILE --name NAME`")
+    return 0
+
+
+@command("data show")
+def _data_show(args) -> int:
+    import itertools
+
+    from .vault import store
+
+    vault = _unlocked()
+    if args.report:
+        report = next(store.read(vault, args.name, "report"))
+        if args.json:
+            _print_json(report)
+        else:
+            from .render import import_report
+
+            _console().print(import_report(report))
+        return 0
+    records = list(itertools.islice(store.read(vault, args.name, args.split), max(args.n, 0)))
+    if args.json:
+        _print_json({"dataset": args.name, "split": args.split, "records": records})
+        return 0
+    for i, r in enumerate(records):
+        print(f"--- {args.name} {args.split} #{i}")
+        for m in r.get("messages", []):
+            print(f"[{m['role']}] {m['content']}")
+        if "chosen" in r:
+            for m in r["prompt"]:
+                print(f"[{m['role']}] {m['content']}")
+            print(f"[chosen] {r['chosen']}\n[rejected] {r['rejected']}")
+    return 0
+
+
+@command("data export")
+def _data_export(args) -> int:
+    from .errors import InvalidInput
+    from .vault import store
+
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
+    vault = _unlocked()
+    splits = ["train", "validation"] if args.split == "all" else [args.split]
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent if str(out.parent) else ".")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for split in splits:
+                for record in store.read(vault, args.name, split):
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _print_json({"dataset": args.name, "out": str(out), "records": n}) if args.json else print(
+        f"wrote {n} records of {args.name} in plaintext to {out}")
+    return 0
+
+
+@command("data rm")
+def _data_rm(args) -> int:
+    from .errors import InvalidInput
+    from .vault import store
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput(f"removing {args.name!r} destroys it for good; confirm with --yes.")
+        if input(f"crypto-shred dataset {args.name!r}? its key is destroyed and cannot be recovered [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    store.remove(_unlocked(), args.name)
+    _print_json({"dataset": args.name, "removed": True}) if args.json else print(
+        f"{args.name}: key destroyed, files removed")
     return 0
 
 

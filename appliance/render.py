@@ -80,3 +80,32 @@ def eval_table(report: dict):
         style = "green" if t > b else ("red" if t < b else "")
         table.add_row(metric, f"{b:.1%}", f"[{style}]{t:.1%}[/]" if style else f"{t:.1%}")
     return table
+
+
+def import_report(report: dict):
+    """The import report as a rich renderable: what was read, kept, rejected (with examples) and split."""
+    from rich.console import Group
+    from rich.table import Table
+
+    from .importer.formats import REASONS
+
+    head = (f"{report['file']}: {report['records_read']} records read as {report['kind'].upper()}, "
+            f"format {report['format']}; imported {report['imported']['train']} train + "
+            f"{report['imported']['validation']} validation")
+    parts: list = [head]
+    if report.get("salvaged"):
+        s = report["salvaged"]
+        parts.append(f"[yellow]salvaged:[/] the file is cut off at byte {s['cut_at_byte']} (line {s['cut_at_line']}); "
+                     f"the {s['kept']} complete records before the cut were read")
+    table = Table("rejected because", "records", "examples (where: why)", title_justify="left")
+    for reason, n in report["rejected"].items():
+        if not n:
+            continue
+        examples = report.get("examples", {}).get(reason, [])
+        text = "\n".join(f"{e['where']}{' ' + e['field'] if e['field'] else ''}: {e['detail']}" for e in examples)
+        table.add_row(REASONS.get(reason, reason), str(n), text)
+    if table.row_count:
+        parts.append(table)
+    else:
+        parts.append("no record was rejected")
+    return Group(*parts)

@@ -14,7 +14,7 @@ decrypts one 16 KiB chunk at a time, so memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -45,6 +45,46 @@ def is_encrypted(path: Path) -> bool:
 
 def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], **details) -> dict:
     """Encrypt ``files`` (name -> records) into a new dataset folder; all or nothing."""
+    with create(vault, dataset_id) as ds:
+        for name, records in files.items():
+            for record in records:
+                ds.add(name, record)
+        ds.details.update(details)
+    return ds.manifest
+
+
+class DatasetWriter:
+    """Records go in through ``add(name, record)``, encrypted as they arrive into one file per name."""
+
+    def __init__(self, key: bytes, dataset_id: str, root: Path):
+        self._key, self._id, self._root = key, dataset_id, root
+        self._files: dict[str, tuple] = {}
+        self.counts: dict[str, int] = {}
+        self.details: dict = {}
+        self.manifest: dict = {}
+
+    def add(self, name: str, record: dict) -> None:
+        if name not in self._files:
+            f = open(self._root / f"{name}{SUFFIX}", "wb")
+            enc = chunked.Encryptor(self._key, context(self._id, name))
+            f.write(enc.header)
+            self._files[name] = (f, enc)
+            self.counts[name] = 0
+        f, enc = self._files[name]
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        f.write(enc.update(line.encode("utf-8")))
+        self.counts[name] += 1
+
+    def _close(self, ok: bool) -> None:
+        for f, enc in self._files.values():
+            if ok:
+                f.write(enc.finalize())
+            f.close()
+
+
+@contextlib.contextmanager
+def create(vault: Unlocked, dataset_id: str) -> Iterator[DatasetWriter]:
+    """A new encrypted dataset, published only if the block completes: no folder and no key otherwise."""
     check_id(dataset_id, "dataset name")
     final = dataset_dir(dataset_id)
     if final.exists():
@@ -52,17 +92,25 @@ def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], **
     key = vault.add_key(dataset_id)
     try:
         with staging(final) as tmp:
-            counts = {name: _encrypt_records(key, dataset_id, name, records, tmp / f"{name}{SUFFIX}")
-                      for name, records in files.items()}
-            return manifest.write(tmp, "dataset", dataset_id, format=FORMAT, records=counts, **details)
+            writer = DatasetWriter(key, dataset_id, tmp)
+            try:
+                yield writer
+            except BaseException:
+                writer._close(ok=False)
+                raise
+            writer._close(ok=True)
+            writer.manifest = manifest.write(tmp, "dataset", dataset_id, format=FORMAT, records=writer.counts,
+                                             **writer.details)
     except BaseException:
-        vault.destroy_key(dataset_id)  # nothing half-imported: no folder, no key
+        vault.destroy_key(dataset_id)  # nothing half-imported
         raise
 
 
 def read(vault: Unlocked, dataset_id: str, name: str) -> Iterator[dict]:
     """Stream the records of one file, decrypting as it goes."""
     path = dataset_dir(dataset_id) / f"{name}{SUFFIX}"
+    if not (dataset_dir(dataset_id) / manifest.NAME).is_file():
+        raise NotFound(f"no dataset named {dataset_id!r}; `appliance data list` shows them.")
     if not path.is_file():
         raise NotFound(f"dataset {dataset_id!r} has no {name!r} file ({path}).")
     key = vault.data_key(dataset_id)
@@ -114,19 +162,6 @@ def remove(vault: Unlocked, dataset_id: str) -> None:
     if not had_key and not root.exists():
         raise NotFound(f"no dataset named {dataset_id!r}; `appliance vault status` lists them.")
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _encrypt_records(key: bytes, dataset_id: str, name: str, records: Iterable[dict], path: Path) -> int:
-    enc = chunked.Encryptor(key, context(dataset_id, name))
-    n = 0
-    with open(path, "wb") as f:
-        f.write(enc.header)
-        for record in records:
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-            f.write(enc.update(line.encode("utf-8")))
-            n += 1
-        f.write(enc.finalize())
-    return n
 
 
 def _lines(reader: chunked.DecryptingReader) -> Iterator[dict]:

@@ -1,0 +1,223 @@
+"""Dataset import: a user's file -> validated, cleaned, split, encrypted dataset in the vault.
+
+Three streaming passes over the source file (memory grows with the number of
+records' hashes and MinHash signatures, never with their text):
+
+1. read, normalize and validate every record (each rejection names the file,
+   line and field); exact duplicates (sha256 of the canonical record);
+   examples under ``min_tokens``; the answers given to each prompt;
+2. drop every record whose prompt got different answers; near-duplicates by
+   MinHash LSH (datasketch) over word 3-grams at Jaccard >= ``near_dup``,
+   keeping the first of each cluster (linear: one LSH query and insert a record);
+3. split the survivors deterministically (a seeded hash decides, 9:1 by
+   default) and encrypt them into the vault with the report.
+
+If anything fails before the dataset is published, nothing is left: no folder,
+no key. The report (counts per reason, up to three examples of each) is printed
+and stored encrypted with the dataset, since its examples quote the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from ..errors import InvalidInput
+from ..events import Emit, Event, ignore
+from . import formats, readers
+
+STAGE = "import"
+DETECT_SAMPLE = 50
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """A tokenizer-free token count (words and punctuation), so importing needs no model."""
+    return len(_TOKEN.findall(text))
+
+
+def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_dup: float = 0.9,
+                   min_tokens: int = 10, val_ratio: float = 0.1, seed: int = 0, salvage: bool = False,
+                   emit: Emit = ignore) -> dict:
+    from ..vault import store
+    from ..workspace import check_id
+
+    path = Path(path).expanduser()
+    check_id(name, "dataset name")
+    if store.dataset_dir(name).exists():
+        raise InvalidInput(f"a dataset named {name!r} already exists; choose another --name or remove it first.")
+    if not (0.5 <= near_dup <= 0.98 or near_dup == 1.0):
+        raise InvalidInput(f"--near-dup {near_dup} is out of range; use a Jaccard similarity between 0.5 and 0.98, "
+                           "or 1.0 to keep near-duplicates (exact duplicates are always removed).")
+    if not 0.0 <= val_ratio < 1.0:
+        raise InvalidInput(f"--val-ratio {val_ratio} is out of range; use a fraction in [0, 1).")
+    kind = readers.kind_of(path)
+    fmt = _format(path, fmt, salvage)
+    emit(Event("stage", STAGE, f"{path.name}: {kind.upper()} records in {fmt} format"))
+
+    rejected: dict[int, tuple[str, str, str]] = {}  # index -> (reason, field, detail)
+    where: dict[int, str] = {}
+    salvage_info = readers.Salvage()
+
+    # Pass 1: validate, exact duplicates, short examples, answers per prompt.
+    seen: set[bytes] = set()
+    answers: dict[bytes, set[bytes]] = defaultdict(set)
+    total = 0
+    for i, item in enumerate(readers.read(path, salvage, salvage_info)):
+        total += 1
+        if isinstance(item, readers.BadRecord):
+            rejected[i], where[i] = ("invalid", "", item.reason), item.where
+            continue
+        record = formats.normalize(fmt, item.value)
+        if isinstance(record, formats.Rejection):
+            rejected[i], where[i] = (record.reason, record.field, record.detail), item.where
+            continue
+        digest = _digest(record)
+        if digest in seen:
+            rejected[i], where[i] = ("exact_duplicate", "", "identical to an earlier record"), item.where
+            continue
+        seen.add(digest)
+        if count_tokens(formats.all_text(record)) < min_tokens:
+            rejected[i], where[i] = ("too_short", "", f"fewer than {min_tokens} tokens"), item.where
+            continue
+        prompt, answer = formats.prompt_and_answer(record)
+        answers[_digest(prompt)].add(hashlib.sha256(answer.encode()).digest())
+        if total % 10000 == 0:
+            emit(Event("progress", STAGE, "", {"pass": 1, "records": total}))
+    del seen
+    conflicting = {p for p, a in answers.items() if len(a) > 1}
+    del answers
+
+    # Pass 2: conflicts and near-duplicates; the survivors' digests decide the split.
+    from datasketch import MinHash, MinHashLSH
+
+    # 128 permutations support thresholds up to 0.98 (LSH needs at least two bands); 1.0 turns the check off.
+    lsh = MinHashLSH(threshold=near_dup, num_perm=128) if near_dup < 1.0 else None
+    survivors: list[tuple[int, bytes]] = []
+    kept_where: dict[int, str] = {}
+    for i, record, item in _accepted(path, fmt, salvage, rejected):
+        if _digest(formats.prompt_and_answer(record)[0]) in conflicting:
+            rejected[i], where[i] = ("conflicting_answers", "", "another record gives this prompt a different answer"), item.where
+            continue
+        if lsh is not None:
+            mh = MinHash(num_perm=128, seed=1)
+            mh.update_batch(_shingles(formats.all_text(record)))
+            similar = lsh.query(mh)
+            if similar:
+                rejected[i], where[i] = ("near_duplicate", "", f"similar to the record at {kept_where[similar[0]]}"), item.where
+                continue
+            lsh.insert(i, mh)
+            kept_where[i] = item.where
+        survivors.append((i, _digest(record)))
+        if len(survivors) % 10000 == 0:
+            emit(Event("progress", STAGE, "", {"pass": 2, "records": len(survivors)}))
+    del lsh, kept_where
+    if not survivors:
+        raise InvalidInput(f"no record of {path} survived validation and cleaning "
+                           f"({_summary(rejected)}); nothing was imported.")
+    validation = _split(survivors, val_ratio, seed)
+
+    # Pass 3: encrypt into the vault, all or nothing.
+    report = _report(path, kind, fmt, total, rejected, where, len(survivors) - len(validation), len(validation),
+                     salvage_info if salvage_info.cut_at_byte is not None else None,
+                     near_dup=near_dup, min_tokens=min_tokens, val_ratio=val_ratio, seed=seed)
+    examples = _examples(path, fmt, salvage, rejected, where)
+    with store.create(vault, name) as ds:
+        for i, record, _ in _accepted(path, fmt, salvage, rejected):
+            ds.add("validation" if i in validation else "train", record)
+        ds.add("report", {**report, "examples": examples})
+        ds.details.update(source=path.name, source_sha256=_file_digest(path), record_format=fmt,
+                          records_kind="preference" if formats.is_preference(fmt) else "conversation")
+    emit(Event("finished", STAGE, f"imported {len(survivors)} of {total} records", report))
+    return {**report, "examples": examples, "dataset": name}
+
+
+def _format(path: Path, fmt: str, salvage: bool) -> str:
+    if fmt != "auto":
+        if fmt not in formats.FORMATS:
+            raise InvalidInput(f"unknown format {fmt!r}; use auto or one of {', '.join(formats.FORMATS)}.")
+        return fmt
+    sample = []
+    for item in readers.read(path, salvage=True):  # detection only looks; the real passes enforce the rules
+        if isinstance(item, readers.Raw):
+            sample.append(item.value)
+        if len(sample) >= DETECT_SAMPLE:
+            break
+    detected = formats.detect(sample)
+    if detected is None:
+        keys = sorted({k for v in sample if isinstance(v, dict) for k in v})[:12]
+        raise InvalidInput(f"{path}: cannot tell the format from the fields {keys}; pass --format with one of "
+                           f"{', '.join(formats.FORMATS)}.")
+    return detected
+
+
+def _accepted(path: Path, fmt: str, salvage: bool, rejected: dict):
+    for i, item in enumerate(readers.read(path, salvage)):
+        if i in rejected or isinstance(item, readers.BadRecord):
+            continue
+        yield i, formats.normalize(fmt, item.value), item
+
+
+def _digest(obj) -> bytes:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+def _file_digest(path: Path) -> str:
+    from ..manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def _shingles(text: str) -> list[bytes]:
+    words = text.lower().split()
+    grams = [" ".join(words[j:j + 3]) for j in range(max(len(words) - 2, 1))]
+    return [g.encode() for g in grams]
+
+
+def _split(survivors: list[tuple[int, bytes]], val_ratio: float, seed: int) -> set[int]:
+    """The validation indices: the records whose seeded hash ranks lowest (same file + seed -> same split)."""
+    n = len(survivors)
+    k = 0 if n < 2 or val_ratio == 0 else max(1, round(n * val_ratio))
+    key = seed.to_bytes(8, "big", signed=True)
+    ranked = sorted(survivors, key=lambda s: hashlib.sha256(key + s[1]).digest())
+    return {i for i, _ in ranked[:k]}
+
+
+def _summary(rejected: dict) -> str:
+    counts = Counter(r[0] for r in rejected.values())
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.most_common()) or "no records"
+
+
+def _report(path, kind, fmt, total, rejected, where, train, validation, salvage_info, **settings) -> dict:
+    counts = Counter(r[0] for r in rejected.values())
+    report = {"file": str(path), "kind": kind, "format": fmt, "records_read": total,
+              "imported": {"train": train, "validation": validation},
+              "rejected": {reason: counts.get(reason, 0) for reason in formats.REASONS},
+              "settings": settings}
+    if salvage_info is not None:
+        report["salvaged"] = {"kept": salvage_info.kept, "cut_at_byte": salvage_info.cut_at_byte,
+                              "cut_at_line": salvage_info.cut_at_line}
+    return report
+
+
+def _examples(path, fmt, salvage, rejected, where) -> dict:
+    """Up to three rejected records per reason, with where and why (and a short preview of the record)."""
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(rejected):
+        reason = rejected[i][0]
+        if len(wanted[reason]) < 3:
+            wanted[reason].append(i)
+    pick = {i for ids in wanted.values() for i in ids}
+    previews: dict[int, str] = {}
+    if pick:
+        for i, item in enumerate(readers.read(path, salvage)):
+            if i in pick:
+                raw = item.value if isinstance(item, readers.Raw) else None
+                previews[i] = json.dumps(raw, ensure_ascii=False)[:160] if raw is not None else ""
+            if len(previews) == len(pick):
+                break
+    return {reason: [{"where": where[i], "field": rejected[i][1], "detail": rejected[i][2],
+                      "preview": previews.get(i, "")} for i in ids] for reason, ids in wanted.items()}

@@ -1,0 +1,216 @@
+"""`appliance data import`: formats, validation with locations, cleaning, split, messy files, and the CLI around it."""
+
+import json
+
+import pytest
+
+from appliance.errors import InvalidInput, NotFound
+from appliance.importer import import_dataset
+from appliance.vault import keyring, store
+from conftest import run_cli
+
+CANARY = "CANARY-b81d-import-text-never-on-disk"
+LONG = "please write a careful and complete answer about the following topic"
+
+
+@pytest.fixture
+def vault(home):
+    return keyring.init("correct horse")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _alpaca(i, tag=""):
+    return {"instruction": f"{LONG} number {i} {tag}", "output": f"answer {i} {CANARY}"}
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("chat", {"messages": [{"role": "user", "content": f"{LONG} {{i}}"}, {"role": "assistant", "content": "ok {i}"}]}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": f"{LONG} {{i}}"}, {"from": "gpt", "value": "ok {i}"}]}),
+    ("alpaca", {"instruction": f"{LONG} {{i}}", "input": "context", "output": "ok {i}"}),
+    ("completion", {"prompt": f"{LONG} {{i}}", "completion": "ok {i}"}),
+    ("dpo", {"prompt": f"{LONG} {{i}}", "chosen": "good {i}", "rejected": "bad {i}"}),
+])
+def test_formats_are_detected_and_normalized(vault, tmp_path, fmt, row):
+    rows = [json.loads(json.dumps(row).replace("{i}", str(i))) for i in range(20)]
+    report = import_dataset(vault, _jsonl(tmp_path / "d.jsonl", rows), "d")
+    assert report["format"] == fmt and report["imported"] == {"train": 18, "validation": 2}
+    first = next(store.read(vault, "d", "train"))
+    if fmt == "dpo":
+        assert first["prompt"][0]["role"] == "user" and first["chosen"].startswith("good")
+    else:
+        assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+        assert first["messages"][1]["content"].startswith("ok")
+
+
+def test_csv_with_named_columns_and_a_json_array(vault, tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("instruction,input,output\n" + "".join(f'"{LONG}, {i}",,"ok {i}"\n' for i in range(10)))
+    assert import_dataset(vault, csv, "c")["format"] == "alpaca"
+    arr = tmp_path / "d.json"
+    arr.write_text(json.dumps([_alpaca(i) for i in range(10)], indent=1))
+    r = import_dataset(vault, arr, "j")
+    assert r["kind"] == "json" and r["imported"]["train"] + r["imported"]["validation"] == 10
+
+
+def test_every_rejection_is_counted_with_file_line_and_field(vault, tmp_path):
+    rows = [_alpaca(i) for i in range(30)]
+    rows += [
+        rows[0],                                                   # line 31: exact duplicate
+        {"instruction": rows[1]["instruction"], "output": "a different answer"},  # line 32: conflicts with line 2
+        {"instruction": "hi", "output": "hello"},                  # line 33: too short
+        {"instruction": "   ", "output": f"{LONG} x"},             # line 34: empty turn
+        {"output": f"{LONG} y"},                                   # line 35: missing field
+        {"messages": [{"role": "wizard", "content": "x"}]},        # line 36: malformed for alpaca
+    ]
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    with open(path, "a") as f:
+        f.write('{"instruction": "broken json\n')                  # line 37: not JSON
+    r = import_dataset(vault, path, "d")
+    assert r["records_read"] == 37
+    rej = r["rejected"]
+    assert (rej["exact_duplicate"], rej["conflicting_answers"], rej["too_short"], rej["empty_turn"]) == (1, 2, 1, 1)
+    assert rej["invalid"] == 3
+    assert r["imported"]["train"] + r["imported"]["validation"] == 29  # 30 good rows, one of them in a conflict
+    ex = r["examples"]
+    assert ex["exact_duplicate"][0]["where"] == f"{path}:31"
+    assert {e["where"] for e in ex["conflicting_answers"]} == {f"{path}:2", f"{path}:32"}
+    assert ex["empty_turn"][0] == {**ex["empty_turn"][0], "where": f"{path}:34", "field": "instruction"}
+    assert any(e["where"] == f"{path}:35" and e["field"] == "instruction" for e in ex["invalid"])
+    assert any(e["where"] == f"{path}:37" and "not valid JSON" in e["detail"] for e in ex["invalid"])
+    # The report is stored, encrypted, with the dataset.
+    stored = next(store.read(vault, "d", "report"))
+    assert stored["rejected"] == rej
+
+
+def test_unknown_roles_in_chat(vault, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"{LONG} {i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(5)]
+    rows.append({"messages": [{"role": "user", "content": LONG}, {"role": "robot", "content": "beep"}]})
+    r = import_dataset(vault, _jsonl(tmp_path / "d.jsonl", rows), "d")
+    assert r["rejected"]["unknown_role"] == 1
+    assert r["examples"]["unknown_role"][0]["field"] == "messages[1].role"
+
+
+def test_near_duplicates_by_minhash_threshold(vault, tmp_path):
+    text = " ".join(f"word{j}" for j in range(200))
+    rows = [{"instruction": text, "output": "first answer"},
+            {"instruction": text + " extra", "output": "first answer"},  # Jaccard of 3-grams ~0.99
+            {"instruction": " ".join(f"other{j}" for j in range(200)), "output": "second answer"}]
+    r = import_dataset(vault, _jsonl(tmp_path / "d.jsonl", rows), "d", val_ratio=0)
+    assert r["rejected"]["near_duplicate"] == 1 and r["imported"]["train"] == 2
+    assert r["examples"]["near_duplicate"][0]["detail"].endswith("d.jsonl:1")
+    r = import_dataset(vault, tmp_path / "d.jsonl", "d2", val_ratio=0, near_dup=1.0)
+    assert r["rejected"]["near_duplicate"] == 0 and r["imported"]["train"] == 3
+
+
+def test_split_is_deterministic_and_seeded(vault, tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [_alpaca(i) for i in range(100)])
+    import_dataset(vault, path, "a", seed=1)
+    import_dataset(vault, path, "b", seed=1)
+    import_dataset(vault, path, "c", seed=2)
+    val = {k: [r["messages"][0]["content"] for r in store.read(vault, k, "validation")] for k in "abc"}
+    assert len(val["a"]) == 10 and val["a"] == val["b"] and val["a"] != val["c"]
+
+
+def test_no_dataset_text_on_disk_after_import(vault, home, tmp_path):
+    import_dataset(vault, _jsonl(tmp_path / "d.jsonl", [_alpaca(i) for i in range(40)]), "d")
+    blob = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+    assert CANARY.encode() not in blob and LONG.encode() not in blob
+
+
+# -- messy files --------------------------------------------------------------------------------------------
+
+def test_truncated_json_array_names_offset_and_line_and_salvage_keeps_the_complete_records(vault, tmp_path):
+    full = json.dumps([_alpaca(i) for i in range(20)], indent=1)
+    cut_at = full.index('"instruction"', full.index(str(_alpaca(15)["instruction"])) - 40) + 5
+    path = tmp_path / "export.json"
+    path.write_text(full[:cut_at])
+    with pytest.raises(InvalidInput) as e:
+        import_dataset(vault, path, "d")
+    msg = str(e.value)
+    assert f"{path}:" in msg and "cut off" in msg and "at byte" in msg and "--salvage" in msg
+    assert not store.dataset_dir("d").exists()
+    r = import_dataset(vault, path, "d", salvage=True)
+    assert r["salvaged"]["kept"] == 15 and r["imported"]["train"] + r["imported"]["validation"] == 15
+    assert r["salvaged"]["cut_at_line"] > 1
+
+
+def test_truncated_jsonl_last_line(vault, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(_alpaca(i)) + "\n" for i in range(10)) + '{"instruction": "cut')
+    with pytest.raises(InvalidInput, match=r"d.jsonl:11: the file is cut off .* at byte"):
+        import_dataset(vault, path, "d")
+    assert import_dataset(vault, path, "d", salvage=True)["salvaged"]["kept"] == 10
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "is empty"),
+    (b"\xff\xfe{\x00}\x00", "UTF-16"),
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00", "looks binary"),
+    (b'{"instruction": "caf\xe9 au lait is good", "output": "yes"}\n', "byte 20 is not UTF-8"),
+    (b"hello world\n", "neither JSON Lines"),
+])
+def test_unreadable_files_get_one_clear_sentence(vault, tmp_path, content, fragment):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InvalidInput, match=fragment):
+        import_dataset(vault, path, "d")
+    assert not store.dataset_dir("d").exists()
+
+
+def test_bom_is_accepted(vault, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(_alpaca(i)) + "\n" for i in range(5)).encode())
+    assert import_dataset(vault, path, "d")["records_read"] == 5
+
+
+def test_deeply_nested_json_is_a_rejected_record_not_a_crash(vault, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(_alpaca(i)) + "\n" for i in range(5)) + "[" * 100000 + "]" * 100000 + "\n")
+    r = import_dataset(vault, path, "d")
+    assert r["rejected"]["invalid"] == 1 and "nested too deeply" in r["examples"]["invalid"][0]["detail"]
+
+
+def test_a_50_mb_single_line_imports(vault, tmp_path):
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as f:
+        for i in range(3):
+            f.write(json.dumps(_alpaca(i)) + "\n")
+        f.write(json.dumps({"instruction": LONG, "output": "z" * (50 * 2**20)}) + "\n")
+    r = import_dataset(vault, path, "d", val_ratio=0)
+    assert r["imported"]["train"] == 4
+    assert max(len(x["messages"][1]["content"]) for x in store.read(vault, "d", "train")) == 50 * 2**20
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+def test_cli_import_list_show_export_rm(home, tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse\n")
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(pw)}
+    src = _jsonl(tmp_path / "d.jsonl", [_alpaca(i) for i in range(20)])
+    missing = run_cli("data", "import", str(src), "--name", "d", home=home, env=env, check=False)
+    assert missing.returncode == 2 and "vault init" in missing.stderr
+    run_cli("vault", "init", home=home, env=env)
+    out = run_cli("data", "import", str(src), "--name", "d", home=home, env=env).stdout
+    assert "format alpaca" in out and "18 train + 2 validation" in out
+    listed = json.loads(run_cli("data", "list", "--json", home=home).stdout)["datasets"]
+    assert listed == [{"id": "d", "encrypted": True, "records": {"train": 18, "validation": 2, "report": 1},
+                       "format": "appliance-dataset/1", "source": "d.jsonl"}]
+    shown = json.loads(run_cli("data", "show", "d", "-n", "2", "--json", home=home, env=env).stdout)
+    assert len(shown["records"]) == 2 and CANARY in shown["records"][0]["messages"][1]["content"]
+    exported = tmp_path / "plain.jsonl"
+    run_cli("data", "export", "d", "--out", str(exported), home=home, env=env)
+    assert len(exported.read_text().splitlines()) == 20
+    again = run_cli("data", "export", "d", "--out", str(exported), home=home, env=env, check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    refused = run_cli("data", "rm", "d", home=home, env=env, check=False)
+    assert refused.returncode == 2 and "--yes" in refused.stderr and store.dataset_dir("d").exists()
+    run_cli("data", "rm", "d", "--yes", home=home, env=env)
+    assert not store.dataset_dir("d").exists()
+    gone = run_cli("data", "show", "d", home=home, env=env, check=False)
+    assert gone.returncode == 2 and "no dataset named 'd'" in gone.stderr
