@@ -85,7 +85,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     torch.set_num_threads(threads)
     import datasets
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
     datasets.disable_caching()  # keep tokenized dataset text in memory, never in an on-disk cache

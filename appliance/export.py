@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import data, manifest, runs
 from .chat_format import render, with_system
-from .errors import CheckFailed, InvalidInput, NotFound, StageFailed
+from .errors import CheckFailed, InvalidInput, StageFailed
 from .events import Emit, Event, ignore
 from .recipes import QUANTS
 from .workspace import folder, staging, write_json

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from _common import ROOT, machine, scratch_workspace
+from _common import machine, scratch_workspace
 
 STEPS, WARMUP = 12, 2
 

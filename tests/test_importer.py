@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from appliance.errors import InvalidInput, NotFound
+from appliance.errors import InvalidInput
 from appliance.importer import import_dataset
 from appliance.vault import keyring, store
 from conftest import run_cli
