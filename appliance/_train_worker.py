@@ -13,6 +13,7 @@ resumed run ends with the same loss as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -43,6 +44,11 @@ _training_started = False
 def main(argv: list[str]) -> int:
     run = Path(argv[0])
     resume = "--resume" in argv[1:]
+    if "--keys-fd" in argv:
+        fd = int(argv[argv.index("--keys-fd") + 1])
+        with os.fdopen(fd, "rb") as pipe:
+            handed = json.loads(pipe.read() or b"{}")
+        data.use_vault(data.HandedKeys({k: bytes.fromhex(v) for k, v in handed.items()}))
     emit = ev.EventLog(run / "events.jsonl")
     info = read_json(run / "run.json")
     info["pid"] = os.getpid()

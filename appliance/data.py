@@ -1,8 +1,15 @@
 """Reading a dataset's splits as canonical chat conversations.
 
 ``load_split`` is the one door through which training, evaluation and export
-read dataset text. Today it reads a folder of plain JSONL files (the demo's);
-the encrypted vault replaces its body, and nothing else changes.
+read dataset text. A dataset is a folder: an encrypted vault dataset
+(``datasets/<id>/`` with ``train.c2sp``...; decrypted in memory with the
+dataset's key) or, for a user's own scratch data, a folder of plain
+``train.jsonl`` and ``validation.jsonl``.
+
+The key comes from the process's vault: unlocked once on first use (the
+passphrase from ``APPLIANCE_PASSPHRASE_FILE`` or a prompt), or, in a training
+child, handed over by its parent through a pipe (``use_vault``), so the
+passphrase never has to reach a detached process.
 
 Canonical record: ``{"messages": [{"role": ..., "content": ...}, ...]}`` with
 roles system/user/assistant, ending with an assistant turn.
@@ -19,9 +26,62 @@ ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "validation")
 
 
+_vault = None
+
+
+def use_vault(vault) -> None:
+    """Install what decrypts datasets in this process: an unlocked keyring, or keys handed over by a parent."""
+    global _vault
+    _vault = vault
+
+
+def vault():
+    """The process's unlocked vault, unlocking it on first use."""
+    global _vault
+    if _vault is None:
+        from .vault import keyring, passphrase
+
+        keyring.load()  # a missing vault is reported before a passphrase is asked for
+        _vault = keyring.unlock(passphrase.read())
+    return _vault
+
+
+class HandedKeys:
+    """Data keys handed to a child process by its parent; enough for ``store.read``."""
+
+    def __init__(self, keys: dict[str, bytes]):
+        self._keys = keys
+
+    def data_key(self, dataset_id: str) -> bytes:
+        if dataset_id not in self._keys:
+            raise NotFound(f"this process was given no key for dataset {dataset_id!r}.")
+        return self._keys[dataset_id]
+
+
+def is_encrypted(dataset: Path) -> bool:
+    from .vault import store
+
+    return store.is_encrypted(dataset)
+
+
+def data_keys(dataset: Path) -> dict[str, bytes]:
+    """The keys a child process needs to read ``dataset`` (none for a plain folder)."""
+    return {dataset.name: vault().data_key(dataset.name)} if is_encrypted(dataset) else {}
+
+
 def load_split(dataset: Path, split: str) -> list[dict]:
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if is_encrypted(dataset):
+        from .vault import store
+
+        records = [_check(r, f"dataset {dataset.name}, {split} record {i}")
+                   for i, r in enumerate(store.read(vault(), dataset.name, split))]
+        if not records:
+            raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
+        if "messages" not in records[0]:
+            raise InvalidInput(f"dataset {dataset.name} holds preference pairs; supervised fine-tuning needs conversations.")
+        return records
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
         raise NotFound(f"dataset split {path} does not exist; a dataset folder needs train.jsonl and validation.jsonl.")

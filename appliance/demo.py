@@ -9,7 +9,6 @@ them together and tells the story.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ def recipe_path() -> Path:
 def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
     from rich.console import Console
 
-    from . import models, recipes, runs
-    from .demo_data import generate
+    from . import data, manifest, models, recipes, runs
+    from .demo_data import splits
+    from .vault import store
     from .evaluate import evaluate
     from .export import export
     from .infer import ask
@@ -55,11 +55,19 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     model = models.import_model(gguf, name=MODEL_ID if not base else None, emit=emit)
     timings["import"] = time.perf_counter() - t
 
-    t = stage("2/6 the demo dataset")
+    t = stage("2/6 the demo dataset, into the encrypted vault")
+    vault = _demo_vault(console)
     dataset = folder("datasets") / DATASET_ID
-    if not (dataset / "train.jsonl").is_file():
-        generate(dataset)
-    example = json.loads((dataset / "train.jsonl").read_text().splitlines()[0])["messages"]
+    if not store.is_encrypted(dataset):
+        with store.create(vault, DATASET_ID) as ds:
+            for split, records in splits().items():
+                for record in records:
+                    ds.add(split, record)
+            ds.details.update(source="appliance demo generator", records_kind="conversation")
+    data.use_vault(vault)
+    counts = manifest.read(dataset)["details"]["records"]
+    console.print(f"{counts['train']} train + {counts['validation']} held-out records, encrypted in {dataset}")
+    example = next(store.read(vault, DATASET_ID, "train"))["messages"]
     console.print("task: turn a free-text record into the house JSON format, e.g.")
     console.print(f"  [dim]user:[/] {example[0]['content']!r}")
     console.print(f"  [dim]assistant:[/] {example[1]['content']}")
@@ -95,7 +103,7 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     t = stage("6/6 base vs tuned on held-out records, through llama.cpp")
     report = evaluate(run_id, samples=eval_samples, emit=emit)
     console.print(eval_table(report))
-    sample = json.loads((dataset / "validation.jsonl").read_text().splitlines()[0])["messages"]
+    sample = next(store.read(vault, DATASET_ID, "validation"))["messages"]
     console.print(f"[dim]ask the tuned model:[/] {sample[0]['content']!r}")
     answer = ask(run_id, sample[0]["content"], max_tokens=96)
     console.print(f"[bold green]{answer['text']}[/]  [dim]({answer['completion_tokens']} tokens, "
@@ -117,3 +125,14 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     console.print(f"try: appliance ask {run_id} --prompt $'Convert this record to JSON.\\nAda Weber, 41, baker in Graz.'")
     return {"run": run_id, "model": model["id"], "timings_s": timings, "eval": {k: report[k] for k in ("base", "tuned", "samples")},
             "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}
+
+
+def _demo_vault(console):
+    """The vault, created on first use: the demo's data goes where a user's would."""
+    from .vault import keyring, passphrase
+
+    if keyring.exists():
+        return keyring.unlock(passphrase.read())
+    console.print(f"creating the encrypted vault at {keyring.path()}: choose its passphrase "
+                  f"(or set {passphrase.ENV} to a file holding it)")
+    return keyring.init(passphrase.read(prompt="new vault passphrase: ", confirm=True))

@@ -71,10 +71,8 @@ def example(rng: random.Random) -> dict:
     }
 
 
-def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234) -> Path:
-    """Write ``train.jsonl`` and ``validation.jsonl`` (records never repeat across splits)."""
-    from .workspace import write_atomic
-
+def splits(train: int = 400, validation: int = 48, seed: int = 1234) -> dict[str, list[dict]]:
+    """The demo's train and validation records (no record repeats across splits)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
@@ -84,8 +82,15 @@ def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 
         if key not in seen:
             seen.add(key)
             rows.append(ex)
+    return {"train": rows[:train], "validation": rows[train:]}
+
+
+def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234) -> Path:
+    """Write the splits as plain ``train.jsonl`` and ``validation.jsonl`` (for tests and scratch use)."""
+    from .workspace import write_atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows[:train]), ("validation", rows[train:])):
+    for name, part in splits(train, validation, seed).items():
         write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     return out_dir
 

@@ -69,9 +69,25 @@ def start(run_id: str, resume: bool = False) -> int:
     cmd = [sys.executable, "-m", "appliance._train_worker", str(path)]
     if resume:
         cmd.append("--resume")
+    # An encrypted dataset's key goes to the worker through a pipe it inherits: never on disk, never in its
+    # environment or command line, and no passphrase needed by a process that has no terminal.
+    from . import data
+
+    keys = data.data_keys(load_recipe(run_id).dataset_path())
+    read_end = write_end = None
+    if keys:
+        read_end, write_end = os.pipe()
+        cmd += ["--keys-fd", str(read_end)]
     with open(path / "worker.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                pass_fds=(read_end,) if keys else ())
+    if keys:
+        import json
+
+        os.close(read_end)
+        with os.fdopen(write_end, "wb") as w:
+            w.write(json.dumps({k: v.hex() for k, v in keys.items()}).encode())
     info = read_json(path / "run.json")
     info["pid"] = proc.pid
     write_json(path / "run.json", info)

@@ -15,8 +15,25 @@ from conftest import run_cli
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_on_the_embedded_model(home):
-    proc = run_cli("demo", "--json", "--steps", "30", "--eval-samples", "16", home=home, timeout=1800)
+def _on_disk(root, needle: bytes) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                tail = b""
+                while block := f.read(1 << 24):
+                    if needle in tail + block:
+                        hits.append(str(p))
+                        break
+                    tail = block[-len(needle):]
+    return hits
+
+
+def test_demo_on_the_embedded_model(home, tmp_path):
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("demo passphrase for the e2e test\n")
+    proc = run_cli("demo", "--json", "--steps", "30", "--eval-samples", "16", home=home, timeout=1800,
+                   env={"APPLIANCE_PASSPHRASE_FILE": str(passphrase)})
     result = json.loads(proc.stdout)
     assert result["tuned_beats_base"] is True
     base, tuned = result["eval"]["base"], result["eval"]["tuned"]
@@ -29,3 +46,11 @@ def test_demo_on_the_embedded_model(home):
     answer = json.loads(result["answer"]["text"])  # the tuned model answers in the house format
     assert list(answer) == ["first_name", "last_name", "age", "city", "occupation"]
     assert result["answer"]["stopped"] == "eog"  # and stops at <|im_end|>, as it was trained to
+
+    # The demo's data went through the vault: its text is nowhere on disk in the clear, not in the dataset
+    # folder, the run's checkpoints, events, logs, merged model or GGUFs.
+    from appliance.demo_data import splits
+
+    first = splits()["train"][0]["messages"][0]["content"].split("\n", 1)[1].encode()
+    assert (home / "datasets" / "demo-records" / "train.c2sp").is_file()
+    assert _on_disk(home, first) == []

@@ -140,3 +140,32 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tiny_home, tmp_path, demo_d
     shown = cli_json("runs", "show", run_id, home=home)
     assert shown["last_checkpoint"] is not None  # a stop saves where it stopped: nothing is lost
     assert cli_json("runs", "resume", run_id, home=home)["state"] == "finished"
+
+
+def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path):
+    """Train, merge and export from an encrypted dataset; a canary in every record is never found on disk."""
+    from appliance.demo_data import splits
+    from appliance.vault import keyring, store
+
+    home = tiny_home
+    canary = "CANARY-c0ffee-vault-training"
+    vault = keyring.init("correct horse")
+    parts = splits(train=48, validation=8)
+    for part in parts.values():
+        for r in part:
+            r["messages"][0]["content"] += f" ({canary})"
+    store.write(vault, "secret", parts)
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse\n")
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(pw)}
+    recipe = write_recipe(tmp_path / "tiny.yaml", "secret", max_steps=4, save_steps=2, eval_steps=2)
+    st = cli_json("train", str(recipe), home=home, env=env)
+    assert st["state"] == "finished", st
+    cli_json("merge", st["id"], home=home, env=env)
+    cli_json("export", st["id"], "--quant", "f16", home=home, env=env)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    refused = run_cli("merge", st["id"], home=home, env={"APPLIANCE_PASSPHRASE_FILE": str(wrong)}, check=False)
+    assert refused.returncode == 2 and "does not open the vault" in refused.stderr
+    hits = [p for p in home.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
+    assert hits == []

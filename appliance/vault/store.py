@@ -106,7 +106,7 @@ def create(vault: Unlocked, dataset_id: str) -> Iterator[DatasetWriter]:
         raise
 
 
-def read(vault: Unlocked, dataset_id: str, name: str) -> Iterator[dict]:
+def read(vault, dataset_id: str, name: str) -> Iterator[dict]:
     """Stream the records of one file, decrypting as it goes."""
     path = dataset_dir(dataset_id) / f"{name}{SUFFIX}"
     if not (dataset_dir(dataset_id) / manifest.NAME).is_file():
