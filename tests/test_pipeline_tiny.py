@@ -143,12 +143,15 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tiny_home, tmp_path, demo_d
 
 
 def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path):
-    """Train, merge and export from an encrypted dataset; a canary in every record is never found on disk."""
+    """Train, merge, export and ask from an encrypted dataset whose every record carries a canary; then scan the
+    workspace, the processes' temporary directory and their home directory: the canary is nowhere."""
+    import secrets
+
     from appliance.demo_data import splits
     from appliance.vault import keyring, store
 
     home = tiny_home
-    canary = "CANARY-c0ffee-vault-training"
+    canary = f"CANARY-{secrets.token_hex(8)}"  # made at run time, so no source file or log of the test holds it
     vault = keyring.init("correct horse")
     parts = splits(train=48, validation=8)
     for part in parts.values():
@@ -157,15 +160,20 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     store.write(vault, "secret", parts)
     pw = tmp_path / "pw"
     pw.write_text("correct horse\n")
-    env = {"APPLIANCE_PASSPHRASE_FILE": str(pw)}
+    tmp, user_home = tmp_path / "tmp", tmp_path / "user-home"
+    tmp.mkdir()
+    user_home.mkdir()
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(pw), "TMPDIR": str(tmp), "HOME": str(user_home)}
     recipe = write_recipe(tmp_path / "tiny.yaml", "secret", max_steps=4, save_steps=2, eval_steps=2)
     st = cli_json("train", str(recipe), home=home, env=env)
     assert st["state"] == "finished", st
     cli_json("merge", st["id"], home=home, env=env)
     cli_json("export", st["id"], "--quant", "f16", home=home, env=env)
+    cli_json("ask", st["id"], "--prompt", "Convert this record to JSON.", "--max-tokens", "4", home=home, env=env)
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
-    refused = run_cli("merge", st["id"], home=home, env={"APPLIANCE_PASSPHRASE_FILE": str(wrong)}, check=False)
+    refused = run_cli("merge", st["id"], home=home, env={**env, "APPLIANCE_PASSPHRASE_FILE": str(wrong)}, check=False)
     assert refused.returncode == 2 and "does not open the vault" in refused.stderr
-    hits = [p for p in home.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
-    assert hits == []
+    scanned = [p for root in (home, tmp, user_home) for p in root.rglob("*") if p.is_file()]
+    assert len(scanned) > 20  # the run's checkpoints, events, logs, merged model and GGUF are all in there
+    assert [p for p in scanned if canary.encode() in p.read_bytes()] == []
