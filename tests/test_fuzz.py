@@ -121,3 +121,17 @@ def test_store_read_of_a_mutated_file_is_a_clean_error(vault):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckFailed):
         list(store.read(vault, "d", "train"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=3 * chunked.CHUNK_SIZE), max_size=8))
+def test_streaming_encryption_in_any_pieces_equals_one_shot(sizes):
+    data = bytes(i % 253 for i in range(sum(sizes)))
+    enc = chunked.Encryptor(KEY, b"ctx", salt=bytes(24))
+    out, at = [enc.header], 0
+    for n in sizes:
+        out.append(enc.update(data[at:at + n]))
+        at += n
+    out.append(enc.finalize())
+    assert b"".join(out) == chunked.encrypt(KEY, data, b"ctx", salt=bytes(24))
+    assert chunked.decrypt(KEY, b"".join(out), b"ctx") == data

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     fmt = _format(path, fmt, salvage)
     emit(Event("stage", STAGE, f"{path.name}: {kind.upper()} records in {fmt} format"))
 
+    clock = _Clock()
     rejected: dict[int, tuple[str, str, str]] = {}  # index -> (reason, field, detail)
     where: dict[int, str] = {}
     salvage_info = readers.Salvage()
@@ -66,8 +68,9 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     seen: set[bytes] = set()
     answers: dict[bytes, set[bytes]] = defaultdict(set)
     total = 0
-    for i, item in enumerate(readers.read(path, salvage, salvage_info)):
+    for i, item in enumerate(clock.timed("parse", readers.read(path, salvage, salvage_info))):
         total += 1
+        started = time.perf_counter()
         if isinstance(item, readers.BadRecord):
             rejected[i], where[i] = ("invalid", "", item.reason), item.where
             continue
@@ -85,6 +88,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
             continue
         prompt, answer = formats.prompt_and_answer(record)
         answers[_digest(prompt)].add(hashlib.sha256(answer.encode()).digest())
+        clock.add("validate", time.perf_counter() - started)
         if total % 10000 == 0:
             emit(Event("progress", STAGE, "", {"pass": 1, "records": total}))
     del seen
@@ -98,7 +102,8 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     lsh = MinHashLSH(threshold=near_dup, num_perm=128) if near_dup < 1.0 else None
     survivors: list[tuple[int, bytes]] = []
     kept_where: dict[int, str] = {}
-    for i, record, item in _accepted(path, fmt, salvage, rejected):
+    for i, record, item in _accepted(path, fmt, salvage, rejected, clock):
+        started = time.perf_counter()
         if _digest(formats.prompt_and_answer(record)[0]) in conflicting:
             rejected[i], where[i] = ("conflicting_answers", "", "another record gives this prompt a different answer"), item.where
             continue
@@ -112,6 +117,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
             lsh.insert(i, mh)
             kept_where[i] = item.where
         survivors.append((i, _digest(record)))
+        clock.add("near_duplicates", time.perf_counter() - started)
         if len(survivors) % 10000 == 0:
             emit(Event("progress", STAGE, "", {"pass": 2, "records": len(survivors)}))
     del lsh, kept_where
@@ -126,11 +132,14 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
                      near_dup=near_dup, min_tokens=min_tokens, val_ratio=val_ratio, seed=seed)
     examples = _examples(path, fmt, salvage, rejected, where)
     with store.create(vault, name) as ds:
-        for i, record, _ in _accepted(path, fmt, salvage, rejected):
+        for i, record, _ in _accepted(path, fmt, salvage, rejected, clock):
+            started = time.perf_counter()
             ds.add("validation" if i in validation else "train", record)
+            clock.add("encrypt", time.perf_counter() - started)
         ds.add("report", {**report, "examples": examples})
         ds.details.update(source=path.name, source_sha256=_file_digest(path), record_format=fmt,
                           records_kind="preference" if formats.is_preference(fmt) else "conversation")
+    report["seconds"] = clock.seconds  # stored with the dataset before this line, so only returned
     emit(Event("finished", STAGE, f"imported {len(survivors)} of {total} records", report))
     return {**report, "examples": examples, "dataset": name}
 
@@ -154,11 +163,33 @@ def _format(path: Path, fmt: str, salvage: bool) -> str:
     return detected
 
 
-def _accepted(path: Path, fmt: str, salvage: bool, rejected: dict):
-    for i, item in enumerate(readers.read(path, salvage)):
+def _accepted(path: Path, fmt: str, salvage: bool, rejected: dict, clock: "_Clock"):
+    for i, item in enumerate(clock.timed("parse", readers.read(path, salvage))):
         if i in rejected or isinstance(item, readers.BadRecord):
             continue
         yield i, formats.normalize(fmt, item.value), item
+
+
+class _Clock:
+    """Seconds spent per phase (parse counts every pass over the file), for the report and the benchmark."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {"parse": 0.0, "validate": 0.0, "near_duplicates": 0.0, "encrypt": 0.0}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def timed(self, phase: str, iterator):
+        it = iter(iterator)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.add(phase, time.perf_counter() - started)
+                return
+            self.add(phase, time.perf_counter() - started)
+            yield item
 
 
 def _digest(obj) -> bytes:

@@ -68,16 +68,30 @@ class Encryptor:
         self.header = salt + commitment
 
     def update(self, data: bytes) -> bytes:
+        return b"".join(self._update_parts(data))
+
+    def _update_parts(self, data: bytes) -> list[bytes]:
+        """Seal every full chunk that is certainly not the last; keep the rest (at least one byte) buffered.
+
+        A buffer of exactly 16 KiB is kept back until more data arrives: if nothing does, it is followed by
+        the empty final chunk. Full chunks are sealed straight from the caller's buffer, without copies.
+        """
         if self._done:
             raise ValueError("update() after finalize()")
-        self._buffer += data
-        out = bytearray()
-        # Keep at least one byte back: a buffer of exactly 16 KiB may be followed by nothing,
-        # and then the empty final chunk must come after it.
-        while len(self._buffer) > CHUNK_SIZE:
-            out += self._seal(bytes(self._buffer[:CHUNK_SIZE]))
-            del self._buffer[:CHUNK_SIZE]
-        return bytes(out)
+        sealed: list[bytes] = []
+        view = memoryview(data).cast("B")
+        if self._buffer:
+            take = min(CHUNK_SIZE - len(self._buffer), len(view))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) < CHUNK_SIZE or not len(view):
+                return sealed
+            sealed.append(self._seal(bytes(self._buffer)))
+            self._buffer.clear()
+        full = (len(view) - 1) // CHUNK_SIZE if len(view) else 0
+        sealed.extend(self._seal(view[k * CHUNK_SIZE:(k + 1) * CHUNK_SIZE]) for k in range(full))
+        self._buffer += view[full * CHUNK_SIZE:]
+        return sealed
 
     def finalize(self) -> bytes:
         out = bytearray()
@@ -97,7 +111,7 @@ class Encryptor:
 
 def encrypt(key: bytes, plaintext: bytes, context: bytes = b"", salt: bytes | None = None) -> bytes:
     enc = Encryptor(key, context, salt)
-    return enc.header + enc.update(plaintext) + enc.finalize()
+    return b"".join([enc.header, *enc._update_parts(plaintext), enc.finalize()])
 
 
 def encrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO, context: bytes = b"") -> None:
@@ -180,7 +194,10 @@ def decrypt(key: bytes, ciphertext: bytes, context: bytes = b"") -> bytes:
 
 
 def _read_exactly(src: BinaryIO, n: int) -> bytes:
-    buf = bytearray()
+    first = src.read(n)
+    if len(first) == n or not first:
+        return first  # the usual case: one read, no copy
+    buf = bytearray(first)
     while len(buf) < n:
         piece = src.read(n - len(buf))
         if not piece:
