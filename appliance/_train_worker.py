@@ -25,7 +25,7 @@ from pathlib import Path
 from . import data, events as ev
 from .chat_format import encode, with_system
 from .errors import ApplianceError
-from .recipes import Recipe, from_dict
+from .recipes import Recipe
 from .workspace import read_json, write_json
 
 STAGE = "train"
@@ -63,11 +63,9 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        raw = read_json(run / "recipe.json")
-        source = raw.pop("source", None)
-        recipe = from_dict(raw)
-        recipe.source = source
-        train(run, recipe, resume, emit)
+        from .runs import load_recipe
+
+        train(run, load_recipe(run.name), resume, emit)
         return 0
     except _Stopped:
         emit(ev.Event("warning", STAGE, "stopped on request; `appliance runs resume` continues from the last checkpoint"))

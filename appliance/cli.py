@@ -284,9 +284,9 @@ def _vault_status(args) -> int:
 
 @command("vault verify")
 def _vault_verify(args) -> int:
-    from .vault import keyring, passphrase, store
+    from .vault import store
 
-    report = store.verify(keyring.unlock(passphrase.read()))
+    report = store.verify(_unlocked())
     bad = [r for r in report if not r["ok"]]
     if args.json:
         _print_json({"ok": not bad, "datasets": report})
@@ -302,10 +302,9 @@ def _vault_verify(args) -> int:
 
 
 def _unlocked():
-    from .vault import keyring, passphrase
+    from .data import vault
 
-    keyring.load()  # a missing vault is reported before a passphrase is asked for
-    return keyring.unlock(passphrase.read())
+    return vault()
 
 
 @command("data import")
@@ -385,29 +384,19 @@ def _data_show(args) -> int:
 def _data_export(args) -> int:
     from .errors import InvalidInput
     from .vault import store
+    from .workspace import atomic_writer
 
     out = Path(args.out).expanduser()
     if out.exists():
         raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
     vault = _unlocked()
     splits = ["train", "validation"] if args.split == "all" else [args.split]
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent if str(out.parent) else ".")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for split in splits:
-                for record in store.read(vault, args.name, split):
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(out) as f:
+        for split in splits:
+            for record in store.read(vault, args.name, split):
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                n += 1
     _print_json({"dataset": args.name, "out": str(out), "records": n}) if args.json else print(
         f"wrote {n} records of {args.name} in plaintext to {out}")
     return 0

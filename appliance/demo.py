@@ -129,10 +129,11 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
 
 def _demo_vault(console):
     """The vault, created on first use: the demo's data goes where a user's would."""
+    from . import data
     from .vault import keyring, passphrase
 
     if keyring.exists():
-        return keyring.unlock(passphrase.read())
+        return data.vault()
     console.print(f"creating the encrypted vault at {keyring.path()}: choose its passphrase "
                   f"(or set {passphrase.ENV} to a file holding it)")
     return keyring.init(passphrase.read(prompt="new vault passphrase: ", confirm=True))

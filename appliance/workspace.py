@@ -22,7 +22,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from .errors import InvalidInput
 
@@ -90,15 +90,13 @@ def staging(final: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see either the old or the new content."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears under ``path`` only once written whole (temporary name, fsync, rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +105,13 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -98,3 +98,12 @@ def write_recipe(path: Path, dataset: Path, base_model: str = "tiny", **training
               "export": {"quant": ["f16", "q8_0"], "parity_samples": 4}}
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def documented_decryptor():
+    """The minimal decryptor printed in docs/vault-format.md, executed as written."""
+    doc = (ROOT / "docs/vault-format.md").read_text()
+    code = doc.split("### A minimal decryptor", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace["decrypt"]

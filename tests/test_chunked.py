@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.vault import chunked
+from conftest import documented_decryptor
 
 VECTORS = json.loads((Path(__file__).parent / "vectors/wycheproof/c2sp_chunked_encryption_aes_256_gcm_test.json").read_text())
 TESTS = [t for g in VECTORS["testGroups"] for t in g["tests"]]
@@ -124,17 +125,8 @@ def test_streaming_encrypt_and_decrypt_use_bounded_memory(tmp_path):
     assert peak < 8 * 2**20, f"decrypting 48 MiB peaked at {peak / 2**20:.1f} MiB of Python memory"
 
 
-def _doc_decryptor():
-    """The minimal decryptor printed in docs/vault-format.md, executed as written."""
-    doc = (Path(__file__).resolve().parents[1] / "docs/vault-format.md").read_text()
-    code = doc.split("### A minimal decryptor", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(code, namespace)
-    return namespace["decrypt"]
-
-
 def test_the_documented_decryptor_agrees_with_the_vectors_and_ours():
-    decrypt = _doc_decryptor()
+    decrypt = documented_decryptor()
     for t in TESTS:
         key, ctx, ct = _case(t)
         if t["result"] == "valid":

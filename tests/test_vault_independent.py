@@ -8,21 +8,11 @@ the document, using the context string the document gives. Only `cryptography` p
 import base64
 import hashlib
 import json
-from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from appliance.vault import keyring, store
-
-DOC = (Path(__file__).resolve().parents[1] / "docs/vault-format.md").read_text()
-
-
-def _documented_decryptor():
-    code = DOC.split("### A minimal decryptor", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(code, namespace)
-    return namespace["decrypt"]
-
+from conftest import documented_decryptor
 
 def _aes_kw_unwrap(kek: bytes, wrapped: bytes) -> bytes:
     """RFC 3394 section 2.2.2, index-based."""
@@ -53,6 +43,6 @@ def test_an_independent_implementation_decrypts_a_dataset_from_the_document(home
     data_key = _aes_kw_unwrap(kek, base64.b64decode(ring["keys"]["audit-me"]["wrapped"]))
     context = b"appliance-dataset/1" + b"\x00" + b"audit-me" + b"\x00" + b"train"
     blob = (home / "datasets" / "audit-me" / "train.c2sp").read_bytes()
-    plaintext = _documented_decryptor()(data_key, blob, context)
+    plaintext = documented_decryptor()(data_key, blob, context)
     assert [json.loads(line) for line in plaintext.decode("utf-8").splitlines()] == records["train"]
     assert plaintext.endswith(b"\n")

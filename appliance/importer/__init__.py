@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..errors import InvalidInput
+from ..manifest import sha256_file
 from ..events import Emit, Event, ignore
 from . import formats, readers
 
@@ -140,7 +141,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
             ds.add("validation" if i in validation else "train", record)
             clock.add("encrypt", time.perf_counter() - started)
         ds.add("report", {**report, "examples": examples})
-        ds.details.update(source=path.name, source_sha256=_file_digest(path), record_format=fmt,
+        ds.details.update(source=path.name, source_sha256=sha256_file(path), record_format=fmt,
                           records_kind="preference" if formats.is_preference(fmt) else "conversation")
     report["seconds"] = clock.seconds  # stored with the dataset before this line, so only returned
     emit(Event("finished", STAGE, f"imported {len(survivors)} of {total} records", report))
@@ -197,12 +198,6 @@ class _Clock:
 
 def _digest(obj) -> bytes:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).digest()
-
-
-def _file_digest(path: Path) -> str:
-    from ..manifest import sha256_file
-
-    return sha256_file(path)
 
 
 def _shingles(text: str):
