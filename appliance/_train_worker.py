@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import data, events as ev
+from . import audit, data, events as ev
 from .chat_format import encode, with_system
 from .errors import ApplianceError
 from .recipes import Recipe
@@ -48,7 +48,11 @@ def main(argv: list[str]) -> int:
         fd = int(argv[argv.index("--keys-fd") + 1])
         with os.fdopen(fd, "rb") as pipe:
             handed = json.loads(pipe.read() or b"{}")
-        data.use_vault(data.HandedKeys({k: bytes.fromhex(v) for k, v in handed.items()}))
+        data.use_vault(data.HandedKeys({k: bytes.fromhex(v) for k, v in handed.get("datasets", {}).items()}))
+        if handed.get("signing"):
+            from . import signing
+
+            signing.use(bytes.fromhex(handed["signing"]))
     emit = ev.EventLog(run / "events.jsonl")
     info = read_json(run / "run.json")
     info["pid"] = os.getpid()
@@ -72,10 +76,12 @@ def main(argv: list[str]) -> int:
         return 0
     except ApplianceError as e:
         emit(ev.Event("failed", STAGE, str(e)))
+        audit.record("train.fail", {"run": run.name}, {"error": str(e)[:300]})
         return 1
     except Exception as e:
         traceback.print_exc()  # to worker.log; tracebacks hold code and shapes, never dataset text
         emit(ev.Event("failed", STAGE, f"{type(e).__name__}: {e}"))
+        audit.record("train.fail", {"run": run.name}, {"error": f"{type(e).__name__}"})
         return 1
 
 
@@ -183,15 +189,6 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
                       "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
         return
 
-    adapter = run / "adapter"
-    from .workspace import staging
-    from . import manifest
-
-    with staging(adapter) as tmp:
-        trainer.model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        manifest.write(tmp, "adapter", f"{run.name}/adapter",
-                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest())
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -205,6 +202,23 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         "resumed_from": checkpoint.name if checkpoint else None,
     }
     write_json(run / "summary.json", summary)
+    # The run's own manifest covers its recipe and outcome (its folder also holds live files: events,
+    # checkpoints); the adapter's names the run, so the lineage reads adapter -> run -> dataset + base model.
+    from . import manifest
+    from .workspace import staging
+
+    dataset = recipe.dataset_path()
+    manifest.write(run, "run", run.name, files=["recipe.json", "summary.json"],
+                   parents={"dataset": dataset.name if data.is_encrypted(dataset) else str(dataset.resolve()),
+                            "base_model": recipe.base_model},
+                   recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"])
+    with staging(run / "adapter") as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        manifest.write(tmp, "adapter", f"{run.name}/adapter",
+                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest())
+    audit.record("train.finish", {"run": run.name, "dataset": dataset.name, "base_model": recipe.base_model},
+                 {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume})
     emit(ev.Event("finished", STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}", summary))
 
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
     d.add_argument("--eval-samples", type=int, default=48, help="held-out examples scored for base vs tuned")
 
+    add("doctor", "environment and air-gap self-check: egress guard, offline switches, interfaces, routes")
+
     m = add("models", "imported base models", json_out=False)
     msub = m.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     mi = msub.add_parser("import", help="import a .gguf file or a Hugging Face folder (safetensors only)")
@@ -142,6 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system")
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.7)
+
+    au = add("audit", "the tamper-evident audit log", json_out=False)
+    asub = au.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    al = asub.add_parser("log", help="entries of the audit log, oldest first")
+    al.add_argument("--since", help="an ISO time (2026-11-22, 2026-11-22T10:00) or a span back from now (30m, 12h, 7d)")
+    al.add_argument("--event", help="an event name or prefix, e.g. dataset or dataset.export")
+    al.add_argument("--json", action="store_true")
+    av = asub.add_parser("verify", help="check the hash chain and the signed checkpoints; names the first bad entry")
+    av.add_argument("--pubkey", help="a trusted copy of the appliance's signing-key.pub (default: the keyring's)")
+    av.add_argument("--json", action="store_true")
+    ar = asub.add_parser("report", help="a human-readable report of a period (Markdown or HTML)")
+    ar.add_argument("--since")
+    ar.add_argument("--until")
+    ar.add_argument("--format", default="md", choices=["md", "html"])
+    ar.add_argument("--out", help="write the report to this file (default: print it)")
+
+    b = add("bundle", "write a signed edge bundle of a run's GGUF (`bundle RUN --out DIR`), "
+                      "or check one anywhere (`bundle verify DIR`)")
+    b.add_argument("run", help="a run id, or `verify`")
+    b.add_argument("dir", nargs="?", help="with `verify`: the bundle folder")
+    b.add_argument("--out", help="the folder to create for the bundle")
+    b.add_argument("--quant", default="q4_k_m", help="which exported GGUF to ship (default q4_k_m)")
+    b.add_argument("--pubkey", help="with `verify`: the trusted signing-key.pub of the appliance that made it")
+    b.add_argument("--fingerprint", help="with `verify`: the trusted key's sha256 fingerprint (64 hex digits)")
+
+    vf = add("verify", "check an artifact's signed manifest and walk its lineage back through the workspace")
+    vf.add_argument("path", help="an artifact folder (dataset, model, run, adapter, merged, gguf, bundle) or a file in one")
+    vf.add_argument("--pubkey", help="a trusted copy of the appliance's signing-key.pub (default: the keyring's)")
     return p
 
 
@@ -351,13 +381,10 @@ def _data_list(args) -> int:
 
 @command("data show")
 def _data_show(args) -> int:
-    import itertools
+    from .data import show
 
-    from .vault import store
-
-    vault = _unlocked()
     if args.report:
-        report = next(store.read(vault, args.name, "report"))
+        report = show(args.name, "report", 1)[0]
         if args.json:
             _print_json(report)
         else:
@@ -365,7 +392,7 @@ def _data_show(args) -> int:
 
             _console().print(import_report(report))
         return 0
-    records = list(itertools.islice(store.read(vault, args.name, args.split), max(args.n, 0)))
+    records = show(args.name, args.split, args.n)
     if args.json:
         _print_json({"dataset": args.name, "split": args.split, "records": records})
         return 0
@@ -382,21 +409,10 @@ def _data_show(args) -> int:
 
 @command("data export")
 def _data_export(args) -> int:
-    from .errors import InvalidInput
-    from .vault import store
-    from .workspace import atomic_writer
+    from .data import export_plain
 
     out = Path(args.out).expanduser()
-    if out.exists():
-        raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
-    vault = _unlocked()
-    splits = ["train", "validation"] if args.split == "all" else [args.split]
-    n = 0
-    with atomic_writer(out) as f:
-        for split in splits:
-            for record in store.read(vault, args.name, split):
-                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                n += 1
+    n = export_plain(args.name, ["train", "validation"] if args.split == "all" else [args.split], out)
     _print_json({"dataset": args.name, "out": str(out), "records": n}) if args.json else print(
         f"wrote {n} records of {args.name} in plaintext to {out}")
     return 0
@@ -613,6 +629,43 @@ def _chat(args) -> int:
     return 0
 
 
+@command("doctor")
+def _doctor(args) -> int:
+    from . import airgap
+    from .errors import CheckFailed
+
+    # A list of (section, checks); more sections (hardware) are appended here. A check's status is ok, warn, fail or
+    # info; only a fail (the guard, its self-test, an offline switch) fails the command: an interface that is up or a
+    # default route is a warning (CI machines have a network).
+    sections = airgap.doctor_sections()
+    failed = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "fail"]
+    warned = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "warn"]
+    if args.json:
+        _print_json({"ok": not failed, "failures": failed, "warnings": warned,
+                     "sections": {name: {c["id"]: c for c in checks} for name, checks in sections}})
+    else:
+        from rich.markup import escape
+        from rich.table import Table
+
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red bold]FAIL[/]", "info": ""}
+        console = _console()
+        for name, checks in sections:
+            table = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 1))
+            table.add_column(no_wrap=True)
+            table.add_column(no_wrap=True)
+            table.add_column(overflow="fold")
+            for c in checks:
+                value = ", ".join(map(str, c["value"])) if isinstance(c["value"], list) else str(c["value"])
+                detail = f"\n[dim]{escape(c['detail'])}[/]" if c["detail"] else ""
+                table.add_row(marks[c["status"]], c["label"], escape(value) + detail)
+            console.print(table)
+            console.print()
+        console.print(f"{len(failed)} failed, {len(warned)} warnings" if failed or warned else "all checks passed")
+    if failed:
+        raise CheckFailed(f"appliance doctor: {len(failed)} check(s) failed: {'; '.join(failed)}.")
+    return 0
+
+
 @command("demo")
 def _demo(args) -> int:
     from .demo import run_demo
@@ -621,6 +674,134 @@ def _demo(args) -> int:
     if args.json:
         _print_json(result)
     return 0 if result["tuned_beats_base"] else 5
+
+
+@command("audit log")
+def _audit_log(args) -> int:
+    from . import audit
+
+    found = audit.entries(since=args.since, event=args.event)
+    if args.json:
+        _print_json({"entries": found})
+        return 0
+    from rich.table import Table
+
+    table = Table("seq", "time (UTC)", "user", "event", "subjects", "details")
+    for e in found:
+        table.add_row(str(e["seq"]), e["time"][:19].replace("T", " "), e["user"], e["event"],
+                      " ".join(f"{k}={v}" for k, v in e["subjects"].items()),
+                      " ".join(f"{k}={v}" for k, v in e["details"].items())[:80])
+    _console().print(table if found else "no audit entries match")
+    return 0
+
+
+@command("audit verify")
+def _audit_verify(args) -> int:
+    from . import audit, signing
+
+    public = signing.load_public(Path(args.pubkey)) if args.pubkey else None
+    try:
+        result = audit.verify(public)
+    except Exception as e:
+        from .errors import CheckFailed
+
+        if isinstance(e, CheckFailed):
+            audit.record("audit.verify", details={"result": "failed", "problem": str(e)[:300]})
+        raise
+    if args.json:
+        _print_json({"ok": True, **result})
+    else:
+        print(f"audit log intact: {result['entries']} entries, head {result['head'][:16]}..., signed through entry "
+              f"{result['signed_through']} ({result['checkpoints']} checkpoints, key {str(result['key'])[:16]}...)")
+        if result["unsigned_tail"]:
+            print(f"note: the last {result['unsigned_tail']} entries come after the last signed checkpoint; "
+                  "the next command that unlocks the vault signs them.")
+        if result["torn_tail_bytes"]:
+            print(f"note: {result['torn_tail_bytes']} bytes of a torn last entry (a crash mid-append) follow the last "
+                  "whole entry; the next append cuts them off and records it.")
+    return 0
+
+
+@command("audit report")
+def _audit_report(args) -> int:
+    from . import audit
+    from .workspace import write_atomic
+
+    text = audit.report(since=args.since, until=args.until, fmt=args.format)
+    if args.out:
+        write_atomic(Path(args.out).expanduser(), text.encode("utf-8"))
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+@command("verify")
+def _verify(args) -> int:
+    from . import provenance, signing
+
+    public = signing.load_public(Path(args.pubkey)) if args.pubkey else None
+    result = provenance.verify(Path(args.path), public)
+    if args.json:
+        _print_json(result)
+    else:
+        marks = {"ok": "ok    ", "bad": "BAD   ", "absent": "absent"}
+        for item in result["lineage"]:
+            label = f"{item['role']}: {item['kind'] or ''} {item['id'] or ''}".strip()
+            print(f"{marks[item['status']]} {label}" + (f"\n       {item['problem']}" if item["problem"] else ""))
+        print(f"signed by {result['key'][:16]}...")
+    if not result["ok"]:
+        bad = next(i for i in result["lineage"] if i["status"] == "bad")
+        print(f"error: {bad['problem']}", file=sys.stderr)
+        return 3
+    return 0
+
+
+
+@command("bundle")
+def _bundle(args) -> int:
+    from . import bundle
+    from .errors import InvalidInput
+
+    if args.run == "verify":
+        if not args.dir:
+            raise InvalidInput("name the bundle folder: `appliance bundle verify DIR`.")
+        return _bundle_verify(args)
+    if not args.out:
+        raise InvalidInput(f"name a new folder for the bundle: `appliance bundle {args.run} --out DIR`.")
+    from .render import reporter
+
+    result = bundle.create(args.run, Path(args.out), quant=args.quant, emit=reporter(args.json))
+    _print_json(result) if args.json else print(
+        f"bundle written to {result['path']} ({result['model']}, {result['bytes'] / 2**20:.0f} MiB), "
+        f"signed by {result['key'][:16]}...\non the edge box: appliance bundle verify DIR --fingerprint {result['key']}")
+    return 0
+
+
+def _bundle_verify(args) -> int:
+    from . import bundle, signing
+    from .errors import CheckFailed, InvalidInput
+
+    if args.fingerprint and args.pubkey:
+        raise InvalidInput("give --pubkey or --fingerprint, not both.")
+    public = signing.load_public(Path(args.pubkey)) if args.pubkey else None
+    if args.fingerprint:
+        bundled = signing.load_public(Path(args.dir) / bundle.PUBKEY)
+        if signing.fingerprint(bundled) != args.fingerprint.strip().lower():
+            raise CheckFailed(f"the bundle's key {signing.fingerprint(bundled)[:16]}... is not the trusted fingerprint "
+                              f"{args.fingerprint[:16]}...; do not use this bundle.")
+        public = bundled
+    result = bundle.verify_bundle(Path(args.dir), public)
+    if args.json:
+        _print_json(result)
+        return 0
+    for item in result["lineage"]:
+        print(f"{'ok    ' if item['status'] == 'ok' else 'absent'} {item['kind']} {item['id']}")
+    print(f"bundle intact: {result['model']}, signed by {result['key']}")
+    if not result["trusted_key"]:
+        print("warning: checked against the key inside the bundle; pass --fingerprint or --pubkey with the appliance's "
+              "key, obtained out of band, to prove where it came from.", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,38 @@ class HandedKeys:
         return self._keys[dataset_id]
 
 
+def show(name: str, split: str, n: int) -> list[dict]:
+    """Decrypt the first ``n`` records of a split (or the import report, split "report") for a person to read."""
+    import itertools
+
+    from . import audit
+    from .vault import store
+
+    records = list(itertools.islice(store.read(vault(), name, split), max(n, 0)))
+    audit.record("dataset.show", {"dataset": name}, {"split": split, "records": len(records)})
+    return records
+
+
+def export_plain(name: str, splits: list[str], out: Path) -> int:
+    """Write a dataset's records as plaintext JSONL to ``out``, a new file the user named; return the count."""
+    from . import audit
+    from .vault import store
+    from .workspace import atomic_writer
+
+    out = Path(out).expanduser()
+    if out.exists():
+        raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
+    key = vault()
+    n = 0
+    with atomic_writer(out) as f:
+        for split in splits:
+            for record in store.read(key, name, split):
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                n += 1
+    audit.record("dataset.export", {"dataset": name}, {"splits": splits, "records": n, "out": str(out.resolve())})
+    return n
+
+
 def is_encrypted(dataset: Path) -> bool:
     from .vault import store
 

@@ -38,10 +38,12 @@ _FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "
 
 
 def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) -> dict:
+    from . import signing
     from .merge import merge, merged_dir
 
     run = runs.run_dir(run_id)
     recipe = runs.load_recipe(run_id)
+    signing.ensure()
     quants = quants or list(recipe.export.quant)
     for q in quants:
         if q not in QUANTS:
@@ -84,13 +86,20 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
         "parity": parity,
     }
     write_json(run / "export.json", result)
+    from . import audit
+
+    audit.record("export", {"run": run_id}, {"quants": list(files), "top1_agreement": agreement,
+                                             "template_conversations": parity["template_conversations"]})
     emit(Event("finished", STAGE, f"exported {', '.join(files)}", result))
     return result
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
     """HF folder -> GGUF with llama.cpp's own converter, offline, in a child process."""
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    # `python -m convert_hf_to_gguf` under the egress guard: the converter never imports appliance itself.
+    from .airgap import module_command
+
+    cmd = module_command("convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", outtype)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0 or not outfile.is_file():
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -153,6 +153,9 @@ def ask(model: str, prompt: str, system: str | None = None, max_tokens: int = 25
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     with load(path, threads=threads) as llm:
         result = generate(llm, tokenize(llm, render(llm, messages, True)), max_tokens, temperature, on_text=on_text)
+    from . import audit
+
+    audit.record("ask", {"model": str(path)}, {k: result[k] for k in ("prompt_tokens", "completion_tokens", "seconds")})
     return {"model": str(path), **result}
 
 
@@ -172,6 +175,10 @@ class Chat:
 
     def __exit__(self, *exc) -> None:
         self._cm.__exit__(*exc)
+        from . import audit
+
+        turns = sum(1 for m in self.messages if m["role"] == "user")
+        audit.record("chat", {"model": str(self.model_path)}, {"turns": turns})
 
     def say(self, text: str, on_text: Callable[[str], None] | None = None) -> dict:
         self.messages.append({"role": "user", "content": text})

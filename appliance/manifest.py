@@ -1,23 +1,30 @@
-"""Artifact manifests: what a folder holds and where it came from.
+"""Artifact manifests: what a folder holds and where it came from, signed.
 
-``manifest.json`` lists the sha256 of every file in the artifact's folder
-(except itself), the ids of the artifacts it was made from, and the appliance
-version. ``verify`` recomputes the hashes. Signatures arrive with the audit
-issue; the layout leaves room for them.
+``manifest.json`` (format in docs/provenance-format.md) lists the sha256 of
+every file of the artifact (all files of its folder but itself, or the files
+named when it is written), the ids of the artifacts it was made from and the
+sha256 of their manifests (so a parent cannot be swapped afterwards), the
+appliance version, a hardware summary and the kind's own details; it is signed
+with the appliance's Ed25519 key (``appliance.signing``). ``appliance.provenance``
+checks a manifest and walks its lineage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import CheckFailed
+from . import __version__, signing
+from .errors import CheckFailed, InvalidInput
 from .workspace import read_json, write_json
 
 NAME = "manifest.json"
+DOMAIN = "appliance-manifest/1"
+FORMAT = "appliance-manifest/1"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -28,39 +35,113 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != NAME
-    }
+def file_hashes(root: Path, names: list[str] | None = None) -> dict[str, str]:
+    paths = [root / n for n in names] if names is not None else sorted(root.rglob("*"))
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths if p.is_file() and p.name != NAME}
 
 
-def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | None = None, **details: Any) -> dict:
+def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | None = None,
+          files: list[str] | None = None, **details: Any) -> dict:
+    """Write and sign ``root/manifest.json``; unlocks the vault first if this process cannot sign yet."""
+    from .provenance import locate
+
+    signing.ensure()
+    parents = parents or {}
+    bound = {}
+    for role, pid in parents.items():
+        where = locate(role, pid)
+        if where is not None and (where / NAME).is_file():
+            bound[role] = sha256_file(where / NAME)
     manifest = {
+        "format": FORMAT,
         "kind": kind,
         "id": artifact_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "appliance_version": __version__,
-        "parents": parents or {},
-        "files": file_hashes(root),
+        "hardware": hardware_summary(),
+        "parents": parents,
+        "parent_manifests": bound,
+        "files": file_hashes(root, files),
         "details": details,
     }
+    manifest["signature"] = signing.sign(DOMAIN, manifest)
     write_json(root / NAME, manifest)
     return manifest
 
 
 def read(root: Path) -> dict:
-    return read_json(root / NAME)
+    path = root / NAME
+    if not path.is_file():
+        raise InvalidInput(f"{root} has no {NAME}; it is not an appliance artifact.")
+    try:
+        return read_json(path)
+    except ValueError:
+        raise CheckFailed(f"{path} is not valid JSON; the manifest was damaged or edited.") from None
 
 
-def verify(root: Path) -> dict:
-    """Recompute every hash; raise CheckFailed naming the first mismatch."""
+def verify(root: Path, public_raw: bytes | None = None) -> dict:
+    """Check the signature and recompute every hash; raise CheckFailed naming the first problem."""
     manifest = read(root)
-    actual = file_hashes(root)
+    path = root / NAME
+    public_raw = public_raw or signing.workspace_public()
+    if public_raw is None:
+        raise CheckFailed(f"cannot check the signature of {path}: no trusted public key here; pass --pubkey with the "
+                          "appliance's signing-key.pub.")
+    if not isinstance(manifest, dict) or "signature" not in manifest:
+        raise CheckFailed(f"{path} is not signed; it was not written by a current appliance or its signature was removed.")
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    signing.check(DOMAIN, body, manifest["signature"], public_raw, str(path))
+    actual_names = [rel for rel in file_hashes(root)]
     for rel, digest in manifest["files"].items():
-        if rel not in actual:
-            raise CheckFailed(f"{root / rel} is listed in {root / NAME} but missing; the artifact is incomplete.")
-        if actual[rel] != digest:
-            raise CheckFailed(f"{root / rel} does not match its sha256 in {root / NAME}; the file was changed or damaged.")
+        file = root / rel
+        if not file.is_file():
+            raise CheckFailed(f"{file} is listed in {path} but missing; the artifact is incomplete.")
+        if sha256_file(file) != digest:
+            raise CheckFailed(f"{file} does not match its sha256 in {path}; the file was changed or damaged.")
+    if manifest.get("kind") in WHOLE_FOLDER_KINDS:
+        extra = sorted(set(actual_names) - set(manifest["files"]))
+        if extra:
+            raise CheckFailed(f"{root / extra[0]} is not listed in {path}; a file was added to the artifact.")
     return manifest
+
+
+# Kinds whose manifest covers every file of their folder (a run's folder also holds live files: events, checkpoints).
+WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "merged-model", "gguf", "bundle")
+
+
+def hardware_summary() -> dict:
+    """What the artifact was made on, cheaply: CPU, cores, RAM, and NVIDIA GPUs if NVML answers."""
+    summary: dict[str, Any] = {"machine": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count()}
+    try:
+        import psutil
+
+        summary["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    summary["gpus"] = _gpus()
+    return summary
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver: a CPU machine
+        return []
+    try:
+        return [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()

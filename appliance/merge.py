@@ -26,12 +26,14 @@ def merged_dir(run_id: str) -> Path:
 
 
 def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
+    from . import signing
     from .models import model_dir
 
     run = runs.run_dir(run_id)
     adapter = run / "adapter"
     if not (adapter / manifest.NAME).is_file():
         raise NotFound(f"run {run_id} has no trained adapter in {adapter}; finish or resume its training first.")
+    signing.ensure()  # before the work: the merged model's manifest is signed
     recipe = runs.load_recipe(run_id)
     base = model_dir(recipe.base_model)
     save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
@@ -57,11 +59,15 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
     with staging(out, replace=True) as tmp:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"run": run_id, "base_model": recipe.base_model},
+        manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"adapter": f"{run_id}/adapter", "base_model": recipe.base_model},
                        dtype=save_dtype, max_abs_logit_diff=diff)
     result = {"path": str(out), "dtype": save_dtype, "max_abs_logit_diff": diff, "positions": int(mask.sum()),
               "prompts": batch["input_ids"].shape[0]}
     write_json(run / "merge.json", result)
+    from . import audit
+
+    audit.record("merge", {"run": run_id, "base_model": recipe.base_model},
+                 {"dtype": save_dtype, "max_abs_logit_diff": diff})
     emit(Event("finished", STAGE, f"merged; max |logit diff| vs base+adapter {diff:.2e}", result))
     return result
 

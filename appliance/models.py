@@ -51,6 +51,16 @@ def list_models() -> list[dict]:
 
 def import_model(path: str | Path, name: str | None = None, dtype: str = "bfloat16", emit: Emit = ignore) -> dict:
     """Import ``path`` (a .gguf file or an HF folder); return the new model's manifest."""
+    from . import audit, signing
+
+    signing.ensure()  # before the work: the model's manifest is signed
+    m = _import_model(path, name, dtype, emit)
+
+    audit.record("model.import", {"model": m["id"]}, {"source": m["details"].get("source"), "files": len(m["files"])})
+    return m
+
+
+def _import_model(path, name, dtype, emit) -> dict:
     src = Path(path).expanduser()
     if not src.exists():
         raise NotFound(f"{src} does not exist; give the path of a .gguf file or of a Hugging Face model folder.")

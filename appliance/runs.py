@@ -69,28 +69,31 @@ def start(run_id: str, resume: bool = False) -> int:
     cmd = [sys.executable, "-m", "appliance._train_worker", str(path)]
     if resume:
         cmd.append("--resume")
-    # An encrypted dataset's key goes to the worker through a pipe it inherits: never on disk, never in its
-    # environment or command line, and no passphrase needed by a process that has no terminal.
-    from . import data
+    # An encrypted dataset's key and the appliance's signing key (for the run's manifests and audit
+    # checkpoints) go to the worker through a pipe it inherits: never on disk, never in its environment or
+    # command line, and no passphrase needed by a process that has no terminal.
+    import json
 
-    keys = data.data_keys(load_recipe(run_id).dataset_path())
-    read_end = write_end = None
-    if keys:
-        read_end, write_end = os.pipe()
-        cmd += ["--keys-fd", str(read_end)]
+    from . import audit, data, signing
+
+    recipe = load_recipe(run_id)
+    signing.ensure()
+    handed = {"datasets": {k: v.hex() for k, v in data.data_keys(recipe.dataset_path()).items()},
+              "signing": signing.private_raw().hex()}
+    read_end, write_end = os.pipe()
+    cmd += ["--keys-fd", str(read_end)]
     with open(path / "worker.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                pass_fds=(read_end,) if keys else ())
-    if keys:
-        import json
-
-        os.close(read_end)
-        with os.fdopen(write_end, "wb") as w:
-            w.write(json.dumps({k: v.hex() for k, v in keys.items()}).encode())
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, pass_fds=(read_end,))
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as w:
+        w.write(json.dumps(handed).encode())
     info = read_json(path / "run.json")
     info["pid"] = proc.pid
     write_json(path / "run.json", info)
+    audit.record("train.resume" if resume else "train.start",
+                 {"run": run_id, "dataset": recipe.dataset_path().name, "base_model": recipe.base_model},
+                 {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "pid": proc.pid})
     return proc.pid
 
 
@@ -168,6 +171,9 @@ def stop(run_id: str) -> bool:
         return False
     pid = read_json(run_dir(run_id) / "run.json")["pid"]
     os.kill(pid, signal.SIGTERM)
+    from . import audit
+
+    audit.record("train.stop", {"run": run_id}, {"pid": pid})
     return True
 
 

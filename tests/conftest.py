@@ -20,11 +20,44 @@ ROOT = Path(__file__).resolve().parents[1]
 APPLIANCE = [sys.executable, "-m", "appliance.cli"]
 
 
+PASSPHRASE = "correct horse"
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
+    """An empty workspace (no vault yet); APPLIANCE_PASSPHRASE_FILE holds PASSPHRASE for when one is created."""
+    from appliance import data, signing
+
     h = tmp_path / "home"
     monkeypatch.setenv("APPLIANCE_HOME", str(h))
-    return h
+    pw = tmp_path / "passphrase"
+    pw.write_text(PASSPHRASE)
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE_FILE", str(pw))
+    # Unlocked state is per process and per workspace: never carry one test's keys into the next.
+    signing.use(None)
+    data.use_vault(None)
+    yield h
+    signing.use(None)
+    data.use_vault(None)
+
+
+def init_vault():
+    """Create the workspace's vault (PBKDF2, the fastest KDF to open) and keep it unlocked in this process.
+
+    Anything that makes an artifact needs one: the appliance signs every manifest with the key its vault keeps.
+    A test module whose tests all make artifacts overrides ``home`` with ``init_vault(); return home``."""
+    from appliance import data
+    from appliance.vault import keyring
+
+    vault = keyring.init(PASSPHRASE, kdf="pbkdf2-sha256")
+    data.use_vault(vault)
+    return vault
+
+
+@pytest.fixture
+def vault_home(home) -> Path:
+    init_vault()
+    return home
 
 
 def run_cli(*args: str, home: Path, check: bool = True, env: dict | None = None, timeout: int = 900,

@@ -67,7 +67,7 @@ def test_write_atomic_replaces_whole_file(tmp_path):
     assert p.read_text() == "two" and os.listdir(tmp_path) == ["f.json"]
 
 
-def test_manifest_detects_changed_and_missing_files(tmp_path):
+def test_manifest_detects_changed_and_missing_files(vault_home, tmp_path):
     (tmp_path / "w.bin").write_bytes(b"weights")
     (tmp_path / "c.json").write_text("{}")
     manifest.write(tmp_path, "model", "m")

@@ -214,3 +214,86 @@ def test_cli_import_list_show_export_rm(home, tmp_path):
     assert not store.dataset_dir("d").exists()
     gone = run_cli("data", "show", "d", home=home, env=env, check=False)
     assert gone.returncode == 2 and "no dataset named 'd'" in gone.stderr
+
+
+# -- near-duplicate estimator (one-permutation MinHash, appliance/importer/minhash.py) ------------------------
+
+def _pair_with_jaccard(rng, shingles: int, jaccard: float) -> tuple[str, str, float]:
+    """Two texts of distinct random words whose word 3-gram sets have about the given Jaccard similarity.
+
+    B is A with its last k words replaced: they share m-k of their m = n-2 3-grams each, J = (m-k)/(m+k).
+    Returns the texts and their exact J.
+    """
+    n = shingles + 2
+    words = [f"w{rng.getrandbits(40):x}" for _ in range(2 * n)]
+    m = n - 2
+    k = max(1, round(m * (1 - jaccard) / (1 + jaccard))) if jaccard < 1 else 0
+    return " ".join(words[:n]), " ".join(words[:n - k] + words[n:n + k]), (m - k) / (m + k)
+
+
+@pytest.mark.parametrize("jaccard", [0.95, 0.9, 0.8, 0.5])
+@pytest.mark.parametrize("shingles", [200, 40])
+def test_minhash_lsh_flags_pairs_as_often_as_minhash_should(jaccard, shingles):
+    """With datasketch's banding for threshold 0.9 (b=5 bands of r=25 values), a pair with Jaccard J is flagged
+    with probability 1-(1-J^r)^b when the signature's values are independent and each equal with probability
+    J: 0.80 at J=0.95, 0.31 at 0.9, 0.02 at 0.8, ~0 at 0.5 (what the classic 128-permutation MinHash gives).
+    Our one-permutation signatures must flag as often, within 4.5 standard deviations of the binomial, for
+    typical records (~200 shingles) and short ones (40 shingles, mostly densified bins); and unrelated texts
+    must never collide."""
+    import math
+    import random
+
+    from appliance.importer import _Clock, _NearDuplicates
+
+    rng = random.Random(f"{jaccard}-{shingles}")
+    trials = 300
+    near = _NearDuplicates(0.9, _Clock())
+    b, r = near.lsh.b, near.lsh.r
+    expected = 0.0
+    for t in range(trials):
+        a, b_text, exact = _pair_with_jaccard(rng, shingles, jaccard)
+        expected += 1 - (1 - exact ** r) ** b
+        near.add(2 * t, f"a:{t}", a)
+        near.add(2 * t + 1, f"b:{t}", b_text)
+    near.flush()
+    pairs = sum(1 for i, (_, detail) in near.duplicates.items() if i % 2 and detail.endswith(f"a:{i // 2}"))
+    assert len(near.duplicates) == pairs  # no collision between unrelated texts
+    p = expected / trials
+    sigma = math.sqrt(trials * p * (1 - p))
+    assert abs(pairs - expected) <= 4.5 * sigma + 2, (pairs, expected)
+
+
+def test_signatures_estimate_jaccard_without_bias():
+    """Each of the 128 values of two signatures is equal with probability J: the fraction equal estimates J."""
+    import random
+
+    import numpy as np
+
+    from appliance.importer import minhash
+
+    rng = random.Random(3)
+    for jaccard in (0.9, 0.5, 0.2):
+        estimates = []
+        for _ in range(100):
+            a, b, exact = _pair_with_jaccard(rng, 150, jaccard)
+            sa, sb = minhash.signatures([a, b])
+            estimates.append(float(np.mean(sa == sb)) - exact)
+        assert abs(np.mean(estimates)) < 0.02, (jaccard, np.mean(estimates))
+
+
+def test_signatures_do_not_depend_on_the_batch_or_on_long_words():
+    from appliance.importer import minhash
+
+    texts = ["Hello  World\tfoo bar baz", "héllo wörld\u00a0foo bar", "x " * 5000, "z" * 3000, "one", "", "a b"]
+    together = minhash.signatures(texts)
+    for k, text in enumerate(texts):
+        assert (minhash.signatures([text])[0] == together[k]).all()
+    assert (minhash.signatures(["hello world foo\n bar baz"])[0] == together[0]).all()  # case, whitespace
+    data = " ".join(["word"] * 2000 + ["y" * 5000] + ["tail"] * 3).encode()
+    whole = minhash.word_hashes(data)
+    segment, minhash.SEGMENT = minhash.SEGMENT, 1000
+    try:
+        pieces = minhash.word_hashes(data)
+    finally:
+        minhash.SEGMENT = segment
+    assert (whole[0] == pieces[0]).all() and (whole[1] == pieces[1]).all()

@@ -3,8 +3,15 @@
 import json
 import shutil
 
+import pytest
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, init_vault, run_cli
+
+
+@pytest.fixture
+def home(home):
+    init_vault()  # imported models get a signed manifest: the signing key lives in the vault
+    return home
 
 
 def test_import_hf_folder_writes_manifest_and_lists(home, tiny_model_dir):

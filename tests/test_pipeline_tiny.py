@@ -11,7 +11,8 @@ from conftest import cli_json, run_cli, write_recipe
 
 
 @pytest.fixture
-def tiny_home(home, tiny_model_dir):
+def tiny_home(vault_home, tiny_model_dir):
+    home = vault_home
     run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
     return home
 
@@ -90,6 +91,49 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     assert shown["merge"]["max_abs_logit_diff"] == merged["max_abs_logit_diff"]
     assert shown["export"]["parity"]["top1_agreement"] == parity["top1_agreement"]
 
+    # Provenance: the GGUF's lineage back to the base model verifies (the plain-folder dataset is outside
+    # the workspace, so the walk stops there), and the audit log has every stage.
+    lineage = cli_json("verify", str(run / "gguf"), home=home)
+    assert lineage["ok"]
+    assert {(i["role"], i["status"]) for i in lineage["lineage"]} >= {
+        ("artifact", "ok"), ("merged", "ok"), ("adapter", "ok"), ("run", "ok"), ("base_model", "ok"), ("dataset", "absent")}
+    from appliance import audit
+
+    assert {"model.import", "train.start", "train.finish", "merge", "export", "ask", "chat"} <= {
+        e["event"] for e in audit.entries()}
+    assert audit.verify()["unsigned_tail"] == 0  # the training child signed its entries with the handed key
+
+    # The edge bundle verifies on a machine with no workspace and no vault, and any changed byte is caught.
+    out = tmp_path / "edge"
+    made = cli_json("bundle", run_id, "--out", str(out), "--quant", "q8_0", home=home)
+    assert {"model-q8_0.gguf", "chat_template.jinja", "Modelfile", "MODEL_CARD.md", "SHA256SUMS", "manifest.json",
+            "signing-key.pub", "generation.json", "provenance"} == set(made["files"])
+    assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
+    elsewhere = {"APPLIANCE_HOME": str(tmp_path / "edge-box-home"), "APPLIANCE_PASSPHRASE_FILE": ""}
+    ok = cli_json("bundle", "verify", str(out), "--fingerprint", made["key"], home=home, env=elsewhere)
+    assert ok["trusted_key"] and [i["kind"] for i in ok["lineage"]][:3] == ["bundle", "gguf", "merged-model"]
+    assert not (tmp_path / "edge-box-home").exists()
+    from appliance.bundle import verify_bundle
+
+    for file in sorted(p for p in out.rglob("*") if p.is_file()):  # any changed byte of any file is caught
+        original = file.read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 1
+        file.write_bytes(bytes(changed))
+        with pytest.raises(CheckFailed):
+            verify_bundle(out)
+        file.write_bytes(original)
+    (out / "extra.txt").write_text("added")
+    with pytest.raises(CheckFailed, match="a file was added"):
+        verify_bundle(out)
+    (out / "extra.txt").unlink()
+    assert verify_bundle(out)["ok"]
+    blob = bytearray((out / "model-q8_0.gguf").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (out / "model-q8_0.gguf").write_bytes(bytes(blob))
+    bad = run_cli("bundle", "verify", str(out), home=home, env=elsewhere, check=False)
+    assert bad.returncode == 3 and "model-q8_0.gguf does not match its sha256 in SHA256SUMS" in bad.stderr
+
 
 def _wait_for(predicate, timeout=300, what="condition"):
     deadline = time.time() + timeout
@@ -152,7 +196,7 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
 
     home = tiny_home
     canary = f"CANARY-{secrets.token_hex(8)}"  # made at run time, so no source file or log of the test holds it
-    vault = keyring.init("correct horse")
+    vault = keyring.unlock("correct horse")
     parts = splits(train=48, validation=8)
     for part in parts.values():
         for r in part:

@@ -98,3 +98,40 @@ def test_remove_crypto_shreds(vault, home):
         list(store.read(vault, "ds", "train"))
     with pytest.raises(NotFound):
         store.remove(vault, "ds")
+
+
+def _in_a_terminal(args, home, answer: bytes) -> tuple[int, str]:
+    """Run the real CLI with a pseudo-terminal as its stdin/stdout, answer its question, return (exit, screen)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", *args], stdin=secondary, stdout=secondary,
+                            stderr=secondary, env={**os.environ, "APPLIANCE_HOME": str(home)}, close_fds=True)
+    os.close(secondary)
+    screen, deadline = b"", time.time() + 60
+    while b"[y/N]" not in screen and time.time() < deadline:
+        screen += os.read(primary, 1024)
+    os.write(primary, answer)
+    code = proc.wait(timeout=60)
+    try:
+        while chunk := os.read(primary, 1024):
+            screen += chunk
+    except OSError:  # the terminal closes with the process
+        pass
+    os.close(primary)
+    return code, screen.decode(errors="replace")
+
+
+def test_rm_asks_for_confirmation_in_a_terminal(vault, home):
+    store.write(vault, "keep", {"train": _records(2)})
+    code, screen = _in_a_terminal(["data", "rm", "keep"], home, b"n\n")
+    assert "crypto-shred dataset 'keep'? its key is destroyed and cannot be recovered [y/N]" in screen
+    assert code == 1 and "nothing removed" in screen
+    assert (home / "datasets" / "keep").is_dir() and "keep" in keyring.load()["keys"]
+    code, screen = _in_a_terminal(["data", "rm", "keep"], home, b"y\n")
+    assert code == 0 and "keep: key destroyed, files removed" in screen
+    assert not (home / "datasets" / "keep").exists() and "keep" not in keyring.load()["keys"]

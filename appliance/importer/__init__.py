@@ -1,16 +1,17 @@
 """Dataset import: a user's file -> validated, cleaned, split, encrypted dataset in the vault.
 
-Three streaming passes over the source file (memory grows with the number of
-records' hashes and MinHash signatures, never with their text):
+Two streaming passes over the source file, a third only when needed (memory grows with the number of
+records' hashes and their entries in the LSH index, never with their text):
 
-1. read, normalize and validate every record (each rejection names the file,
-   line and field); exact duplicates (sha256 of the canonical record);
-   examples under ``min_tokens``; the answers given to each prompt;
-2. drop every record whose prompt got different answers; near-duplicates by
-   MinHash LSH (datasketch) over word 3-grams at Jaccard >= ``near_dup``,
-   keeping the first of each cluster (linear: one LSH query and insert a record);
-3. split the survivors deterministically (a seeded hash decides, 9:1 by
-   default) and encrypt them into the vault with the report.
+1. read, normalize and validate every record (each rejection names the file, line and field); exact
+   duplicates (sha256 of the canonical record); examples under ``min_tokens``; the answer given to each
+   prompt; near-duplicates among the records accepted so far, by MinHash LSH over word 3-grams at Jaccard
+   >= ``near_dup`` (one-permutation signatures, minhash.py, in datasketch's MinHashLSH), keeping the first
+   of each cluster;
+2. drop every record whose prompt got different answers; only if there are any, read the file again to
+   redo the near-duplicate search without them (one of them may have been kept as a cluster's first);
+3. split the survivors deterministically (a seeded hash decides, 9:1 by default) and encrypt them into
+   the vault with the report.
 
 If anything fails before the dataset is published, nothing is left: no folder,
 no key. The report (counts per reason, up to three examples of each) is printed
@@ -20,6 +21,7 @@ and stored encrypted with the dataset, since its examples quote the data.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from ..errors import InvalidInput
 from ..manifest import sha256_file
 from ..events import Emit, Event, ignore
-from . import formats, readers
+from . import formats, minhash, readers
 
 STAGE = "import"
 DETECT_SAMPLE = 50
@@ -65,9 +67,13 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     where: dict[int, str] = {}
     salvage_info = readers.Salvage()
 
-    # Pass 1: validate, exact duplicates, short examples, answers per prompt.
+    # Pass 1: validate, exact duplicates, short examples, answers per prompt; near-duplicates among the records
+    # accepted so far (final unless some prompt turns out to have conflicting answers, see pass 2).
     seen: set[bytes] = set()
-    answers: dict[bytes, set[bytes]] = defaultdict(set)
+    answers: dict[bytes, bytes] = {}  # prompt digest -> the first answer's digest
+    conflicting: set[bytes] = set()
+    accepted: list[tuple[int, bytes, bytes]] = []  # (index, prompt digest, record digest)
+    near = _NearDuplicates(near_dup, clock)
     total = 0
     for i, item in enumerate(clock.timed("parse", readers.read(path, salvage, salvage_info))):
         total += 1
@@ -84,47 +90,46 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
             rejected[i], where[i] = ("exact_duplicate", "", "identical to an earlier record"), item.where
             continue
         seen.add(digest)
-        if count_tokens(formats.all_text(record)) < min_tokens:
+        prompt, answer = formats.prompt_and_answer(record)
+        text = formats.all_text(record)
+        if not _has_tokens(text, min_tokens):
             rejected[i], where[i] = ("too_short", "", f"fewer than {min_tokens} tokens"), item.where
             continue
-        prompt, answer = formats.prompt_and_answer(record)
-        answers[_digest(prompt)].add(hashlib.sha256(answer.encode()).digest())
+        prompt_digest = _prompt_digest(prompt)
+        answer_digest = hashlib.sha256(answer.encode()).digest()
+        if answers.setdefault(prompt_digest, answer_digest) != answer_digest:
+            conflicting.add(prompt_digest)
+        accepted.append((i, prompt_digest, digest))
         clock.add("validate", time.perf_counter() - started)
+        near.add(i, item.where, text)
         if total % 10000 == 0:
             emit(Event("progress", STAGE, "", {"pass": 1, "records": total}))
-    del seen
-    conflicting = {p for p, a in answers.items() if len(a) > 1}
-    del answers
+    near.flush()
+    del seen, answers
 
-    # Pass 2: conflicts and near-duplicates; the survivors' digests decide the split.
-    from datasketch import MinHash, MinHashLSH
-
-    # 128 permutations support thresholds up to 0.98 (LSH needs at least two bands); 1.0 turns the check off.
-    lsh = MinHashLSH(threshold=near_dup, num_perm=128) if near_dup < 1.0 else None
-    # Permutations drawn once and shared: a MinHash otherwise redraws them from its seed, 40% of the time.
-    template = MinHash(num_perm=128, seed=1)
-    permutations, scheme = template.permutations, template.scheme
+    # Pass 2: drop every record whose prompt got different answers. Pass 1's near-duplicate search saw those
+    # records too (one of them may have been kept as the first of a cluster), so when there are any, the search
+    # runs again over the file without them; without conflicts (the usual case) this pass reads nothing.
     survivors: list[tuple[int, bytes]] = []
-    kept_where: dict[int, str] = {}
-    for i, record, item in _accepted(path, fmt, salvage, rejected, clock):
-        started = time.perf_counter()
-        if _digest(formats.prompt_and_answer(record)[0]) in conflicting:
-            rejected[i], where[i] = ("conflicting_answers", "", "another record gives this prompt a different answer"), item.where
-            continue
-        if lsh is not None:
-            mh = MinHash(num_perm=128, seed=1, hashfunc=int, permutations=permutations, scheme=scheme)
-            mh.update_batch(_shingles(formats.all_text(record)))
-            similar = lsh.query(mh)
-            if similar:
-                rejected[i], where[i] = ("near_duplicate", "", f"similar to the record at {kept_where[similar[0]]}"), item.where
+    for i, prompt_digest, digest in accepted:
+        if prompt_digest in conflicting:
+            rejected[i], where[i] = ("conflicting_answers", "", "another record gives this prompt a different answer"), None
+        else:
+            survivors.append((i, digest))
+    del accepted
+    if conflicting:
+        near = _NearDuplicates(near_dup, clock)
+        for i, item in enumerate(clock.timed("parse", readers.read(path, salvage))):
+            if i in rejected:
+                if where[i] is None:  # a conflicting record: where it is, for the report
+                    where[i] = item.where
                 continue
-            lsh.insert(i, mh)
-            kept_where[i] = item.where
-        survivors.append((i, _digest(record)))
-        clock.add("near_duplicates", time.perf_counter() - started)
-        if len(survivors) % 10000 == 0:
-            emit(Event("progress", STAGE, "", {"pass": 2, "records": len(survivors)}))
-    del lsh, kept_where
+            near.add(i, item.where, formats.all_text(formats.normalize(fmt, item.value)))
+        near.flush()
+    for i, (at, detail) in near.duplicates.items():
+        rejected[i], where[i] = ("near_duplicate", "", detail), at
+    survivors = [s for s in survivors if s[0] not in near.duplicates]
+    del near
     if not survivors:
         raise InvalidInput(f"no record of {path} survived validation and cleaning "
                            f"({_summary(rejected)}); nothing was imported.")
@@ -144,6 +149,12 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
         ds.details.update(source=path.name, source_sha256=sha256_file(path), record_format=fmt,
                           records_kind="preference" if formats.is_preference(fmt) else "conversation")
     report["seconds"] = clock.seconds  # stored with the dataset before this line, so only returned
+    from .. import audit
+
+    audit.record("dataset.import", {"dataset": name},
+                 {"source": path.name, "source_sha256": ds.details["source_sha256"], "format": fmt,
+                  "records_read": total, "imported": report["imported"],
+                  "rejected": sum(report["rejected"].values())})
     emit(Event("finished", STAGE, f"imported {len(survivors)} of {total} records", report))
     return {**report, "examples": examples, "dataset": name}
 
@@ -196,25 +207,67 @@ class _Clock:
             yield item
 
 
+class _NearDuplicates:
+    """Near-duplicate search in file order: MinHash signatures (minhash.py, a batch of records at a time) in a
+    datasketch MinHashLSH index; a record similar to one kept before it is a near-duplicate, else it is kept."""
+
+    BATCH_RECORDS, BATCH_CHARS = 256, 1 << 19
+
+    def __init__(self, threshold: float, clock: "_Clock"):
+        from datasketch import MinHashLSH
+
+        # 128 permutations support thresholds up to 0.98 (LSH needs at least two bands); 1.0 turns the check off.
+        # Band keys are stored as Python hashes of the band's bytes (the index lives in this process only):
+        # 1.7 KB of index a kept record instead of 2.2 KB with the bytes themselves as keys.
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=minhash.NUM_PERM, hashfunc=hash) if threshold < 1.0 else None
+        self.clock = clock
+        self.pending: list[tuple[int, str]] = []
+        self.texts: list[str] = []
+        self.chars = 0
+        self.kept_where: dict[int, str] = {}
+        self.duplicates: dict[int, tuple[str, str]] = {}  # index -> (where, detail)
+
+    def add(self, i: int, where: str, text: str) -> None:
+        if self.lsh is None:
+            return
+        self.pending.append((i, where))
+        self.texts.append(text)
+        self.chars += len(text)
+        if len(self.texts) >= self.BATCH_RECORDS or self.chars >= self.BATCH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        from datasketch import LeanMinHash
+
+        started = time.perf_counter()
+        signatures = minhash.signatures(self.texts)
+        for (i, where), hashvalues in zip(self.pending, signatures):
+            # The scheme label only guards against mixing schemes in one index; this one only sees ours.
+            mh = LeanMinHash(seed=1, hashvalues=hashvalues, scheme="affine32")
+            similar = self.lsh.query(mh)
+            if similar:
+                self.duplicates[i] = (where, f"similar to the record at {self.kept_where[min(similar)]}")
+            else:
+                self.lsh.insert(i, mh, check_duplication=False)
+                self.kept_where[i] = where
+        self.pending, self.texts, self.chars = [], [], 0
+        self.clock.add("near_duplicates", time.perf_counter() - started)
+
+
+def _has_tokens(text: str, n: int) -> bool:
+    """``count_tokens(text) >= n``, without tokenizing more than the first n tokens of a long text."""
+    return sum(1 for _ in itertools.islice(_TOKEN.finditer(text), n)) >= n
+
+
+def _prompt_digest(prompt: list[dict]) -> bytes:
+    """Groups records by prompt within one import (normalize builds every turn with the same key order)."""
+    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).digest()
+
+
 def _digest(obj) -> bytes:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).digest()
-
-
-def _shingles(text: str):
-    """32-bit hashes of the word 3-grams of ``text`` (lower-cased), computed with numpy.
-
-    Each word is hashed once (CRC-32, deterministic across runs, unlike ``hash``), and a 3-gram's hash mixes
-    its three word hashes; hashing 3-gram strings one by one in Python was most of an import's time.
-    """
-    import zlib
-
-    import numpy as np
-
-    words = text.lower().split() or [""]
-    h = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
-    if len(h) >= 3:
-        h = (h[:-2] * np.uint64(0x9E3779B1)) ^ (h[1:-1] * np.uint64(0x85EBCA77)) ^ (h[2:] * np.uint64(0xC2B2AE3D))
-    return (h & np.uint64(0xFFFFFFFF)).tolist()
 
 
 def _split(survivors: list[tuple[int, bytes]], val_ratio: float, seed: int) -> set[int]:

@@ -6,6 +6,7 @@
      "kdf": {"name": "scrypt", "n": 131072, "r": 8, "p": 1, "salt": "<base64>"},
      "verifier": "<base64 AES-KW of a random 32-byte key>",
      "keys": {"<dataset id>": {"wrapped": "<base64 AES-KW>", "created": "..."}},
+     "signing": {"public": "<base64 Ed25519 public key>", "wrapped": "<base64 AES-KW of the private key>"},
      "created": "...", "rekeyed": "..."}
 
 The key-encryption key (KEK, 32 bytes) is the KDF of the passphrase; data keys
@@ -15,6 +16,8 @@ verifier. Rekeying derives a new KEK with a fresh salt, rewraps every key and
 replaces the file atomically: a crash at any point leaves a keyring that opens
 with the old passphrase or with the new one, and no dataset is re-encrypted.
 Deleting a dataset's wrapped key is what makes its ciphertext unreadable.
+The appliance's Ed25519 signing key (``appliance.signing``) is wrapped the
+same way; unlocking installs it in the process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import audit, signing
 from ..errors import ApplianceError, InvalidInput, NotFound
 from ..workspace import home, read_json, write_json
 
@@ -67,6 +71,9 @@ class Unlocked:
         write_json(self.path, self.data)
         return key
 
+    def signing_private(self) -> bytes:
+        return _unwrap(self.kek, _b64d(self.data["signing"]["wrapped"]), "the signing key")
+
     def destroy_key(self, dataset_id: str) -> bool:
         """Crypto-shred: forget the dataset's wrapped key. Returns whether there was one."""
         if self.data["keys"].pop(dataset_id, None) is None:
@@ -91,8 +98,12 @@ def init(passphrase: str, kdf: str = DEFAULT_KDF) -> Unlocked:
     kek = derive_kek(passphrase, params)
     data = {"format": FORMAT, "kdf": params, "verifier": _b64e(_wrap(kek, os.urandom(32))), "keys": {},
             "created": _now()}
+    _add_signing_key(data, kek)
     write_json(path(), data)
-    return Unlocked(path(), data, kek)
+    unlocked = Unlocked(path(), data, kek)
+    _install_signer(unlocked)
+    audit.record("vault.init", details={"kdf": params["name"]})
+    return unlocked
 
 
 def load() -> dict:
@@ -113,8 +124,15 @@ def unlock(passphrase: str) -> Unlocked:
     try:
         _unwrap(kek, _b64d(data["verifier"]), "the verifier")
     except InvalidInput:
+        audit.record("vault.unlock_failed", details={"reason": "wrong passphrase"})
         raise WrongPassphrase(f"the passphrase does not open the vault at {path()}; check it and try again.") from None
-    return Unlocked(path(), data, kek)
+    unlocked = Unlocked(path(), data, kek)
+    if "signing" not in data:  # a keyring from before signing keys: give it one now
+        _add_signing_key(data, kek)
+        write_json(path(), data)
+    _install_signer(unlocked)
+    audit.record("vault.unlock")
+    return unlocked
 
 
 def rekey(old: str, new: str, kdf: str | None = None) -> Unlocked:
@@ -128,16 +146,31 @@ def rekey(old: str, new: str, kdf: str | None = None) -> Unlocked:
     data["verifier"] = _b64e(_wrap(kek, os.urandom(32)))
     data["keys"] = {ds: {**entry, "wrapped": _b64e(_wrap(kek, current.data_key(ds)))}
                     for ds, entry in current.data["keys"].items()}
+    data["signing"] = {**data["signing"], "wrapped": _b64e(_wrap(kek, current.signing_private()))}
     data["rekeyed"] = _now()
     write_json(path(), data)  # temp file + fsync + rename: old or new, never half
+    audit.record("vault.rekey", details={"kdf": params["name"], "keys_rewrapped": len(data["keys"])})
     return Unlocked(path(), data, kek)
 
 
 def status() -> dict:
     data = load()
     kdf = {k: v for k, v in data["kdf"].items() if k != "salt"}
+    signing_key = data.get("signing")
     return {"path": str(path()), "format": data["format"], "kdf": kdf, "datasets": sorted(data["keys"]),
-            "created": data.get("created"), "rekeyed": data.get("rekeyed")}
+            "created": data.get("created"), "rekeyed": data.get("rekeyed"),
+            "signing_key": signing.fingerprint(_b64d(signing_key["public"])) if signing_key else None}
+
+
+def _add_signing_key(data: dict, kek: bytes) -> None:
+    private, public = signing.new_private()
+    data["signing"] = {"algorithm": "ed25519", "public": _b64e(public), "wrapped": _b64e(_wrap(kek, private)),
+                       "created": _now()}
+
+
+def _install_signer(unlocked: Unlocked) -> None:
+    signing.use(unlocked.signing_private())
+    signing.export_public(_b64d(unlocked.data["signing"]["public"]))
 
 
 def derive_kek(passphrase: str, params: dict) -> bytes:

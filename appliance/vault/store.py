@@ -162,6 +162,9 @@ def remove(vault: Unlocked, dataset_id: str) -> None:
     if not had_key and not root.exists():
         raise NotFound(f"no dataset named {dataset_id!r}; `appliance vault status` lists them.")
     shutil.rmtree(root, ignore_errors=True)
+    from .. import audit
+
+    audit.record("dataset.delete", {"dataset": dataset_id}, {"key_destroyed": had_key})
 
 
 def _lines(reader: chunked.DecryptingReader) -> Iterator[dict]:

@@ -1,0 +1,289 @@
+"""The edge bundle: one quantized GGUF with everything an edge box needs to run it and to check where it came from.
+
+``appliance bundle RUN --out DIR`` writes (format in docs/provenance-format.md)::
+
+    model-<quant>.gguf       the model
+    chat_template.jinja      the GGUF's own chat template (the one training used, checked at export)
+    generation.json          stop tokens, context length, the system prompt training used
+    Modelfile                for Ollama: FROM, TEMPLATE (when the template family is known), SYSTEM, stop
+    MODEL_CARD.md            base model, dataset ids and hashes (never content), recipe, evaluation, parity
+    provenance/<sha256>.json every ancestor's signed manifest, named by its own sha256
+    signing-key.pub          the appliance's public key
+    manifest.json            the bundle's signed manifest (parents: the run's GGUF artifact)
+    SHA256SUMS               every other file, in `sha256sum -c` format
+
+``verify_bundle`` needs only this package: no vault, no workspace. It checks
+SHA256SUMS (no file missing, changed or added), the signature of the bundle's
+manifest and of every ancestor manifest, that each ancestor is the one its
+child recorded, that the GGUF is byte for byte the one the export checked, and
+that chat_template.jinja is the GGUF's own template.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from . import manifest, signing
+from .errors import CheckFailed, InvalidInput, NotFound
+from .events import Emit, Event, ignore
+
+STAGE = "bundle"
+SUMS = "SHA256SUMS"
+PUBKEY = "signing-key.pub"
+
+
+def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -> dict:
+    from . import audit, provenance, runs
+    from .workspace import read_json, staging
+
+    out = Path(out).expanduser()
+    if out.exists():
+        raise InvalidInput(f"{out} already exists; name a new folder for the bundle.")
+    run = runs.run_dir(run_id)
+    gguf_dir = run / "gguf"
+    gguf = gguf_dir / f"model-{quant}.gguf"
+    if not gguf.is_file():
+        raise NotFound(f"run {run_id} has no {quant} GGUF; make it with `appliance export {run_id} --quant {quant}`.")
+    signing.ensure()
+    emit(Event("stage", STAGE, f"checking {gguf_dir} and its lineage"))
+    check = provenance.verify(gguf)
+    if not check["ok"]:
+        bad = next(i for i in check["lineage"] if i["status"] == "bad")
+        raise CheckFailed(f"refusing to bundle: {bad['problem']}")
+    recipe = runs.load_recipe(run_id)
+    gguf_manifest = manifest.read(gguf_dir)
+    meta = gguf_metadata(gguf)
+    template = meta.get("tokenizer.chat_template")
+    if not template:
+        raise CheckFailed(f"{gguf} carries no chat template; re-export the run with the appliance.")
+    parity = gguf_manifest["details"].get("parity", {})
+    stops = sorted({t for t in (parity.get("eot_token"), meta.get("eos_token")) if t})
+    system = recipe.system_prompt or _default_system(template)
+    generation = {"stop": stops, "context_length": meta.get("context_length"), "system_prompt": system,
+                  "template_family": _family(template), "quant": quant}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging(out) as tmp:
+        emit(Event("stage", STAGE, f"copying {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB)"))
+        shutil.copyfile(gguf, tmp / gguf.name)
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (tmp / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "Modelfile").write_text(_modelfile(gguf.name, template, system, stops))
+        (tmp / "MODEL_CARD.md").write_text(_model_card(run_id, recipe, gguf_manifest, check, generation,
+                                                       read_json(run / "eval.json") if (run / "eval.json").is_file() else None))
+        prov = tmp / "provenance"
+        prov.mkdir()
+        for item in check["lineage"]:
+            if item["status"] == "ok":
+                src = Path(item["path"]) / manifest.NAME
+                shutil.copyfile(src, prov / f"{manifest.sha256_file(src)}.json")
+        signing.export_public(signing.workspace_public(), tmp / PUBKEY)
+        m = manifest.write(tmp, "bundle", f"{run_id}/bundle-{quant}", parents={"gguf": f"{run_id}/gguf"},
+                           quant=quant, model_file=gguf.name, run=run_id, base_model=recipe.base_model)
+        _write_sums(tmp)
+    audit.record("bundle", {"run": run_id}, {"out": str(out.resolve()), "quant": quant,
+                                             "manifest_sha256": manifest.sha256_file(out / manifest.NAME)})
+    result = {"path": str(out), "files": sorted(p.name for p in out.iterdir()), "key": m["signature"]["key"],
+              "model": gguf.name, "bytes": (out / gguf.name).stat().st_size}
+    emit(Event("finished", STAGE, f"bundle written to {out}", result))
+    return result
+
+
+def verify_bundle(folder: Path, public_raw: bytes | None = None) -> dict:
+    """Check a bundle anywhere (no vault or workspace needed); raise CheckFailed naming the first problem.
+
+    ``public_raw`` is the trusted key; without it the bundle's own key is used and ``trusted`` is False in the
+    result (the signatures then prove integrity and consistency, not origin: compare the fingerprint).
+    """
+    folder = Path(folder).expanduser()
+    if not (folder / SUMS).is_file() or not (folder / manifest.NAME).is_file():
+        raise InvalidInput(f"{folder} is not an appliance bundle (no {SUMS} or {manifest.NAME}).")
+    _check_sums(folder)
+    bundled = signing.load_public(folder / PUBKEY)
+    trusted = public_raw is not None
+    if trusted and public_raw != bundled:
+        raise CheckFailed(f"{folder / PUBKEY} is not the trusted key: the bundle was signed by "
+                          f"{signing.fingerprint(bundled)[:16]}..., not {signing.fingerprint(public_raw)[:16]}...")
+    key = public_raw or bundled
+    top = _verify_manifest(folder / manifest.NAME, key)
+    lineage = [{"kind": top["kind"], "id": top["id"], "status": "ok"}]
+    gguf_manifest = None
+    queue = [top]
+    while queue:
+        node = queue.pop(0)
+        for role, digest in sorted(node.get("parent_manifests", {}).items()):
+            path = folder / "provenance" / f"{digest}.json"
+            if not path.is_file():
+                lineage.append({"kind": role, "id": node["parents"].get(role), "status": "absent"})
+                continue
+            if manifest.sha256_file(path) != digest:  # also covered by SHA256SUMS; checked here for clarity
+                raise CheckFailed(f"{path} does not match the hash its child recorded.")
+            parent = _verify_manifest(path, key)
+            if parent.get("id") != node["parents"].get(role):
+                raise CheckFailed(f"{path} is {parent.get('id')}, not the {role} {node['parents'].get(role)} its child names.")
+            if any(item["id"] == parent["id"] and item["kind"] == parent["kind"] for item in lineage):
+                continue
+            lineage.append({"kind": parent["kind"], "id": parent["id"], "status": "ok"})
+            if parent["kind"] == "gguf" and gguf_manifest is None:
+                gguf_manifest = parent
+            queue.append(parent)
+    model_file = top["details"].get("model_file")
+    if gguf_manifest is None or model_file not in gguf_manifest["files"]:
+        raise CheckFailed(f"{folder} carries no signed export manifest listing {model_file}; its origin cannot be shown.")
+    if manifest.sha256_file(folder / model_file) != gguf_manifest["files"][model_file]:
+        raise CheckFailed(f"{folder / model_file} is not the file the appliance exported and checked.")
+    template = gguf_metadata(folder / model_file).get("tokenizer.chat_template")
+    if template != (folder / "chat_template.jinja").read_text(encoding="utf-8"):
+        raise CheckFailed(f"{folder / 'chat_template.jinja'} differs from the template inside {model_file}.")
+    dataset = next((m for m in lineage if m["kind"] == "dataset"), None)
+    return {"ok": True, "bundle": str(folder), "key": signing.fingerprint(key), "trusted_key": trusted,
+            "model": model_file, "lineage": lineage, "dataset": dataset["id"] if dataset else None}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The few GGUF metadata values a bundle needs, read with the gguf package (no model load)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted errors on a damaged file
+        raise CheckFailed(f"{path} is not a readable GGUF file ({type(e).__name__}).") from None
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            return None
+        part = field.parts[field.data[0]]
+        return bytes(part).decode("utf-8") if field.types and field.types[0].name == "STRING" else part.tolist()[0]
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+
+    def token(key: str):
+        idx = value(key)
+        return bytes(tokens.parts[tokens.data[idx]]).decode("utf-8") if tokens is not None and idx is not None else None
+
+    arch = value("general.architecture")
+    return {"tokenizer.chat_template": value("tokenizer.chat_template"), "eos_token": token("tokenizer.ggml.eos_token_id"),
+            "context_length": value(f"{arch}.context_length") if arch else None, "architecture": arch}
+
+
+def _verify_manifest(path: Path, key: bytes) -> dict:
+    try:
+        m = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckFailed(f"{path} is not valid JSON.") from None
+    if not isinstance(m, dict) or "signature" not in m:
+        raise CheckFailed(f"{path} is not a signed manifest.")
+    signing.check(manifest.DOMAIN, {k: v for k, v in m.items() if k != "signature"}, m["signature"], key, str(path))
+    return m
+
+
+def _write_sums(folder: Path) -> None:
+    lines = [f"{manifest.sha256_file(p)}  {p.relative_to(folder).as_posix()}\n"
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SUMS]
+    (folder / SUMS).write_text("".join(lines))
+
+
+def _check_sums(folder: Path) -> None:
+    listed: dict[str, str] = {}
+    for lineno, line in enumerate((folder / SUMS).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in name.split("/"):
+            raise CheckFailed(f"{folder / SUMS}:{lineno}: not a `sha256  file` line; the checksum list was edited.")
+        listed[name] = digest
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != SUMS}
+    for name in sorted(set(listed) - present):
+        raise CheckFailed(f"{folder / name} is listed in {SUMS} but missing.")
+    for name in sorted(present - set(listed)):
+        raise CheckFailed(f"{folder / name} is not listed in {SUMS}; a file was added to the bundle.")
+    for name, digest in sorted(listed.items()):
+        if manifest.sha256_file(folder / name) != digest:
+            raise CheckFailed(f"{folder / name} does not match its sha256 in {SUMS}; the file was changed or damaged.")
+
+
+def _family(template: str) -> str:
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    return "other"
+
+
+def _default_system(template: str) -> str | None:
+    """The system prompt the template adds when a conversation has none (SmolLM2's does), so Ollama matches."""
+    import jinja2
+
+    try:
+        text = jinja2.Environment().from_string(template).render(
+            messages=[{"role": "user", "content": "\x00"}], add_generation_prompt=True, bos_token="", eos_token="")
+    except jinja2.TemplateError:
+        return None
+    if _family(template) == "chatml" and text.startswith("<|im_start|>system\n"):
+        return text[len("<|im_start|>system\n"):].split("<|im_end|>", 1)[0]
+    return None
+
+
+_GO_TEMPLATES = {
+    "chatml": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+               '<|im_start|>assistant\n'),
+    "llama3": ('<|begin_of_text|>{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+               '{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n'),
+}
+
+
+def _modelfile(model_file: str, template: str, system: str | None, stops: list[str]) -> str:
+    lines = ["# Ollama: `ollama create NAME -f Modelfile` in this folder. The chat template the model was",
+             "# trained with is chat_template.jinja (also inside the GGUF).", f"FROM ./{model_file}"]
+    family = _family(template)
+    if family in _GO_TEMPLATES:
+        lines.append(f'TEMPLATE """{_GO_TEMPLATES[family]}"""')
+    else:
+        lines.append("# TEMPLATE: not translated (unknown family); Ollama reads the GGUF's own template.")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def _model_card(run_id, recipe, gguf_manifest, check, generation, evaluation) -> str:
+    def item(kind):
+        return next((i for i in check["lineage"] if i["kind"] == kind and i["status"] == "ok"), None)
+
+    out = [f"# {recipe.name}: fine-tuned {recipe.base_model}", "",
+           f"Made by the offline fine-tuning appliance from run `{run_id}`.", "", "## Lineage", ""]
+    for kind in ("model", "dataset", "run", "adapter", "merged-model", "gguf"):
+        found = item(kind)
+        if found:
+            m = manifest.read(Path(found["path"]))
+            digest = manifest.sha256_file(Path(found["path"]) / manifest.NAME)
+            extra = ""
+            if kind == "dataset":
+                d = m["details"]
+                extra = (f"; records {d.get('records')}; source file sha256 {d.get('source_sha256', '-')}"
+                         f" (ciphertext file hashes in its manifest)")
+            if kind == "model":
+                extra = f"; source sha256 {m['details'].get('source', {}).get('sha256', '-')}"
+            out.append(f"- {kind} `{found['id']}`: manifest sha256 `{digest}`{extra}")
+    out += ["", "No dataset content is included in this bundle.", "", "## Recipe", "", "```json",
+            json.dumps(recipe.model_dump(mode="json"), indent=2, sort_keys=True), "```", "",
+            "## Export checks", ""]
+    parity = gguf_manifest["details"].get("parity", {})
+    out.append(f"- chat template: identical tokens on {parity.get('template_conversations')} held-out conversations "
+               f"through llama.cpp; end-of-turn token `{parity.get('eot_token')}` stops generation")
+    for q, rate in sorted(gguf_manifest["details"].get("top1_agreement", {}).items()):
+        out.append(f"- {q}: top-1 token agreement with the merged model {rate:.1%}")
+    out += ["", "## Evaluation (held-out split, base vs tuned)", ""]
+    if evaluation:
+        out.append("```json")
+        out.append(json.dumps({k: evaluation[k] for k in ("base", "tuned") if k in evaluation}, indent=2, sort_keys=True))
+        out.append("```")
+    else:
+        out.append(f"Not evaluated: `appliance eval {run_id}` before bundling records it here.")
+    out += ["", "## Running it", "", f"- llama.cpp: `llama-cli -m model-{generation['quant']}.gguf -cnv` "
+            "(the GGUF carries its chat template)",
+            "- Ollama: `ollama create NAME -f Modelfile`",
+            f"- stop tokens: {', '.join(generation['stop'])}", ""]
+    return "\n".join(out)
