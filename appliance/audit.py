@@ -298,8 +298,23 @@ def _lines(path: Path):
             offset += len(raw)
 
 
+def _check_torn_tail(path: Path) -> int:
+    """A torn last line is what a crash mid-append leaves: a prefix of a canonical JSON line (printable ASCII,
+    or zeros a file system may show after a power loss). Anything else after the last newline was altered."""
+    torn = _torn_bytes(path)
+    if torn:
+        with open(path, "rb") as f:
+            f.seek(-torn, os.SEEK_END)
+            tail = f.read()
+        if any(not (0x20 <= b <= 0x7E or b == 0) for b in tail):
+            raise CheckFailed(f"{path}: the bytes after its last whole line are not a torn append; the file was altered.")
+    return torn
+
+
 def _verify(public_raw: bytes | None) -> dict:
     log = log_path()
+    _check_torn_tail(log)
+    _check_torn_tail(checkpoints_path())
     chain: list[str] = []  # hash of entry seq i+1 at index i
     expected_prev = GENESIS
     raw_seqs: list[object] = []

@@ -49,6 +49,9 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
         console.rule(f"[bold]{title}")
         return time.perf_counter()
 
+    # The vault first: it holds the demo's data and the key that signs every artifact the demo makes.
+    vault = _demo_vault(console)
+    data.use_vault(vault)
     t = stage("1/6 import the base model")
     gguf = Path(base) if base else models.default_gguf()
     console.print(f"{gguf.name}: a real pretrained model, dequantized into 16-bit safetensors")
@@ -56,7 +59,6 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     timings["import"] = time.perf_counter() - t
 
     t = stage("2/6 the demo dataset, into the encrypted vault")
-    vault = _demo_vault(console)
     dataset = folder("datasets") / DATASET_ID
     if not store.is_encrypted(dataset):
         with store.create(vault, DATASET_ID) as ds:
@@ -64,7 +66,6 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
                 for record in records:
                     ds.add(split, record)
             ds.details.update(source="appliance demo generator", records_kind="conversation")
-    data.use_vault(vault)
     counts = manifest.read(dataset)["details"]["records"]
     console.print(f"{counts['train']} train + {counts['validation']} held-out records, encrypted in {dataset}")
     example = next(store.read(vault, DATASET_ID, "train"))["messages"]

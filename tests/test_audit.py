@@ -195,3 +195,17 @@ def test_commands_leave_metadata_entries_and_never_dataset_text(home, tmp_path):
     assert canary.encode() not in audit.log_path().read_bytes()
     assert audit.verify()["unsigned_tail"] == 0
     assert PASSPHRASE.encode() not in audit.log_path().read_bytes()
+
+
+def test_changing_any_byte_of_the_log_or_its_checkpoints_is_detected(home):
+    _fill(2)
+    for path in (audit.log_path(), audit.checkpoints_path()):
+        original = path.read_bytes()
+        for i in range(len(original)):
+            changed = bytearray(original)
+            changed[i] ^= 1
+            path.write_bytes(bytes(changed))
+            with pytest.raises(CheckFailed):
+                audit._verify(None)
+        path.write_bytes(original)
+    assert audit._verify(None)["entries"] == 3

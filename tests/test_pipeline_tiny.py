@@ -101,7 +101,10 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
 
     assert {"model.import", "train.start", "train.finish", "merge", "export", "ask", "chat"} <= {
         e["event"] for e in audit.entries()}
-    assert audit.verify()["unsigned_tail"] == 0  # the training child signed its entries with the handed key
+    assert audit.verify()["signed_through"] >= audit.entries(event="export")[0]["seq"]
+    finish = audit.entries(event="train.finish")[0]
+    signed = [json.loads(line)["seq"] for line in audit.checkpoints_path().read_text().splitlines()]
+    assert finish["seq"] in signed  # the training child signed its entry with the key its parent handed it
 
     # The edge bundle verifies on a machine with no workspace and no vault, and any changed byte is caught.
     out = tmp_path / "edge"

@@ -112,3 +112,17 @@ def test_lineage_stops_where_the_workspace_ends(home, tmp_path):
     _artifact(tmp_path / "g", "gguf", "elsewhere/gguf", parents={"merged": "elsewhere/merged"})
     result = provenance.verify(tmp_path / "g")
     assert result["ok"] and result["lineage"][-1]["status"] == "absent"
+
+
+def test_changing_any_byte_of_a_manifest_is_detected(home, tmp_path):
+    _artifact(tmp_path / "a", "model", "a", parents={"base_model": "x"}, note="ü and more")
+    path = tmp_path / "a" / manifest.NAME
+    original = path.read_bytes()
+    for i in range(len(original)):
+        changed = bytearray(original)
+        changed[i] ^= 1
+        path.write_bytes(bytes(changed))
+        with pytest.raises(CheckFailed):
+            manifest.verify(tmp_path / "a")
+    path.write_bytes(original)
+    assert manifest.verify(tmp_path / "a")
