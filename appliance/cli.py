@@ -43,7 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
     d.add_argument("--eval-samples", type=int, default=48, help="held-out examples scored for base vs tuned")
 
-    add("doctor", "environment and air-gap self-check: egress guard, offline switches, interfaces, routes")
+    doc = add("doctor", "environment, air-gap and hardware self-check: egress guard, offline switches, interfaces, "
+                        "routes, CPU, RAM, GPUs")
+    doc.add_argument("--simulate", metavar="PROFILE", help="report the hardware of a named profile (see `appliance hw "
+                                                           "--list-profiles`) instead of this machine's")
+
+    from .hardware import PROFILES
+
+    hw = add("hw", "detected hardware: CPU, cores, RAM, free disk, NVIDIA GPUs (NVML: VRAM, compute capability, "
+                   "driver, CUDA, temperature, power, PCIe, NVLink/P2P), bf16 and bitsandbytes")
+    hw.add_argument("--simulate", metavar="PROFILE",
+                    help=f"a named profile instead of this machine: {', '.join(PROFILES)}")
+    hw.add_argument("--list-profiles", action="store_true", help="list the profiles --simulate accepts")
 
     m = add("models", "imported base models", json_out=False)
     msub = m.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
@@ -102,8 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     dr.add_argument("--json", action="store_true")
 
+    pl = add("plan", "will a recipe fit this machine's GPUs (or RAM)? memory per device, adjustments, strategy")
+    pl.add_argument("recipe")
+    pl.add_argument("--simulate", metavar="PROFILE", help="plan for a named hardware profile (`appliance hw --help`)")
+    pl.add_argument("--model-config", help="the base model's config.json, to plan before its weights are here")
+    pl.add_argument("--limit", type=float, default=0.9, help="share of each device's memory a plan may use (0.9)")
+    pl.add_argument("--allow-shorter", action="store_true", help="allow shorter sequences if nothing else fits")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+
     t = add("train", "start a training run from a recipe; prints the run id")
     t.add_argument("recipe")
+    t.add_argument("--allow-shorter", action="store_true",
+                   help="let the plan shorten sequences if nothing else makes the run fit")
     t.add_argument("--detach", action="store_true", help="start the run and return at once")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set training.max_steps=10")
@@ -452,10 +473,36 @@ def _vault_rekey(args) -> int:
 def _train(args) -> int:
     from . import recipes, runs
 
+    from . import plan as planner
+    from .errors import InvalidInput
+
     recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
-    run_id = runs.create(recipe)
+    # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
+    plan = planner.plan_recipe(recipe, allow_shorter=args.allow_shorter)
+    if plan["verdict"] == "does_not_fit":
+        raise InvalidInput(planner.refusal(plan))
+    if plan["recipe_changes"]:
+        recipe = planner.adjusted(recipe, plan)
+        if not args.json:
+            print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
+    run_id = runs.create(recipe, plan)
     runs.start(run_id)
     return _after_start(run_id, args.detach, args.json)
+
+
+@command("plan")
+def _plan(args) -> int:
+    from . import plan as planner
+    from . import recipes
+
+    recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
+    plan = planner.plan_recipe(recipe, simulate=args.simulate, model_config=args.model_config, limit=args.limit,
+                               allow_shorter=args.allow_shorter)
+    if args.json:
+        _print_json(plan)
+    else:
+        print(planner.render_text(plan))
+    return 0 if plan["verdict"] != "does_not_fit" else 3
 
 
 def _after_start(run_id: str, detach: bool, json_mode: bool) -> int:
@@ -637,7 +684,11 @@ def _doctor(args) -> int:
     # A list of (section, checks); more sections (hardware) are appended here. A check's status is ok, warn, fail or
     # info; only a fail (the guard, its self-test, an offline switch) fails the command: an interface that is up or a
     # default route is a warning (CI machines have a network).
+    from . import hardware
+
+    hw = hardware.detect(getattr(args, "simulate", None))  # an unknown profile stops here, before any check runs
     sections = airgap.doctor_sections()
+    sections.append(("hardware", hardware.doctor_checks(hw)))
     failed = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "fail"]
     warned = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "warn"]
     if args.json:
@@ -663,6 +714,68 @@ def _doctor(args) -> int:
         console.print(f"{len(failed)} failed, {len(warned)} warnings" if failed or warned else "all checks passed")
     if failed:
         raise CheckFailed(f"appliance doctor: {len(failed)} check(s) failed: {'; '.join(failed)}.")
+    return 0
+
+
+@command("hw")
+def _hw(args) -> int:
+    from . import hardware
+
+    if args.list_profiles:
+        if args.json:
+            _print_json({"profiles": hardware.PROFILES})
+        else:
+            width = max(map(len, hardware.PROFILES))
+            print("\n".join(f"{name:<{width}}  {text}" for name, text in hardware.PROFILES.items()))
+        return 0
+    hw = hardware.detect(args.simulate)
+    if args.json:
+        _print_json(hw.to_dict())
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .workspace import home
+
+    console = _console()
+    gib = hardware.GiB
+    facts = Table(title=f"hardware (simulated: {hw.simulated})" if hw.simulated else "hardware", title_justify="left",
+                  show_header=False, box=None, padding=(0, 1))
+    facts.add_column(no_wrap=True, style="bold")
+    facts.add_column(overflow="fold")
+    facts.add_row("CPU", escape(f"{hw.cpu}, {hw.cores} logical CPUs usable"))
+    facts.add_row("RAM", f"{hw.ram_total / gib:.1f} GiB total, {hw.ram_available / gib:.1f} GiB available")
+    facts.add_row("disk", escape(f"{hw.disk_free / gib:.1f} GiB free at {home()}"))
+    facts.add_row("GPUs", f"{len(hw.gpus)} NVIDIA, {hw.vram_total / gib:.1f} GiB VRAM in all" if hw.gpus
+                  else "none: plans are for the CPU")
+    if hw.gpus:
+        facts.add_row("driver", f"{hw.driver or '?'}, CUDA {hw.cuda or '?'}")
+        facts.add_row("bf16", "usable on every GPU" if hw.bf16 else "not on every GPU (compute capability < 8.0)")
+        facts.add_row("bitsandbytes", {True: "CUDA kernels usable", False: "CUDA kernels not usable",
+                                       None: "not checked"}[hw.bitsandbytes_cuda])
+    console.print(facts)
+    if hw.gpus:
+        from rich import box
+
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+        for header, width in (("#", 0), ("name", 0), ("GiB", 5), ("free", 5), ("cc", 3), ("bf16", 4), ("PCIe", 8),
+                              ("°C", 3), ("W", 7), ("util", 4)):
+            if width:
+                table.add_column(header, no_wrap=True, min_width=width)
+            else:
+                table.add_column(header, no_wrap=True, overflow="ellipsis")
+        for g in hw.gpus:
+            power = "-" if g.power_w is None else f"{g.power_w:.0f}" + (
+                f"/{g.power_limit_w:.0f}" if g.power_limit_w else "")
+            table.add_row(str(g.index), escape(g.name), f"{g.memory_total / gib:.1f}", f"{g.memory_free / gib:.1f}",
+                          "{}.{}".format(*g.compute_capability), "yes" if g.bf16 else "no", g.pcie or "-",
+                          "-" if g.temperature_c is None else str(g.temperature_c), power,
+                          "-" if g.utilization is None else f"{g.utilization}%")
+        console.print(table)
+    if hw.links:
+        console.print("links: " + ", ".join(f"GPU {k}: {v}" for k, v in hw.links.items()))
+    for note in hw.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
     return 0
 
 

@@ -20,12 +20,17 @@ DATASET_ID = "demo-records"
 
 
 def recipe_path() -> Path:
-    """The shipped demo recipe (recipes/demo-cpu.yaml beside the package, or $APPLIANCE_RECIPES)."""
-    root = Path(os.environ.get("APPLIANCE_RECIPES") or Path(__file__).resolve().parents[1] / "recipes")
-    path = root / "demo-cpu.yaml"
-    if not path.is_file():
-        raise NotFound(f"the demo recipe {path} is missing; set APPLIANCE_RECIPES to the folder holding demo-cpu.yaml.")
-    return path
+    """The shipped demo recipe: $APPLIANCE_RECIPES, recipes/ beside the package (a checkout), or
+    <prefix>/share/appliance/recipes (where the offline installer puts them)."""
+    import sys
+
+    roots = [Path(os.environ["APPLIANCE_RECIPES"])] if os.environ.get("APPLIANCE_RECIPES") else [
+        Path(__file__).resolve().parents[1] / "recipes", Path(sys.prefix) / "share" / "appliance" / "recipes"]
+    for root in roots:
+        if (root / "demo-cpu.yaml").is_file():
+            return root / "demo-cpu.yaml"
+    raise NotFound(f"the demo recipe is missing from {', '.join(map(str, roots))}; set APPLIANCE_RECIPES to the "
+                   "folder holding demo-cpu.yaml.")
 
 
 def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
@@ -79,7 +84,17 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     if steps:
         overrides["training.max_steps"] = steps
     recipe = recipes.load(recipe_path(), **overrides)
-    run_id = runs.create(recipe)
+    from . import plan as planner
+
+    memory = planner.plan_recipe(recipe)  # the demo fits any machine that runs it; the plan is kept with the run
+    if memory["verdict"] == "does_not_fit":
+        from .errors import InvalidInput
+
+        raise InvalidInput(planner.refusal(memory))
+    recipe = planner.adjusted(recipe, memory)
+    console.print(f"plan: {memory['verdict'].replace('_', ' ')}, about "
+                  f"{memory['devices'][0]['estimate'] / 2**30:.1f} GiB of {memory['devices'][0]['device']}")
+    run_id = runs.create(recipe, memory)
     console.print(f"run {run_id}: {recipe.training.max_steps} steps, micro-batch {recipe.training.micro_batch_size}, "
                   f"lr {recipe.training.learning_rate}, in a child process (events in runs/{run_id}/events.jsonl)")
     runs.start(run_id)

@@ -12,8 +12,6 @@ checks a manifest and walks its lineage.
 from __future__ import annotations
 
 import hashlib
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -110,38 +108,9 @@ WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "merged-model", "gguf", "bu
 
 
 def hardware_summary() -> dict:
-    """What the artifact was made on, cheaply: CPU, cores, RAM, and NVIDIA GPUs if NVML answers."""
-    summary: dict[str, Any] = {"machine": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count()}
-    try:
-        import psutil
+    """What the artifact was made on, cheaply: machine, CPU, cores, RAM (GiB) and NVIDIA GPU names if NVML answers.
 
-        summary["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    summary["gpus"] = _gpus()
-    return summary
+    Read through ``appliance.hardware`` without loading bitsandbytes or torch; never a simulated profile."""
+    from . import hardware
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpus() -> list[str]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVIDIA driver: a CPU machine
-        return []
-    try:
-        return [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-                for i in range(pynvml.nvmlDeviceGetCount())]
-    finally:
-        pynvml.nvmlShutdown()
+    return hardware.summary()

@@ -1,0 +1,449 @@
+"""The memory planner: will this run fit each device, why, and what would make it fit.
+
+``estimate`` breaks the peak memory of one training replica into its parts, from
+the base model's config.json alone (no weights needed):
+
+- weights at their precision: NF4 (0.5 byte a parameter, plus one absmax per
+  64-value block: fp32, or 8-bit with a second fp32 level per 256 blocks under
+  double quantization), 8-bit, 16-bit or 32-bit; embeddings, norms and an
+  untied LM head stay in the compute dtype (bitsandbytes quantizes linear
+  layers only, and transformers keeps ``lm_head`` out of it);
+- LoRA parameters, their gradients (fp32: the worker trains adapters in fp32)
+  and the optimizer's states (AdamW 8 bytes a parameter, 8-bit AdamW 2, SGD 0);
+- activations, per token and layer, as a function of micro-batch, sequence
+  length, hidden size, MLP size and layers: without gradient checkpointing a
+  Llama-style layer with LoRA keeps ~``ACT_H`` hidden-sized and ~``ACT_I``
+  MLP-sized tensors for the backward pass; with it, only each layer's input is
+  kept, plus one layer's full working set while it is recomputed;
+- the LM head and loss: the worker uses TRL's fused, chunked LM head (the logits
+  are never materialized), so only its tiles count; ``lm_head="full"`` models a
+  trainer that materializes them (16-bit logits plus an fp32 copy for the loss);
+- a fixed runtime: the CUDA context and the libraries' kernels on a GPU, the
+  Python process with torch, transformers, PEFT and TRL on a CPU (measured);
+- an allocator margin (fragmentation): a share of what the tensors need.
+
+``make_plan`` compares the estimate with each device's limit (90% of its
+memory by default), and if it does not fit, applies the adjustments in order:
+gradient checkpointing on; micro-batch down with gradient accumulation up (the
+effective batch kept); an 8-bit optimizer; shorter sequences only with the
+user's consent. When nothing fits it says what would: QLoRA instead of LoRA, a
+smaller model, more GPUs. With two or more GPUs it chooses data parallelism
+when one replica fits a GPU, else splitting the model across them.
+
+The constants are checked against measurements: peak RSS of real CPU runs here
+(tests/test_plan.py, bench/plan_accuracy.py) and published GPU figures
+(``PUBLISHED`` below, printed side by side by the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import InvalidInput, NotFound
+
+GiB = 2**30
+MiB = 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0}
+# Saved for backward per token and layer, in units of the hidden size and of the MLP size (Llama-style layer,
+# frozen base, LoRA on every linear layer): norms' inputs and outputs, q/k/v/o inputs and outputs, attention
+# output; gate, up, their activation and product. Checked against measured runs (see the module docstring).
+ACT_H = 10.0
+ACT_I = 4.0
+CUDA_RUNTIME = 600 * MiB   # CUDA context + cuBLAS/cuDNN workspaces, as nvidia-smi reports for a fresh torch process
+CPU_RUNTIME = 760 * MiB    # RSS of the training process here once torch, transformers, PEFT, TRL and bnb are loaded
+ALLOCATOR_MARGIN = 0.08    # fragmentation on top of live tensors (caching allocator / glibc malloc)
+DEFAULT_LIMIT = 0.90
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on in a decoder-only transformer, read from its config.json."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the linear layers of all blocks (what bitsandbytes quantizes)."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        q_out = self.heads * self.head_dim
+        return self.layers * (h * q_out + 2 * h * kv + q_out * h + 3 * h * i)
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, an untied LM head and the norms: kept in the compute dtype."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden * (2 * self.layers + 1)
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, r: int, targets: str | list[str]) -> int:
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        q_out = self.heads * self.head_dim
+        dims = {"q_proj": (h, q_out), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q_out, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
+        return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The recipe's settings that memory depends on."""
+
+    quant: str = "nf4"                # nf4 | int8 | none (16-bit base)
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    lora_r: int = 16
+    lora_targets: str | tuple = "all-linear"
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    grad_ckpt: bool = False
+    optimizer: str = "adamw_torch"
+    lm_head: str = "fused"           # fused (ours: TRL's chunked head) | chunked | full
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "Knobs":
+        t = recipe.training
+        targets = recipe.lora.target_modules
+        return cls(quant=recipe.quantization.method, double_quant=recipe.quantization.double_quant,
+                   compute_dtype=recipe.quantization.compute_dtype, lora_r=recipe.lora.r,
+                   lora_targets=targets if isinstance(targets, str) else tuple(targets),
+                   micro_batch=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps, seq_len=t.max_seq_length,
+                   grad_ckpt=t.gradient_checkpointing, optimizer=t.optimizer)
+
+
+def shape_from_config(config: dict, name: str = "model") -> Shape:
+    cfg = config.get("text_config", config)  # multimodal configs nest the language model's
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        shape = Shape(name=name, hidden=hidden, intermediate=int(cfg["intermediate_size"]),
+                      layers=int(cfg["num_hidden_layers"]), heads=heads,
+                      kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                      head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
+                      tied=bool(cfg.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"the config of {name} lacks {e} (hidden_size, intermediate_size, num_hidden_layers, "
+                           "num_attention_heads, vocab_size are needed); is it a decoder-only language model?") from None
+    return shape
+
+
+def load_shape(base_model: str, config_path: str | Path | None = None, near: Path | None = None) -> tuple[Shape, str]:
+    """The model's shape and where its config came from: ``config_path``, the imported model, or a
+    ``configs/<base_model>.json`` beside the recipe (planning before the weights are on the machine)."""
+    from .workspace import folder
+
+    candidates = []
+    if config_path:
+        p = Path(config_path).expanduser()
+        candidates.append(p / "config.json" if p.is_dir() else p)
+    candidates.append(folder("models") / base_model / "config.json")
+    if near is not None:
+        candidates.append(near / "configs" / f"{base_model}.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                return shape_from_config(json.loads(path.read_text()), base_model), str(path)
+            except ValueError:
+                raise InvalidInput(f"{path} is not valid JSON; give the model's config.json.") from None
+        if config_path and path == candidates[0]:
+            raise NotFound(f"{path} does not exist; give the base model's config.json (or its folder).")
+    raise NotFound(f"no model with id {base_model!r}: import it with `appliance models import PATH --name "
+                   f"{base_model}`, or pass --model-config with its config.json to plan before copying the weights.")
+
+
+def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> dict[str, int]:
+    """Peak bytes of one training process, by part. ``shards`` splits the model's layers over that many GPUs
+    (model parallelism): weights, adapters and activations divide, the runtime does not."""
+    dtype = DTYPE_BYTES[k.compute_dtype]
+    if k.quant == "nf4":
+        per_param = 0.5 + ((1 + 4 / 256) / 64 if k.double_quant else 4 / 64)
+    elif k.quant == "int8":
+        per_param = 1.0 + 4 / 4096  # one fp32 scale per row of a 4096-wide matrix
+    else:
+        per_param = dtype if device == "cpu" else 2  # LoRA on a 16-bit base
+    lora = shape.lora_params(k.lora_r, k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets))
+    tokens = k.micro_batch * k.seq_len
+    h, i = shape.hidden, shape.intermediate
+    per_token_layer = (ACT_H * h + ACT_I * i) * dtype
+    if k.grad_ckpt:
+        activations = tokens * (shape.layers * h * dtype + per_token_layer)
+    else:
+        activations = tokens * shape.layers * per_token_layer
+    if k.lm_head == "full":
+        head = tokens * shape.vocab * (dtype + 4 + 4)  # logits, their fp32 copy, and its gradient
+    elif k.lm_head == "chunked":
+        head = tokens * shape.vocab * dtype + tokens * shape.vocab * 4 // 8  # 16-bit logits, one fp32 chunk of 8
+    else:
+        head = min(tokens, 1024) * min(shape.vocab, 32768) * 4 * 2 + tokens * 16  # TRL's fused head: tiles
+    parts = {
+        "weights": int(shape.linear_params * per_param / shards),
+        "weights_16bit": int(shape.other_params * dtype / shards),
+        "lora": lora * 4 // shards,
+        "gradients": lora * 4 // shards,
+        "optimizer": lora * OPTIMIZER_BYTES[k.optimizer] // shards,
+        "activations": int(activations / shards),
+        "logits": int(head),
+    }
+    parts["allocator_margin"] = int(ALLOCATOR_MARGIN * sum(parts.values()))
+    parts["runtime"] = CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME
+    return parts
+
+
+@dataclass
+class Device:
+    name: str
+    kind: str        # cuda | cpu
+    capacity: int    # bytes
+    limit: int       # bytes the plan may use
+
+
+def devices(hw, limit: float = DEFAULT_LIMIT) -> list[Device]:
+    if hw.gpus:
+        return [Device(f"cuda:{g.index} {g.name}", "cuda", g.memory_total, int(g.memory_total * limit)) for g in hw.gpus]
+    return [Device("cpu (RAM)", "cpu", hw.ram_total, int(hw.ram_total * limit))]
+
+
+def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allow_shorter: bool = False) -> dict:
+    """The verdict for this hardware: fits | fits_after_adjustment | does_not_fit, with the breakdown per device,
+    the adjustments made (in order) and, when nothing fits, what would."""
+    if not 0.1 <= limit <= 1.0:
+        raise InvalidInput(f"--limit {limit} is out of range; use a fraction of each device's memory, 0.1 to 1.0.")
+    devs = devices(hw, limit)
+    kind = devs[0].kind
+    smallest = min(d.limit for d in devs)
+    steps: list[dict] = []
+
+    def total(k: Knobs, shards: int = 1) -> int:
+        return sum(estimate(shape, k, kind, shards).values())
+
+    k = knobs
+    if total(k) > smallest and not k.grad_ckpt:
+        k = replace(k, grad_ckpt=True)
+        steps.append({"change": "gradient checkpointing on",
+                      "why": "keeps one input per layer instead of every activation; ~30% slower steps"})
+    while total(k) > smallest and k.micro_batch > 1:
+        k = replace(k, micro_batch=k.micro_batch // 2, grad_accum=k.grad_accum * 2)
+        steps.append({"change": f"micro-batch {k.micro_batch * 2} -> {k.micro_batch}, gradient accumulation "
+                                f"{k.grad_accum // 2} -> {k.grad_accum}",
+                      "why": f"the effective batch stays {k.micro_batch * k.grad_accum}"})
+    if total(k) > smallest and OPTIMIZER_BYTES[k.optimizer] > 2 and kind == "cuda":
+        k = replace(k, optimizer="paged_adamw_8bit")
+        steps.append({"change": f"optimizer {knobs.optimizer} -> paged_adamw_8bit",
+                      "why": "2 bytes of state per adapter parameter instead of 8, paged to host memory under pressure"})
+    shorter_needed = None
+    if total(k) > smallest:
+        seq = k.seq_len
+        while seq > 256 and total(replace(k, seq_len=seq)) > smallest:
+            seq //= 2
+        if total(replace(k, seq_len=seq)) <= smallest:
+            shorter_needed = seq
+            if allow_shorter:
+                k = replace(k, seq_len=seq)
+                steps.append({"change": f"max_seq_length {knobs.seq_len} -> {seq}",
+                              "why": "you allowed shorter sequences; longer examples are truncated"})
+
+    strategy = _strategy(shape, k, devs, total)
+    shards = strategy["shards"]
+    per_device = []
+    for d in devs:
+        parts = estimate(shape, k, kind, shards if strategy["mode"] == "split" else 1)
+        used = sum(parts.values())
+        per_device.append({"device": d.name, "capacity": d.capacity, "limit": d.limit, "estimate": used,
+                           "fits": used <= d.limit, "breakdown": parts})
+    fits = all(p["fits"] for p in per_device[: shards if strategy["mode"] == "split" else len(devs)])
+    verdict = ("fits" if not steps else "fits_after_adjustment") if fits else "does_not_fit"
+    plan = {
+        "model": asdict(shape) | {"parameters": shape.total_params},
+        "hardware": hw.simulated or ("cpu" if kind == "cpu" else f"{len(devs)} GPU"),
+        "limit_fraction": limit,
+        "verdict": verdict,
+        "knobs": _knobs_dict(k),
+        "requested": _knobs_dict(knobs),
+        "adjustments": steps if fits else [],
+        "strategy": strategy,
+        "devices": per_device,
+    }
+    if not fits:
+        plan["would_fit"] = _alternatives(shape, k, hw, devs, kind, shorter_needed, total)
+    return plan
+
+
+def recipe_changes(plan: dict) -> dict[str, object]:
+    """The recipe keys an adjusted plan changes, as dotted overrides (for `appliance train`)."""
+    names = {"micro_batch": "training.micro_batch_size", "grad_accum": "training.gradient_accumulation_steps",
+             "seq_len": "training.max_seq_length", "grad_ckpt": "training.gradient_checkpointing",
+             "optimizer": "training.optimizer"}
+    return {names[k]: v for k, v in plan["knobs"].items() if k in names and plan["requested"][k] != v}
+
+
+def _knobs_dict(k: Knobs) -> dict:
+    d = asdict(k)
+    d["effective_batch"] = k.micro_batch * k.grad_accum
+    return d
+
+
+def _strategy(shape: Shape, k: Knobs, devs: list[Device], total) -> dict:
+    if devs[0].kind == "cpu":
+        return {"mode": "single", "shards": 1, "why": "no NVIDIA GPU: one process trains on the CPU"}
+    if len(devs) == 1:
+        return {"mode": "single", "shards": 1, "why": "one GPU"}
+    smallest = min(d.limit for d in devs)
+    if total(k) <= smallest:
+        return {"mode": "ddp", "shards": 1, "replicas": len(devs),
+                "why": f"one replica fits a GPU ({total(k) / GiB:.1f} GiB of {smallest / GiB:.1f}): data parallelism "
+                       f"(DDP, one process per GPU) trains {len(devs)}x the examples per step with no communication "
+                       "of weights, only of the adapter's gradients"}
+    for shards in range(2, len(devs) + 1):
+        if total(k, shards) <= smallest:
+            return {"mode": "split", "shards": shards,
+                    "why": f"one replica needs {total(k) / GiB:.1f} GiB, more than a GPU allows "
+                           f"({smallest / GiB:.1f}); its layers are split over {shards} GPUs (device_map with "
+                           "per-GPU limits), which run one after the other"}
+    return {"mode": "split", "shards": len(devs), "why": "even split over every GPU it does not fit"}
+
+
+def _alternatives(shape, k, hw, devs, kind, shorter_needed, total) -> list[str]:
+    smallest = min(d.limit for d in devs)
+    out = []
+    if shorter_needed:
+        out.append(f"max_seq_length {shorter_needed} (rerun with --allow-shorter; longer examples are truncated)")
+    if k.quant != "nf4":
+        q = replace(k, quant="nf4")
+        if total(q) <= smallest:
+            out.append(f"QLoRA instead of LoRA (quantization.method: nf4): {total(q) / GiB:.1f} GiB")
+    for fraction, label in ((0.5, "half"), (0.25, "a quarter")):
+        smaller = replace(shape, layers=max(1, int(shape.layers * fraction)),
+                          hidden=shape.hidden, intermediate=shape.intermediate)
+        if sum(estimate(smaller, k, kind).values()) <= smallest:
+            out.append(f"a smaller model: about {label} of this one's {shape.total_params / 1e9:.1f}B parameters fits")
+            break
+    if kind == "cuda":
+        need = sum(estimate(shape, k, kind).values())
+        per_gpu = devs[0].limit
+        gpus = next((n for n in range(len(devs) + 1, 17) if sum(estimate(shape, k, kind, n).values()) <= per_gpu), None)
+        if gpus:
+            out.append(f"{gpus} GPUs like these (the model split over them); it needs {need / GiB:.1f} GiB on one")
+        out.append(f"a GPU with at least {need / 0.9 / GiB:.0f} GiB")
+    else:
+        need = sum(estimate(shape, k, kind).values())
+        out.append(f"{need / 0.9 / GiB:.0f} GiB of RAM, or an NVIDIA GPU")
+    return out
+
+
+def render_text(plan: dict) -> str:
+    """A plain-text account: verdict, breakdown per device with bars against the limit, adjustments, strategy."""
+    lines = []
+    m = plan["model"]
+    k = plan["knobs"]
+    verdict = {"fits": "FITS", "fits_after_adjustment": "FITS AFTER ADJUSTMENT", "does_not_fit": "DOES NOT FIT"}
+    lines.append(f"{m['name']}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers, hidden {m['hidden']}, "
+                 f"vocab {m['vocab']}")
+    lines.append(f"on {plan['hardware']}: {verdict[plan['verdict']]} (limit {plan['limit_fraction']:.0%} of each device)")
+    lines.append(f"settings: {k['quant']}{' + double quant' if k['double_quant'] and k['quant'] == 'nf4' else ''}, "
+                 f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x accumulation {k['grad_accum']} "
+                 f"(effective {k['effective_batch']}), sequences {k['seq_len']}, gradient checkpointing "
+                 f"{'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}, {k['compute_dtype']}")
+    for d in plan["devices"]:
+        lines.append("")
+        lines.append(f"{d['device']}: {d['estimate'] / GiB:.2f} GiB of {d['limit'] / GiB:.2f} GiB allowed "
+                     f"({d['capacity'] / GiB:.1f} GiB total) {'ok' if d['fits'] else 'TOO MUCH'}")
+        scale = max(d["estimate"], d["limit"])
+        for part, value in d["breakdown"].items():
+            bar = "#" * max(0, round(40 * value / scale)) if scale else ""
+            lines.append(f"  {part:<17}{value / GiB:>8.2f} GiB  {bar}")
+        lines.append(f"  {'limit':<17}{d['limit'] / GiB:>8.2f} GiB  {'-' * round(40 * d['limit'] / scale)}|")
+    if plan["adjustments"]:
+        lines.append("")
+        lines.append("adjustments, in order:")
+        lines += [f"  - {a['change']} ({a['why']})" for a in plan["adjustments"]]
+    lines.append("")
+    lines.append(f"strategy: {plan['strategy']['mode']}: {plan['strategy']['why']}")
+    if plan.get("would_fit"):
+        lines.append("what would fit:")
+        lines += [f"  - {w}" for w in plan["would_fit"]]
+    return "\n".join(lines)
+
+
+# Published measured peaks the estimator is compared with (bench/plan_accuracy.py prints the table).
+PUBLISHED = [
+    {"source": "QLoRA paper (Dettmers et al. 2023), Fig. 6 / sec. 4: LLaMA-7B 4-bit base weights",
+     "part": "weights", "model": "llama-7b", "value": 5048 * 10**6,
+     "knobs": Knobs(quant="nf4", double_quant=True, compute_dtype="bfloat16", micro_batch=1, seq_len=512)},
+    {"source": "QLoRA paper, sec. 4: LLaMA-7B LoRA parameters, 0.2% of the weights in 16-bit (modelled: r=16 on q,k,v)",
+     "part": "lora16", "model": "llama-7b", "value": 26 * 10**6,
+     "knobs": Knobs(quant="nf4", lora_r=16, lora_targets=("q_proj", "k_proj", "v_proj"))},
+    {"source": "QLoRA paper, sec. 4: LoRA input gradients, LLaMA-7B, batch 1 (no checkpointing)",
+     "part": "activations", "model": "llama-7b", "value": 567 * 10**6,
+     "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=512, grad_ckpt=False)},
+    {"source": "QLoRA paper, sec. 4: with gradient checkpointing, per sequence",
+     "part": "activations", "model": "llama-7b", "value": 18 * 10**6,
+     "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=512, grad_ckpt=True)},
+    {"source": "torchtune README: Llama 3.1 8B QLoRA, 1x RTX 4090, batch 2, packed 2048",
+     "part": "total", "model": "llama-3.1-8b", "value": int(7.4 * GiB),
+     "knobs": Knobs(quant="nf4", double_quant=False, lora_r=8, micro_batch=2, seq_len=2048, grad_ckpt=True,
+                    lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), lm_head="chunked")},
+    {"source": "torchtune README: Llama 3.1 8B LoRA, 1x RTX 4090, batch 2, packed 2048",
+     "part": "total", "model": "llama-3.1-8b", "value": int(16.2 * GiB),
+     "knobs": Knobs(quant="none", lora_r=8, micro_batch=2, seq_len=2048, grad_ckpt=True,
+                    lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), lm_head="chunked")},
+    {"source": "Answer.AI fsdp_qlora: Llama-2 7B QLoRA, batch 1, gradient checkpointing, context 512",
+     "part": "total", "model": "llama-2-7b", "value": int(4.98 * GiB),
+     "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=512, grad_ckpt=True, lm_head="full")},
+    {"source": "Answer.AI fsdp_qlora: Llama-2 7B QLoRA, batch 1, gradient checkpointing, context 2048",
+     "part": "total", "model": "llama-2-7b", "value": int(5.21 * GiB),
+     "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=2048, grad_ckpt=True, lm_head="full")},
+]
+
+
+def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | None = None,
+                limit: float = DEFAULT_LIMIT, allow_shorter: bool = False) -> dict:
+    """Plan a recipe on this machine (or a simulated one); recorded in the audit log."""
+    from . import audit, hardware
+
+    hw = hardware.detect(simulate)
+    near = Path(recipe.source).parent if recipe.source else None
+    shape, config_source = load_shape(recipe.base_model, model_config, near)
+    plan = make_plan(shape, Knobs.from_recipe(recipe), hw, limit, allow_shorter)
+    plan["config"] = config_source
+    plan["recipe"] = recipe.source
+    plan["recipe_changes"] = recipe_changes(plan)
+    audit.record("plan", {"model": recipe.base_model},
+                 {"recipe": recipe.name, "hardware": plan["hardware"], "verdict": plan["verdict"],
+                  "estimate_gib": round(max(d["estimate"] for d in plan["devices"]) / GiB, 2),
+                  "changes": plan["recipe_changes"]})
+    return plan
+
+
+def adjusted(recipe, plan: dict):
+    """The recipe with the plan's adjustments applied (validated like any recipe)."""
+    from .recipes import _set_dotted, from_dict
+
+    if not plan["recipe_changes"]:
+        return recipe
+    raw = recipe.model_dump(mode="json")
+    for dotted, value in plan["recipe_changes"].items():
+        _set_dotted(raw, dotted, value)
+    new = from_dict(raw, source=Path(recipe.source) if recipe.source else None)
+    return new
+
+
+def refusal(plan: dict) -> str:
+    """One sentence for a plan that does not fit: how much, where, and what would."""
+    worst = max(plan["devices"], key=lambda d: d["estimate"] - d["limit"])
+    would = "; ".join(plan.get("would_fit", [])) or "a machine with more memory"
+    return (f"this run does not fit: it needs {worst['estimate'] / GiB:.1f} GiB on {worst['device']} "
+            f"but {worst['limit'] / GiB:.1f} GiB are allowed, even after every safe adjustment; what would fit: "
+            f"{would} (`appliance plan` shows the breakdown).")

@@ -1,0 +1,103 @@
+"""Measuring real training memory for the planner's estimator (used by bench/plan_accuracy.py and tests/test_plan.py).
+
+A run here is the real thing: `appliance train` (QLoRA NF4 through TRL, in the
+training child) on a random Llama with SmolLM2's tokenizer, or on SmolLM2-135M,
+with a dataset whose every example is longer than ``max_seq_length`` (so each
+micro-batch is exactly micro_batch x max_seq_length tokens, as the estimate
+assumes). The measured figure is the child's peak RSS (``peak_rss_bytes`` in
+the run's summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSPHRASE = "memory probe passphrase"
+WORDS = ("invoice ledger account balance transfer audit quarterly report revenue margin customer contract "
+         "delivery warranty support pricing region engineer incident review timeline mitigation").split()
+
+
+def cli(home: Path, *args: str) -> dict:
+    env = {**os.environ, "APPLIANCE_HOME": str(home), "APPLIANCE_PASSPHRASE_FILE": str(home.parent / "probe-pw")}
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", *args, "--json"], capture_output=True, text=True,
+                          env=env, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"appliance {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def workspace(home: Path) -> Path:
+    """A workspace with a vault (artifacts are signed with its key) and a dataset of long examples."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home.parent / "probe-pw").write_text(PASSPHRASE)
+    if not (home / "keyring.json").exists():
+        cli(home, "vault", "init", "--kdf", "pbkdf2-sha256")
+    data = home.parent / "long-examples"
+    if not data.is_dir():
+        data.mkdir()
+        for split, n in (("train", 48), ("validation", 4)):
+            with open(data / f"{split}.jsonl", "w") as f:
+                for i in range(n):
+                    text = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(1500))
+                    f.write(json.dumps({"messages": [{"role": "user", "content": f"write up case {i}"},
+                                                     {"role": "assistant", "content": text}]}) + "\n")
+    return data
+
+
+def random_llama(out: Path, tokenizer_dir: Path, hidden: int, intermediate: int, layers: int, heads: int) -> Path:
+    """A random Llama with SmolLM2's tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def tokenizer_dir(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from appliance.models import default_gguf
+
+    if not (out / "tokenizer.json").is_file():
+        gguf = default_gguf()
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
+def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
+            compute_dtype: str = "float32", steps: int = 2, r: int = 16) -> dict:
+    """Train ``steps`` steps for real and return the run's summary (with peak_rss_bytes) and the recipe used."""
+    import yaml
+
+    recipe = {"name": "probe", "base_model": model_id, "dataset": str(dataset), "seed": 1,
+              "quantization": {"method": "nf4", "compute_dtype": compute_dtype},
+              "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0},
+              "training": {"max_steps": steps, "micro_batch_size": micro_batch, "max_seq_length": seq_len,
+                           "gradient_checkpointing": grad_ckpt, "save_steps": 1000, "eval_steps": 1000,
+                           "learning_rate": 1e-4},
+              "export": {"quant": ["f16"]}}
+    path = home.parent / f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = cli(home, "train", str(path))
+    if run["state"] != "finished":
+        raise RuntimeError(f"probe run {run['id']} ended {run['state']}: {run.get('error')}")
+    return {"summary": run["summary"], "recipe": path}
+
+
+def predicted(home: Path, recipe: Path) -> dict:
+    """The planner's estimate for that recipe on this machine (CPU), through the real CLI."""
+    return cli(home, "plan", str(recipe))

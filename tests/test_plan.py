@@ -1,0 +1,147 @@
+"""The memory planner: parameter counts, the estimate's parts, verdicts, adjustments in order, strategies, recipes."""
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance import hardware, plan, recipes
+from conftest import ROOT, cli_json, run_cli
+
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+def _shape(name):
+    return plan.shape_from_config(json.loads((CONFIGS / f"{name}.json").read_text()), name)
+
+
+def test_parameter_counts_match_the_published_models():
+    assert plan.shape_from_config(SMOLLM2).total_params == 134_515_008  # SmolLM2-135M
+    assert _shape("llama-3.1-8b-instruct").total_params == 8_030_261_248  # Llama 3.1 8B
+    # Qwen2.5 counts without the q/k/v biases (1.6M on 7B): 7.61B published.
+    assert abs(_shape("qwen2.5-7b-instruct").total_params - 7_615_616_512) < 2e6
+
+
+def test_nf4_weights_and_the_qlora_papers_llama_7b():
+    llama7b = plan.shape_from_config({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                      "num_attention_heads": 32, "vocab_size": 32000})
+    parts = plan.estimate(llama7b, plan.Knobs(quant="nf4", double_quant=True), "cuda")
+    # 4 bits a weight + one 8-bit absmax per 64 weights + one fp32 constant per 256 blocks; 16-bit embeddings.
+    assert parts["weights"] == int(llama7b.linear_params * (0.5 + (1 + 4 / 256) / 64))
+    assert parts["weights_16bit"] == llama7b.other_params * 2
+    no_dq = plan.estimate(llama7b, plan.Knobs(quant="nf4", double_quant=False), "cuda")["weights"]
+    assert 0.36 < (no_dq - parts["weights"]) * 8 / llama7b.linear_params < 0.39  # double quant saves ~0.37 bit
+
+
+def test_each_part_moves_with_its_knob():
+    s = _shape("qwen2.5-7b-instruct")
+    base = plan.Knobs(micro_batch=2, seq_len=1024)
+    est = lambda **kw: plan.estimate(s, replace(base, **kw), "cuda")  # noqa: E731
+    a = est()
+    assert est(micro_batch=4)["activations"] == 2 * a["activations"]
+    assert est(seq_len=2048)["activations"] == 2 * a["activations"]
+    assert est(grad_ckpt=True)["activations"] < a["activations"] / 4
+    assert est(optimizer="paged_adamw_8bit")["optimizer"] == a["optimizer"] // 4
+    assert est(lora_r=32)["lora"] == 2 * a["lora"]
+    assert est(quant="none")["weights"] > 3.5 * a["weights"]
+    assert est(lm_head="full")["logits"] > 10 * a["logits"]
+    assert plan.estimate(s, base, "cpu")["runtime"] == plan.CPU_RUNTIME
+
+
+def test_verdicts_strategies_and_what_would_fit():
+    hw = {name: hardware.detect(name) for name in ("1x-rtx4090", "2x-rtx4090", "cpu-only")}
+    qlora = plan.Knobs(micro_batch=2, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit")
+    p = plan.make_plan(_shape("qwen2.5-7b-instruct"), qlora, hw["1x-rtx4090"])
+    assert p["verdict"] == "fits" and p["strategy"]["mode"] == "single" and p["adjustments"] == []
+    p = plan.make_plan(_shape("qwen2.5-14b-instruct"), qlora, hw["2x-rtx4090"])
+    assert p["strategy"]["mode"] == "ddp" and "one replica fits a GPU" in p["strategy"]["why"]
+    big = _shape("qwen2.5-32b-instruct")
+    p = plan.make_plan(big, replace(qlora, micro_batch=1), hw["2x-rtx4090"])
+    assert p["verdict"] == "fits" and p["strategy"]["mode"] == "split" and p["strategy"]["shards"] == 2
+    p = plan.make_plan(big, replace(qlora, micro_batch=1), hw["1x-rtx4090"])
+    assert p["verdict"] == "does_not_fit" and p["adjustments"] == []
+    assert any("GPUs like these" in w for w in p["would_fit"]) and any("smaller model" in w for w in p["would_fit"])
+    assert "does not fit" in plan.refusal(p) and "what would fit" in plan.refusal(p)
+
+
+def test_adjustments_come_in_order_and_keep_the_effective_batch():
+    s = _shape("llama-3.1-8b-instruct")
+    hw = hardware.detect("1x-rtx4090")
+    p = plan.make_plan(s, plan.Knobs(micro_batch=16, grad_accum=1, seq_len=2048), hw)
+    changes = [a["change"] for a in p["adjustments"]]
+    assert p["verdict"] == "fits_after_adjustment"
+    assert changes[0] == "gradient checkpointing on" and changes[1].startswith("micro-batch 16 -> 8")
+    assert p["knobs"]["effective_batch"] == 16 and p["knobs"]["micro_batch"] * p["knobs"]["grad_accum"] == 16
+    assert plan.recipe_changes(p)["training.gradient_checkpointing"] is True
+    # LoRA on a 16-bit 14B base does not fit 24 GB (28 GB of weights): the plan says QLoRA would.
+    p = plan.make_plan(_shape("qwen2.5-14b-instruct"), plan.Knobs(quant="none", micro_batch=1, seq_len=2048), hw)
+    assert p["verdict"] == "does_not_fit"
+    assert any(w.startswith("QLoRA instead of LoRA") for w in p["would_fit"])
+    assert [a["change"] for a in p["adjustments"]] == []
+
+
+def test_shorter_sequences_only_with_consent():
+    s = _shape("qwen2.5-32b-instruct")
+    hw = hardware.detect("1x-a100-80gb")
+    k = plan.Knobs(micro_batch=1, seq_len=131072, grad_ckpt=True, optimizer="paged_adamw_8bit")
+    refused = plan.make_plan(s, k, hw)
+    assert refused["verdict"] == "does_not_fit" and any("--allow-shorter" in w for w in refused["would_fit"])
+    allowed = plan.make_plan(s, k, hw, allow_shorter=True)
+    assert allowed["verdict"] == "fits_after_adjustment" and allowed["knobs"]["seq_len"] < 131072
+    assert any(a["change"].startswith("max_seq_length 131072 ->") for a in allowed["adjustments"])
+
+
+def _header_verdict(path: Path) -> tuple[str, str]:
+    m = re.search(r"`appliance plan recipes/(\S+) --simulate (\S+)`: (\w[\w ]*)", path.read_text())
+    assert m, f"{path} states no target profile and verdict in its header"
+    assert m[1] == path.name
+    return m[2], m[3].strip()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates_and_its_header_states_its_plan(home, path):
+    recipe = recipes.load(path)
+    profile, stated = _header_verdict(path)
+    config = CONFIGS / f"{recipe.base_model}.json"
+    p = plan.plan_recipe(recipe, simulate=profile, model_config=config if config.is_file() else None)
+    assert stated == {"fits": "fits", "fits_after_adjustment": "fits after adjustment",
+                      "does_not_fit": "does not fit"}[p["verdict"]], p["verdict"]
+    assert p["verdict"] != "does_not_fit"
+
+
+def test_cli_plan_text_json_and_errors(home, tmp_path):
+    recipe = ROOT / "recipes" / "qwen2.5-14b-qlora-2x24gb.yaml"
+    text = run_cli("plan", str(recipe), "--simulate", "2x-rtx4090", home=home).stdout
+    assert "FITS" in text and "strategy: ddp" in text and "optimizer" in text and "limit" in text
+    j = cli_json("plan", str(recipe), "--simulate", "1x-a100-80gb", "--limit", "0.5", home=home)
+    assert j["limit_fraction"] == 0.5 and j["devices"][0]["limit"] < 0.51 * j["devices"][0]["capacity"]
+    too_big = run_cli("plan", str(recipe), "--simulate", "1x-rtx4090", "--limit", "0.5", home=home, check=False)
+    assert too_big.returncode == 3 and "DOES NOT FIT" in too_big.stdout and "what would fit:" in too_big.stdout
+    smol = tmp_path / "config.json"
+    smol.write_text(json.dumps(SMOLLM2))
+    cpu = cli_json("plan", str(ROOT / "recipes" / "demo-cpu.yaml"), "--model-config", str(smol), home=home)
+    assert cpu["devices"][0]["device"] == "cpu (RAM)" and cpu["verdict"] == "fits"
+    assert cpu["model"]["parameters"] == 134_515_008
+    bad = run_cli("plan", str(recipe), "--simulate", "9x-imaginary", home=home, check=False)
+    assert bad.returncode == 2 and "9x-imaginary" in bad.stderr
+    missing = run_cli("plan", str(ROOT / "recipes" / "demo-cpu.yaml"), home=home, check=False)
+    assert missing.returncode == 2 and "no model with id" in missing.stderr and "--model-config" in missing.stderr
+    from appliance import audit
+
+    assert [e["details"]["verdict"] for e in audit.entries(event="plan")] == ["fits", "fits", "does_not_fit", "fits"]
+
+
+def test_train_plans_first_and_refuses_what_cannot_fit(home, tmp_path):
+    model = home / "models" / "qwen-big"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text((CONFIGS / "qwen2.5-32b-instruct.json").read_text())
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("name: big\nbase_model: qwen-big\ndataset: nowhere\nquantization: {method: none}\n")
+    refused = run_cli("train", str(recipe), home=home, check=False)
+    assert refused.returncode == 2
+    assert "this run does not fit" in refused.stderr and "what would fit" in refused.stderr
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
