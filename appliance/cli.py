@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("--allow-shorter", action="store_true",
                    help="let the plan shorten sequences if nothing else makes the run fit")
+    t.add_argument("--processes", type=int, metavar="N",
+                   help="data-parallel processes (default: the plan's choice; one per GPU when a replica fits one)")
     t.add_argument("--detach", action="store_true", help="start the run and return at once")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set training.max_steps=10")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("run")
         if name == "resume":
             sp.add_argument("--detach", action="store_true")
+            sp.add_argument("--processes", type=int, metavar="N", help="data-parallel processes (default: as before)")
         sp.add_argument("--json", action="store_true")
 
     g = add("merge", "merge a run's adapter into its 16-bit base model")
@@ -485,8 +488,10 @@ def _train(args) -> int:
         recipe = planner.adjusted(recipe, plan)
         if not args.json:
             print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
+    if args.processes is not None and args.processes < 1:
+        raise InvalidInput(f"--processes {args.processes}: give 1 or more.")
     run_id = runs.create(recipe, plan)
-    runs.start(run_id)
+    runs.start(run_id, processes=args.processes)
     return _after_start(run_id, args.detach, args.json)
 
 
@@ -594,7 +599,7 @@ def _runs_stop(args) -> int:
 def _runs_resume(args) -> int:
     from . import runs
 
-    runs.resume(args.run)
+    runs.resume(args.run, processes=args.processes)
     return _after_start(args.run, args.detach, args.json)
 
 

@@ -55,6 +55,9 @@ ACT_I = 4.0
 CUDA_RUNTIME = 600 * MiB   # CUDA context + cuBLAS/cuDNN workspaces, as nvidia-smi reports for a fresh torch process
 CPU_RUNTIME = 760 * MiB    # RSS of the training process here once torch, transformers, PEFT, TRL and bnb are loaded
 ALLOCATOR_MARGIN = 0.08    # fragmentation on top of live tensors (caching allocator / glibc malloc)
+# TRL's fused LM head on a CPU (torch ops, no Triton): peak of forward + backward, in fp32 tiles of
+# min(tokens, 4096) x min(vocab, 32768). Measured here: +4.4 GiB at 4096 tokens, +1.2 GiB at 1024 (hidden 512).
+CPU_HEAD_TILES = 8.5
 DEFAULT_LIMIT = 0.90
 
 
@@ -177,17 +180,26 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     lora = shape.lora_params(k.lora_r, k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets))
     tokens = k.micro_batch * k.seq_len
     h, i = shape.hidden, shape.intermediate
-    per_token_layer = (ACT_H * h + ACT_I * i) * dtype
+    # On a CPU there is no autocast: prepare_model_for_kbit_training keeps embeddings and norms in fp32, so the
+    # residual stream and what the backward pass keeps are fp32; and attention takes SDPA's math path (a padding
+    # mask), which keeps the scores and the probabilities (heads x seq per token). On a GPU, autocast keeps
+    # 16-bit activations and SDPA's memory-efficient kernels keep no scores.
+    act = 4 if device == "cpu" else dtype
+    attention = 2 * shape.heads * k.seq_len * act if device == "cpu" else 0
+    per_token_layer = (ACT_H * h + ACT_I * i) * act + attention
     if k.grad_ckpt:
-        activations = tokens * (shape.layers * h * dtype + per_token_layer)
+        activations = tokens * (shape.layers * h * act + per_token_layer)
     else:
         activations = tokens * shape.layers * per_token_layer
+    tile = min(tokens, 4096) * min(shape.vocab, 32768)  # TRL's fused LM head: token x vocab tiles
     if k.lm_head == "full":
         head = tokens * shape.vocab * (dtype + 4 + 4)  # logits, their fp32 copy, and its gradient
     elif k.lm_head == "chunked":
         head = tokens * shape.vocab * dtype + tokens * shape.vocab * 4 // 8  # 16-bit logits, one fp32 chunk of 8
+    elif device == "cpu":
+        head = int(CPU_HEAD_TILES * tile * 4)  # without Triton, the tile's fp32 temporaries (measured)
     else:
-        head = min(tokens, 1024) * min(shape.vocab, 32768) * 4 * 2 + tokens * 16  # TRL's fused head: tiles
+        head = 2 * tile * dtype + tokens * 32  # a tile and its gradient in place; per-token statistics
     parts = {
         "weights": int(shape.linear_params * per_param / shards),
         "weights_16bit": int(shape.other_params * dtype / shards),
@@ -385,10 +397,10 @@ PUBLISHED = [
     {"source": "QLoRA paper, sec. 4: LLaMA-7B LoRA parameters, 0.2% of the weights in 16-bit (modelled: r=16 on q,k,v)",
      "part": "lora16", "model": "llama-7b", "value": 26 * 10**6,
      "knobs": Knobs(quant="nf4", lora_r=16, lora_targets=("q_proj", "k_proj", "v_proj"))},
-    {"source": "QLoRA paper, sec. 4: LoRA input gradients, LLaMA-7B, batch 1 (no checkpointing)",
+    {"source": "QLoRA paper, sec. 4: LoRA input gradients only (no attention; the paper's estimate), LLaMA-7B, batch 1",
      "part": "activations", "model": "llama-7b", "value": 567 * 10**6,
      "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=512, grad_ckpt=False)},
-    {"source": "QLoRA paper, sec. 4: with gradient checkpointing, per sequence",
+    {"source": "QLoRA paper, sec. 4: the same with gradient checkpointing, per (FLAN v2) sequence",
      "part": "activations", "model": "llama-7b", "value": 18 * 10**6,
      "knobs": Knobs(quant="nf4", micro_batch=1, seq_len=512, grad_ckpt=True)},
     {"source": "torchtune README: Llama 3.1 8B QLoRA, 1x RTX 4090, batch 2, packed 2048",

@@ -8,7 +8,9 @@ A run lives in ``runs/<id>/``::
     worker.log        the worker's stderr (no dataset text is ever logged)
     checkpoints/      checkpoint-N/ folders; one is usable once it holds COMPLETE
     adapter/          the trained LoRA adapter, with its tokenizer and manifest
-    summary.json      final figures (losses, steps, time, tokens/s)
+    summary.json      final figures (losses, steps, time, tokens/s, out-of-memory recoveries)
+    overrides.json    what the worker changed at run time: the smaller micro-batch (and larger gradient
+                      accumulation) after an out-of-memory recovery, kept for a later resume
 
 Training runs in a child process (``appliance._train_worker``) started in its
 own session: closing the terminal or the TUI does not stop it, and a crash of
@@ -45,8 +47,8 @@ def list_runs() -> list[dict]:
     return [status(p.name) for p in sorted(folder("runs").iterdir()) if (p / "run.json").is_file()]
 
 
-def create(recipe: Recipe) -> str:
-    """Validate what the recipe points at and make the run's folder; start nothing."""
+def create(recipe: Recipe, plan: dict | None = None) -> str:
+    """Validate what the recipe points at and make the run's folder (with its memory plan); start nothing."""
     from . import data
     from .models import model_dir
 
@@ -60,18 +62,30 @@ def create(recipe: Recipe) -> str:
     write_json(path / "recipe.json", {**recipe.model_dump(mode="json"), "source": recipe.source})
     write_json(path / "run.json", {"id": run_id, "recipe": recipe.name, "recipe_sha256": recipe.digest(),
                                    "base_model": recipe.base_model, "dataset": str(dataset.resolve())})
+    if plan is not None:
+        write_json(path / "plan.json", plan)
     return run_id
 
 
-def start(run_id: str, resume: bool = False) -> int:
-    """Start the worker for a run in its own session; return its pid."""
+def start(run_id: str, resume: bool = False, processes: int | None = None) -> int:
+    """Start the worker for a run in its own session; return its pid.
+
+    ``processes`` > 1 trains with data parallelism: that many ranks (one per GPU; on a CPU, gloo processes
+    sharing its cores), each with the recipe's micro-batch, so the effective batch is micro-batch x gradient
+    accumulation x processes. Without it: ``APPLIANCE_DDP_PROCESSES``, else what the run was started with (a
+    resume keeps it), else the plan's strategy (``ddp``: one replica per GPU), else 1."""
     path = run_dir(run_id)
+    info = read_json(path / "run.json")
+    n = _processes(path, info, processes)
     cmd = [sys.executable, "-m", "appliance._train_worker", str(path)]
     if resume:
         cmd.append("--resume")
+    if n > 1:
+        cmd += ["--processes", str(n)]
     # An encrypted dataset's key and the appliance's signing key (for the run's manifests and audit
     # checkpoints) go to the worker through a pipe it inherits: never on disk, never in its environment or
-    # command line, and no passphrase needed by a process that has no terminal.
+    # command line, and no passphrase needed by a process that has no terminal. With data parallelism the
+    # worker hands them on to its ranks in memory (multiprocessing's spawn pipe).
     import json
 
     from . import audit, data, signing
@@ -90,11 +104,56 @@ def start(run_id: str, resume: bool = False) -> int:
         w.write(json.dumps(handed).encode())
     info = read_json(path / "run.json")
     info["pid"] = proc.pid
+    info["processes"] = n
     write_json(path / "run.json", info)
     audit.record("train.resume" if resume else "train.start",
                  {"run": run_id, "dataset": recipe.dataset_path().name, "base_model": recipe.base_model},
-                 {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "pid": proc.pid})
+                 {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "pid": proc.pid, "processes": n})
     return proc.pid
+
+
+def _processes(path: Path, info: dict, requested: int | None) -> int:
+    n = requested
+    if n is None and os.environ.get("APPLIANCE_DDP_PROCESSES"):
+        raw = os.environ["APPLIANCE_DDP_PROCESSES"]
+        try:
+            n = int(raw)
+        except ValueError:
+            raise InvalidInput(f"APPLIANCE_DDP_PROCESSES={raw!r} is not a whole number; set it to the number of "
+                               "data-parallel processes (2 or more), or unset it.") from None
+    if n is None:
+        n = info.get("processes")
+    if n is None and (path / "plan.json").is_file():
+        strategy = read_json(path / "plan.json").get("strategy") or {}
+        n = int(strategy.get("replicas") or 1) if strategy.get("mode") == "ddp" else 1
+    n = int(n or 1)
+    if not 1 <= n <= 64:
+        raise InvalidInput(f"{n} training processes is out of range; use 1 to 64 (one per GPU).")
+    return n
+
+
+def overrides(run_id: str) -> dict:
+    """What the worker changed at run time (``overrides.json``): micro-batch, accumulation, OOM recoveries."""
+    path = folder("runs") / run_id / "overrides.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def batch_settings(run_id: str, recipe: Recipe) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) the run trains with now: the recipe's, or the smaller micro-batch an
+    out-of-memory recovery chose (with the same effective batch)."""
+    o = overrides(run_id)
+    return (int(o.get("micro_batch_size", recipe.training.micro_batch_size)),
+            int(o.get("gradient_accumulation_steps", recipe.training.gradient_accumulation_steps)))
+
+
+def record_oom_recovery(run_id: str, record: dict) -> dict:
+    """Keep an out-of-memory recovery and the batch it chose, so that a later resume keeps the smaller batch."""
+    o = overrides(run_id)
+    o["micro_batch_size"] = record["micro_batch"][1]
+    o["gradient_accumulation_steps"] = record["gradient_accumulation"][1]
+    o["oom_recoveries"] = [*o.get("oom_recoveries", []), record]
+    write_json(folder("runs") / run_id / "overrides.json", o)
+    return o
 
 
 def load_recipe(run_id: str) -> Recipe:
@@ -143,6 +202,7 @@ def status(run_id: str) -> dict:
         "max_steps": last_progress.data.get("max_steps") if last_progress else None,
         "loss": last_progress.data.get("loss") if last_progress else None,
         "last_checkpoint": (c.name if (c := last_checkpoint(run_id)) else None),
+        "oom_recoveries": overrides(run_id).get("oom_recoveries", []),
         "error": final.message if final is not None and final.type == "failed" else None,
         "summary": summary,
         "path": str(path),
@@ -156,13 +216,13 @@ def last_checkpoint(run_id: str) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def resume(run_id: str) -> int:
+def resume(run_id: str, processes: int | None = None) -> int:
     st = status(run_id)
     if st["state"] == "running":
         raise InvalidInput(f"run {run_id} is still running (pid {st['pid']}); `appliance runs follow {run_id}` shows it.")
     if st["state"] == "finished":
         raise InvalidInput(f"run {run_id} has finished; there is nothing to resume.")
-    return start(run_id, resume=True)
+    return start(run_id, resume=True, processes=processes)
 
 
 def stop(run_id: str) -> bool:

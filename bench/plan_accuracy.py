@@ -5,8 +5,8 @@
    with/without gradient checkpointing, against `appliance plan`'s estimate for the same recipe.
 2. Published GPU figures (cited in appliance/plan.py's PUBLISHED): the QLoRA paper's LLaMA-7B breakdown,
    torchtune's Llama 3.1 8B on one RTX 4090, Answer.AI's fsdp_qlora Llama-2 7B.
-3. GPU, measured on a lent GPU machine: rows from bench/gpu_measured.json when present (written by
-   bench/gpu_probe.py on that machine).
+3. GPU, measured on a lent GPU machine: rows from bench/gpu_measured.json when present
+   ([{"label", "predicted", "measured"}], bytes; peak torch.cuda.max_memory_allocated of real runs).
 
     .venv/bin/python bench/plan_accuracy.py [--quick] [--json OUT]
 """
@@ -37,6 +37,7 @@ CONFIGS = {
 CPU_RUNS = [
     # (model, micro_batch, seq_len, gradient checkpointing, compute dtype)
     ("rand-512x4", 2, 128, False, "float32"),
+    ("rand-512x4", 4, 256, False, "float32"),
     ("rand-512x4", 8, 512, False, "float32"),
     ("rand-512x4", 8, 512, True, "float32"),
     ("smollm2", 4, 256, False, "bfloat16"),
