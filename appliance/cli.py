@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     vf = add("verify", "check an artifact's signed manifest and walk its lineage back through the workspace")
     vf.add_argument("path", help="an artifact folder (dataset, model, run, adapter, merged, gguf, bundle) or a file in one")
     vf.add_argument("--pubkey", help="a trusted copy of the appliance's signing-key.pub (default: the keyring's)")
+
+    tu = add("tui", "the terminal UI (also what `appliance` with no command opens in a terminal)", json_out=False)
+    tu.add_argument("--simulate", metavar="PROFILE", help="show a named hardware profile instead of this machine's")
     return p
 
 
@@ -203,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
-        parser.print_help()
-        return 0
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):  # a pipe or a script: the help, as always
+            parser.print_help()
+            return 0
+        args = parser.parse_args(["tui"])
     key = args.cmd if getattr(args, "sub", None) is None else f"{args.cmd} {args.sub}"
     quiet_libraries()
     try:
@@ -782,6 +787,23 @@ def _hw(args) -> int:
     for note in hw.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     return 0
+
+
+@command("tui")
+def _tui(args) -> int:
+    from . import hardware
+    from .errors import InvalidInput
+
+    if args.simulate is not None and args.simulate not in hardware.PROFILES:
+        raise InvalidInput(f"unknown hardware profile {args.simulate!r}; choose one of: {', '.join(hardware.PROFILES)}.")
+    try:
+        from tui.app import run  # textual loads here only: the core never imports it
+    except ModuleNotFoundError as e:
+        if e.name not in ("tui", "textual"):
+            raise
+        raise InvalidInput(f"the terminal UI is not installed ({e}); install the appliance with its dependencies "
+                           "(textual) or use the commands.") from None
+    return run(simulate=args.simulate)
 
 
 @command("demo")

@@ -381,11 +381,16 @@ def _cores() -> int:
 
 
 def _disk_free() -> int:
+    """Free bytes where the workspace is (or will be): looking does not create it."""
     import shutil
+    from pathlib import Path
 
-    from .workspace import home
+    from .workspace import default_home
 
-    return shutil.disk_usage(home()).free
+    path = Path(os.environ.get("APPLIANCE_HOME") or default_home()).expanduser().resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _bitsandbytes_cuda() -> tuple[bool, str | None]:

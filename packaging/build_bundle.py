@@ -179,8 +179,9 @@ def build_own_wheel(work: Path) -> Path:
     for name in SOURCE_FILES:
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "appliance", src / "appliance",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    for package in ("appliance", "tui"):  # the packages pyproject's [tool.setuptools.packages.find] includes
+        shutil.copytree(REPO / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     out = work / "self"
     say("building the appliance's wheel (pip wheel --no-deps)")
     # setuptools comes from build-tools.txt: no isolated build environment to fetch for every bundle

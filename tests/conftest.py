@@ -12,12 +12,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLIANCE = [sys.executable, "-m", "appliance.cli"]
+
+# No test may touch a real workspace (the user's default one, or one named in the shell): tests without the
+# `home` fixture get a scratch workspace, set before the appliance is first imported.
+os.environ["APPLIANCE_HOME"] = tempfile.mkdtemp(prefix="appliance-tests-")
 
 
 PASSPHRASE = "correct horse"

@@ -1,0 +1,101 @@
+"""Dashboard: what the workspace holds, and the next step of the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.widgets import Static
+
+from .base import Pane
+
+
+@dataclass(frozen=True)
+class Summary:
+    vault: bool
+    models: int
+    datasets: int
+    runs: int
+    running: list[str]
+    finished: list[str]
+    exported: list[str]
+    audit_entries: int
+
+
+def summarize() -> Summary:
+    """Read the workspace through the public API (runs in a worker: it touches the disk and every run's pid)."""
+    from appliance import audit, models, runs
+    from appliance.vault import keyring
+
+    vault = keyring.exists()
+    rs = runs.list_runs()
+    from pathlib import Path
+
+    return Summary(
+        vault=vault,
+        models=len(models.list_models()),
+        datasets=len(keyring.status()["datasets"]) if vault else 0,
+        runs=len(rs),
+        running=[r["id"] for r in rs if r["state"] == "running"],
+        finished=[r["id"] for r in rs if r["state"] == "finished"],
+        exported=[r["id"] for r in rs if r["state"] == "finished" and (Path(r["path"]) / "export.json").is_file()],
+        audit_entries=len(audit.entries()),
+    )
+
+
+def next_step(s: Summary) -> str:
+    """The one thing to do next, as the command that does it (the pipeline in order)."""
+    if not s.vault:
+        return "no vault yet: create one with `appliance vault init`"
+    if not s.models:
+        return "import a model: `appliance models import PATH` (a .gguf file or a Hugging Face folder)"
+    if not s.datasets:
+        return "import a dataset: `appliance data import FILE --name NAME`"
+    if s.running:
+        return f"a run is training: follow {s.running[-1]} on the Train screen (key 3)"
+    if not s.finished:
+        return "plan and train: `appliance plan RECIPE`, then `appliance train RECIPE`"
+    if not s.exported:
+        run = s.finished[-1]
+        return f"export: `appliance merge {run}`, then `appliance export {run}`"
+    return f"chat with the tuned model: `appliance chat {s.exported[-1]}`"
+
+
+def render(s: Summary) -> str:
+    def mark(done: bool) -> str:
+        return "[green]✓[/]" if done else "[dim]·[/]"
+
+    steps = [
+        (s.vault, "vault", "present" if s.vault else "none"),
+        (s.models > 0, "models", str(s.models)),
+        (s.datasets > 0, "datasets", f"{s.datasets} in the vault"),
+        (bool(s.finished), "runs", f"{s.runs} ({len(s.finished)} finished, {len(s.running)} running)"),
+        (bool(s.exported), "exported", f"{len(s.exported)} run(s) with GGUF files"),
+    ]
+    lines = [f" {mark(done)} {name:<9} {value}" for done, name, value in steps]
+    lines.append(f"   {'audit':<9} {s.audit_entries} entries")
+    return "\n".join(lines)
+
+
+class Dashboard(Pane):
+    DEFAULT_CSS = """
+    Dashboard #pipeline { height: auto; margin: 1 1; }
+    Dashboard #next { height: auto; margin: 0 1; padding: 1 2; border: round $accent; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static("reading the workspace…", id="pipeline")
+        yield Static("", id="next")
+
+    def on_mount(self) -> None:
+        # After the first paint: the worker's imports (the appliance's modules) would hold the GIL during it.
+        self.call_after_refresh(self.refresh_data)
+
+    def refresh_data(self) -> None:
+        self.call(summarize, self.show, group="summary")
+
+    def show(self, s: Summary) -> None:
+        self.summary = s
+        self.query_one("#pipeline", Static).update(render(s))
+        self.query_one("#next", Static).update(f"[b]next:[/] {escape(next_step(s))}")
