@@ -145,3 +145,16 @@ def documented_decryptor():
     namespace: dict = {}
     exec(code, namespace)
     return namespace["decrypt"]
+
+
+@pytest.fixture
+def tiny_home(vault_home, tiny_model_dir) -> Path:
+    """A workspace with a vault and the tiny model imported as `tiny`."""
+    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=vault_home)
+    return vault_home
+
+
+def run_events(home: Path, run_id: str):
+    from appliance import events
+
+    return events.read(home / "runs" / run_id / "events.jsonl")

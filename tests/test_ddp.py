@@ -5,9 +5,7 @@ import json
 import math
 import time
 
-import pytest
-
-from conftest import cli_json, run_cli, write_recipe
+from conftest import cli_json, write_recipe
 
 # The two runs see the same examples in each optimizer step (accelerate hands rank r the micro-batches r, r+2, ...
 # of the same seeded order; the token counts are compared below), so with LoRA dropout off they differ only by
@@ -17,12 +15,6 @@ from conftest import cli_json, run_cli, write_recipe
 # accumulation 2 differs from micro-batch 4 by 2.4e-4 for the same reason), hence dropout 0 here and a bound
 # 1000x above the measured gap.
 REL_TOLERANCE = 1e-4
-
-
-@pytest.fixture
-def tiny_home(vault_home, tiny_model_dir):
-    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=vault_home)
-    return vault_home
 
 
 def _curve(home, run_id):

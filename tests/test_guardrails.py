@@ -5,21 +5,7 @@ last checkpoint) shown with torch's real OutOfMemoryError injected at a chosen s
 import json
 import math
 
-import pytest
-
-from conftest import cli_json, run_cli, write_recipe
-
-
-@pytest.fixture
-def tiny_home(vault_home, tiny_model_dir):
-    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=vault_home)
-    return vault_home
-
-
-def _events(home, run_id):
-    from appliance import events
-
-    return events.read(home / "runs" / run_id / "events.jsonl")
+from conftest import cli_json, run_events, write_recipe
 
 
 def test_oom_at_step_5_halves_the_micro_batch_and_finishes(tiny_home, tmp_path, demo_dataset):
@@ -41,7 +27,7 @@ def test_oom_at_step_5_halves_the_micro_batch_and_finishes(tiny_home, tmp_path, 
     overrides = json.loads((run / "overrides.json").read_text())
     assert overrides["micro_batch_size"] == 2 and overrides["gradient_accumulation_steps"] == 2
 
-    evs = _events(home, run_id)
+    evs = run_events(home, run_id)
     warnings = [e for e in evs if e.type == "warning" and "oom_recovery" in e.data]
     assert len(warnings) == 1 and "continuing from checkpoint-4 with micro-batch 2" in warnings[0].message
     at = evs.index(warnings[0])
@@ -66,7 +52,7 @@ def test_memory_in_progress_events_and_one_warning_past_the_threshold(tiny_home,
     # Any machine uses more than 1% of its RAM: the warning must fire, and only once.
     st = cli_json("train", str(recipe), home=home, env={"APPLIANCE_MEMORY_WARN_FRACTION": "0.01"})
     assert st["state"] == "finished", st
-    evs = _events(home, st["id"])
+    evs = run_events(home, st["id"])
     steps = [e.data for e in evs if e.type == "progress" and "loss" in e.data]
     assert [d["step"] for d in steps] == [1, 2, 3]
     for d in steps:

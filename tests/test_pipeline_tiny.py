@@ -7,20 +7,7 @@ import time
 
 import pytest
 
-from conftest import cli_json, run_cli, write_recipe
-
-
-@pytest.fixture
-def tiny_home(vault_home, tiny_model_dir):
-    home = vault_home
-    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
-    return home
-
-
-def _events(home, run_id):
-    from appliance import events
-
-    return events.read(home / "runs" / run_id / "events.jsonl")
+from conftest import cli_json, run_cli, run_events, write_recipe
 
 
 def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
@@ -31,7 +18,7 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     run_id, run = st["id"], home / "runs" / st["id"]
     assert st["summary"]["steps"] == 6
 
-    evs = _events(home, run_id)
+    evs = run_events(home, run_id)
     steps = [e.data for e in evs if e.type == "progress" and "loss" in e.data]
     assert [d["step"] for d in steps] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "learning_rate", "grad_norm", "rss_bytes"} <= set(steps[-1])
@@ -156,7 +143,7 @@ def test_resume_after_kill_9_reaches_the_same_final_loss(tiny_home, tmp_path, de
     # The worker hangs right after checkpoint-4 is complete, so the kill lands at a known point.
     started = cli_json("train", str(recipe), "--detach", home=home, env={"APPLIANCE_FAULT": "hang_after_checkpoint:4"})
     run_id = started["run"]
-    _wait_for(lambda: any(e.data.get("checkpoint") == "checkpoint-4" for e in _events(home, run_id)),
+    _wait_for(lambda: any(e.data.get("checkpoint") == "checkpoint-4" for e in run_events(home, run_id)),
               what="checkpoint-4")
     pid = json.loads((home / "runs" / run_id / "run.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -170,7 +157,7 @@ def test_resume_after_kill_9_reaches_the_same_final_loss(tiny_home, tmp_path, de
     assert resumed["summary"]["steps"] == 10
     assert abs(resumed["summary"]["final_loss"] - straight["summary"]["final_loss"]) <= 1e-4
     # Steps 5..10 were trained once more after the resume, and only those.
-    evs = _events(home, run_id)
+    evs = run_events(home, run_id)
     resume_at = next(i for i, e in enumerate(evs) if e.type == "stage" and e.data.get("resume"))
     assert [e.data["step"] for e in evs[resume_at:] if e.type == "progress" and "loss" in e.data] == list(range(5, 11))
 
@@ -180,7 +167,7 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tiny_home, tmp_path, demo_d
     recipe = write_recipe(tmp_path / "tiny.yaml", demo_dataset, max_steps=8, save_steps=100, eval_steps=100)
     run_id = cli_json("train", str(recipe), "--detach", home=home,
                       env={"APPLIANCE_FAULT": "hang_after_checkpoint:never"})["run"]
-    _wait_for(lambda: any(e.type == "progress" and e.data.get("step", 0) >= 2 for e in _events(home, run_id)),
+    _wait_for(lambda: any(e.type == "progress" and e.data.get("step", 0) >= 2 for e in run_events(home, run_id)),
               what="step 2")
     assert cli_json("runs", "stop", run_id, home=home)["stopped"] is True
     _wait_for(lambda: cli_json("runs", "show", run_id, home=home)["state"] == "interrupted", what="stop")

@@ -367,7 +367,7 @@ after_import = [m for m in {HEAVY!r} if m in sys.modules]
 async def main():
     app = tui.app.ApplianceApp(simulate="1x-rtx4090")
     async with app.run_test(size=(100, 30)) as pilot:
-        for key in "12345":
+        for key in "12345678":
             await pilot.press(key)
             await pilot.pause(0.2)
         await pilot.pause(1.0)

@@ -26,12 +26,18 @@ SCREENS = (
     ("train", "Train", "3", "runs; follow one live (loss, tokens/s, memory); stop it"),
     ("audit", "Audit", "4", "the audit log, filtered by event; verify it"),
     ("doctor", "Doctor", "5", "air-gap, environment, vault and hardware checks"),
+    ("models", "Models", "6", "imported models and their manifests; import a .gguf file or an HF folder"),
+    ("datasets", "Datasets", "7", "the vault: create or unlock it; import, browse, crypto-shred datasets"),
+    ("plan", "Plan", "8", "a recipe's memory plan per device; start training it"),
 )
 
 KEYS = [(key, f"{title}: {what}") for _, title, key, what in SCREENS] + [
     ("r", "reload the current screen from the workspace"),
     ("tab / shift+tab", "move between widgets (tabs, tables, inputs, buttons)"),
-    ("enter", "follow the selected run (Train); press a focused button"),
+    ("enter", "follow the selected run (Train); browse a dataset (Datasets); press a focused button"),
+    ("i", "import: a model (Models), a dataset file (Datasets)"),
+    ("b / d / l", "Datasets: browse the selected dataset / crypto-shred it (asks first) / lock the vault"),
+    ("p / t", "Plan: plan the recipe / train it on this machine (plans first, as `appliance train`)"),
     ("ctrl+p", "command palette: search screens and commands"),
     ("?", "this help"),
     ("escape", "close a dialog"),
@@ -66,19 +72,25 @@ class ApplianceApp(App):
     TITLE = "appliance"
     SUB_TITLE = "offline fine-tuning"
     BINDINGS = [
-        *[Binding(key, f"show('{tab}')", title) for tab, title, key, _ in SCREENS],
+        # One footer entry for the number keys (the tabs name the screens; `?` lists them): at 80 columns the
+        # footer keeps room for the current screen's own keys.
+        *[Binding(key, f"show('{tab}')", "screens" if i == 0 else title, show=i == 0,
+                  key_display=f"1-{len(SCREENS)}" if i == 0 else None)
+          for i, (tab, title, key, _) in enumerate(SCREENS)],
         Binding("r", "reload", "reload"),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
     ]
 
     def __init__(self, simulate: str | None = None, *, sampler: Callable[[], dict] | None = None,
-                 doctor: Callable[[], list] | None = None, sample_interval: float = 1.0, **kw: Any) -> None:
+                 doctor: Callable[[], list] | None = None, sample_interval: float = 1.0, kdf: str | None = None,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.simulate = simulate
         self._sampler = sampler
         self._doctor = doctor
         self._sample_interval = sample_interval
+        self._kdf = kdf  # a new vault's KDF (None: the keyring's default); tests pick a fast one
         self._built: set[str] = set()
         if simulate:
             self.sub_title = f"offline fine-tuning · hardware simulated: {simulate}"
@@ -111,6 +123,18 @@ class ApplianceApp(App):
             from .screens.doctor import DoctorScreen
 
             return DoctorScreen(self.simulate, self._doctor)
+        if tab == "models":
+            from .screens.models import ModelsScreen
+
+            return ModelsScreen()
+        if tab == "datasets":
+            from .screens.datasets import DatasetsScreen
+
+            return DatasetsScreen(self._kdf)
+        if tab == "plan":
+            from .screens.plan import PlanScreen
+
+            return PlanScreen(self.simulate)
         raise ValueError(tab)
 
     async def ensure_built(self, tab: str) -> None:
@@ -124,6 +148,12 @@ class ApplianceApp(App):
     async def action_show(self, tab: str) -> None:
         await self.ensure_built(tab)
         self.query_one(TabbedContent).active = tab
+        self.focus_pane()
+
+    def focus_pane(self) -> None:
+        pane = self.current_pane()
+        if pane is not None:
+            pane.focus_default()
 
     def action_reload(self) -> None:
         pane = self.current_pane()
@@ -145,6 +175,7 @@ class ApplianceApp(App):
             self.call_after_refresh(self.query_one(Dashboard).refresh_data)  # (also sent as the app starts)
         else:  # a tab clicked with the mouse or reached with the arrow keys
             await self.ensure_built(event.pane.id)
+            self.focus_pane()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

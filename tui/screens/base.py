@@ -26,3 +26,27 @@ class Pane(Vertical):
 
     def refresh_data(self) -> None:
         """Reload what the screen shows from the workspace (the `r` key)."""
+
+    def focus_default(self) -> None:
+        """Called when the screen is shown: focus what its own keys act on, so they work (and show in the footer)
+        at once. The first slice's screens leave the focus where it was."""
+
+
+def unlocked() -> bool:
+    """Whether this process holds the vault's keys (its signing key is installed by init and unlock alike)."""
+    from appliance import signing
+
+    return signing.private_raw() is not None
+
+
+def require_unlocked() -> None:
+    """Raise the one sentence a locked vault means in the TUI; never fall back to a passphrase prompt (a worker
+    thread has no terminal to ask on)."""
+    from appliance.errors import InvalidInput, NotFound
+    from appliance.vault import keyring
+
+    if not keyring.exists():
+        raise NotFound(f"no vault at {keyring.path()}: the appliance signs every artifact with the key its vault "
+                       "keeps; create the vault on the Datasets screen (key 7).")
+    if not unlocked():
+        raise InvalidInput("the vault is locked in this session; unlock it on the Datasets screen (key 7) first.")

@@ -1,0 +1,391 @@
+"""Datasets: the vault. Create it or unlock it (the passphrase is never shown, kept or logged), then import,
+browse and crypto-shred the encrypted datasets.
+
+The import runs in a thread; the importer's events reach the UI thread through ``call_from_thread`` and feed a
+progress bar, then its report (rejections per reason, with examples) shows in a panel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, ContentSwitcher, DataTable, Input, Label, ProgressBar, Select, Static
+
+from .base import Pane, unlocked
+
+BROWSE = 20  # records shown by Browse
+
+
+def vault_state() -> str:
+    from appliance.vault import keyring
+
+    if not keyring.exists():
+        return "none"
+    return "open" if unlocked() else "locked"
+
+
+def list_datasets() -> list[dict]:
+    """The vault's datasets, as `appliance data list` reads them (their manifests)."""
+    from appliance import manifest
+    from appliance.workspace import folder
+
+    rows = []
+    for p in sorted(folder("datasets").iterdir()):
+        if (p / manifest.NAME).is_file():
+            d = manifest.read(p)["details"]
+            rec = d.get("records") or {}
+            rows.append({"id": p.name, "train": rec.get("train", 0), "validation": rec.get("validation", 0),
+                         "source": d.get("source") or "-", "format": d.get("record_format") or "-"})
+    return rows
+
+
+def records_text(name: str, records: list[dict]) -> str:
+    out = []
+    for i, r in enumerate(records):
+        out.append(f"[b]--- {escape(name)} train #{i}[/]")
+        for m in r.get("messages", []):
+            out.append(f"[dim]\\[{escape(m['role'])}][/] {escape(str(m['content']))}")
+        if "chosen" in r:
+            for m in r.get("prompt", []):
+                out.append(f"[dim]\\[{escape(m['role'])}][/] {escape(str(m['content']))}")
+            out.append(f"[green]\\[chosen][/] {escape(str(r['chosen']))}")
+            out.append(f"[red]\\[rejected][/] {escape(str(r['rejected']))}")
+    return "\n".join(out) or "(no records)"
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes/no question; only the explicit button (or `y`) says yes."""
+
+    BINDINGS = [Binding("escape", "no", "cancel"), Binding("n", "no", "no", show=False),
+                Binding("y", "yes", "yes", show=False)]
+    DEFAULT_CSS = """
+    ConfirmDialog { align: center middle; }
+    ConfirmDialog > Vertical { width: 70; max-width: 90%; height: auto; border: thick $warning; padding: 1 2;
+                               background: $surface; }
+    ConfirmDialog #question { margin: 0 0 1 0; }
+    ConfirmDialog Horizontal { height: auto; }
+    ConfirmDialog Button { margin: 0 1 0 0; }
+    """
+
+    def __init__(self, question: str, yes: str = "Delete") -> None:
+        super().__init__()
+        self.question = question
+        self.yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.question, id="question", markup=False)
+            with Horizontal():
+                yield Button(self.yes, id="yes", variant="error")
+                yield Button("Cancel", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()  # Enter on the dialog as it opens cancels
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+
+class DatasetsScreen(Pane):
+    BINDINGS = [Binding("i", "toggle_import", "import"), Binding("b", "browse", "browse"),
+                Binding("d", "delete", "delete"), Binding("l", "lock", "lock")]
+    DEFAULT_CSS = """
+    DatasetsScreen ContentSwitcher { height: 1fr; }
+    DatasetsScreen .form { height: auto; padding: 1 2; }
+    DatasetsScreen .form Input { width: 60; max-width: 100%; }
+    DatasetsScreen .form Button { margin: 1 0 0 0; }
+    DatasetsScreen #open { height: 1fr; }
+    DatasetsScreen #dataset-table { height: 1fr; min-height: 4; }
+    DatasetsScreen #ds-import { height: auto; display: none; }
+    DatasetsScreen #ds-import.shown { display: block; }
+    DatasetsScreen #ds-path { width: 2fr; }
+    DatasetsScreen #ds-name { width: 1fr; }
+    DatasetsScreen #ds-format { width: 18; }
+    DatasetsScreen #ds-progress-row { height: auto; display: none; }
+    DatasetsScreen #ds-progress-row.shown { display: block; }
+    DatasetsScreen #ds-progress-label { width: auto; padding: 0 1; }
+    DatasetsScreen #ds-view { height: 1fr; min-height: 3; border-top: solid $accent; }
+    DatasetsScreen #ds-output { height: auto; padding: 0 1; }
+    """
+
+    state: str = "unknown"
+
+    def __init__(self, kdf: str | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.kdf = kdf
+        self.rows: list[dict] = []
+        self.report: dict | None = None
+        self.browsed: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        from appliance.importer.formats import FORMATS
+
+        with ContentSwitcher(initial="loading"):
+            yield Static("reading the vault…", id="loading")
+            with Vertical(id="create", classes="form"):
+                yield Static("[b]no vault yet.[/] Choose a passphrase for it (it is never shown or stored; "
+                            "without it the datasets cannot be read):")
+                yield Input(password=True, placeholder="passphrase", id="new-pass")
+                yield Input(password=True, placeholder="the same passphrase again", id="new-pass2")
+                yield Button("Create the vault", id="create-go", variant="primary")
+            with Vertical(id="unlock", classes="form"):
+                yield Static("[b]the vault is locked.[/] Its passphrase opens it for this session:")
+                yield Input(password=True, placeholder="passphrase", id="pass")
+                yield Button("Unlock", id="unlock-go", variant="primary")
+            with Vertical(id="open"):
+                table: DataTable = DataTable(id="dataset-table", cursor_type="row", zebra_stripes=True)
+                table.add_columns("id", "train", "validation", "format", "source")
+                yield table
+                with Horizontal(id="ds-import"):
+                    yield Input(placeholder="file (JSONL, JSON, CSV, Parquet)", id="ds-path")
+                    yield Input(placeholder="name", id="ds-name")
+                    yield Select([(f, f) for f in ("auto", *FORMATS)], value="auto", allow_blank=False,
+                                 id="ds-format")
+                    yield Button("Import", id="ds-go", variant="primary")
+                with Horizontal(id="ds-progress-row"):
+                    yield Label("", id="ds-progress-label")
+                    yield ProgressBar(id="ds-progress", show_eta=False)
+                with VerticalScroll(id="ds-view"):
+                    yield Static("i import · b browse the selected dataset · d delete it · l lock the vault",
+                                 id="ds-output")
+
+    def on_mount(self) -> None:
+        self.refresh_data()
+
+    def focus_default(self) -> None:
+        target = {"none": "#new-pass", "locked": "#pass"}.get(self.state, "#dataset-table")
+        self.query_one(target).focus()
+
+    def refresh_data(self) -> None:
+        self.call(vault_state, self.show_state, group="state")
+
+    def show_state(self, state: str) -> None:
+        self.state = state
+        self.query_one(ContentSwitcher).current = {"none": "create", "locked": "unlock", "open": "open"}[state]
+        if state == "none":
+            self.query_one("#new-pass", Input).focus()
+        elif state == "locked":
+            self.query_one("#pass", Input).focus()
+        else:
+            self.query_one("#dataset-table", DataTable).focus()
+            self.call(list_datasets, self.show_datasets, group="list")
+
+    def show_datasets(self, rows: list[dict]) -> None:
+        self.rows = rows
+        table = self.query_one("#dataset-table", DataTable)
+        table.clear()
+        for r in rows:
+            table.add_row(r["id"], str(r["train"]), str(r["validation"]), r["format"], r["source"], key=r["id"])
+        if not rows and self.report is None:
+            self.query_one("#ds-output", Static).update("no datasets yet: press [b]i[/] to import a file")
+
+    def selected(self) -> str | None:
+        table = self.query_one("#dataset-table", DataTable)
+        if not self.rows or not 0 <= table.cursor_row < len(self.rows):
+            return None
+        return self.rows[table.cursor_row]["id"]
+
+    # -- create and unlock -----------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        handlers = {"new-pass": self.create, "new-pass2": self.create, "pass": self.unlock,
+                    "ds-path": self.start_import, "ds-name": self.start_import}
+        if event.input.id in handlers:
+            handlers[event.input.id]()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        handlers = {"create-go": self.create, "unlock-go": self.unlock, "ds-go": self.start_import}
+        if event.button.id in handlers:
+            handlers[event.button.id]()
+
+    def _take(self, *ids: str) -> list[str]:
+        """The passphrase fields' values, cleared at once: nothing keeps a passphrase on screen or in a widget."""
+        values = []
+        for i in ids:
+            field = self.query_one(f"#{i}", Input)
+            values.append(field.value)
+            field.value = ""
+        return values
+
+    def create(self) -> None:
+        first, second = self._take("new-pass", "new-pass2")
+        if first != second:
+            from appliance.errors import InvalidInput
+
+            self.query_one("#new-pass", Input).focus()
+            self.app.show_error(InvalidInput("the two passphrases differ; type the same one twice."))
+            return
+        kdf = self.kdf
+
+        def job():
+            from appliance import data
+            from appliance.vault import keyring
+
+            vault = keyring.init(first, kdf) if kdf else keyring.init(first)
+            data.use_vault(vault)
+            return "open"
+
+        self.call(job, self.opened, group="vault")
+
+    def unlock(self) -> None:
+        (passphrase,) = self._take("pass")
+
+        def job():
+            from appliance import data
+            from appliance.vault import keyring
+
+            data.use_vault(keyring.unlock(passphrase))
+            return "open"
+
+        self.call(job, self.opened, group="vault")
+
+    def opened(self, state: str) -> None:
+        self.notify("the vault is open for this session")
+        self.show_state(state)
+
+    def action_lock(self) -> None:
+        if self.state != "open":
+            return
+        from appliance import data, signing
+
+        data.use_vault(None)
+        signing.use(None)
+        self.rows, self.report, self.browsed = [], None, []
+        self.query_one("#ds-output", Static).update("")
+        self.notify("the vault is locked: its keys are forgotten by this session")
+        self.refresh_data()
+
+    # -- import ------------------------------------------------------------------
+
+    def action_toggle_import(self) -> None:
+        if self.state != "open":
+            return
+        form = self.query_one("#ds-import")
+        form.toggle_class("shown")
+        if form.has_class("shown"):
+            self.query_one("#ds-path", Input).focus()
+
+    def start_import(self) -> None:
+        path = self.query_one("#ds-path", Input).value.strip()
+        name = self.query_one("#ds-name", Input).value.strip()
+        fmt = str(self.query_one("#ds-format", Select).value)
+        if not path or not name:
+            self.query_one("#ds-output", Static).update("give the file to import and a name for the dataset")
+            return
+        bar = self.query_one("#ds-progress", ProgressBar)
+        bar.update(total=None, progress=0)
+        self.query_one("#ds-progress-row").add_class("shown")
+        self.query_one("#ds-progress-label", Label).update(f"importing {escape(Path(path).name)}")
+        self.query_one("#ds-output", Static).update("")
+        self.report = None
+
+        def job():
+            from appliance import data
+            from appliance.importer import import_dataset
+
+            src = Path(path).expanduser()
+            total = None
+            if src.is_file() and src.suffix.lower() in (".jsonl", ".ndjson"):
+                with open(src, "rb") as f:  # a line per record: the bar's length, read before the import
+                    total = sum(1 for line in f if line.strip())
+            self.app.call_from_thread(bar.update, total=total, progress=0)
+            return import_dataset(data.vault(), src, name, fmt=fmt,
+                                  emit=lambda e: self.app.call_from_thread(self.import_event, e))
+
+        self.call(job, self.imported, group="import")
+
+    def import_event(self, e) -> None:
+        bar = self.query_one("#ds-progress", ProgressBar)
+        label = self.query_one("#ds-progress-label", Label)
+        if e.type == "progress" and isinstance(e.data.get("records"), int):
+            bar.update(progress=e.data["records"])
+            label.update(f"{e.data['records']} records read")
+        elif e.type == "finished":
+            n = e.data.get("records_read")
+            if isinstance(n, int):
+                bar.update(total=max(n, 1), progress=max(n, 1))
+            label.update(escape(e.message))
+        elif e.type == "stage" and e.message:
+            label.update(escape(e.message))
+
+    def imported(self, report: dict) -> None:
+        from rich.console import Group
+
+        from appliance.render import import_report
+
+        self.report = report
+        self.query_one("#ds-import").remove_class("shown")
+        self.query_one("#ds-name", Input).value = ""
+        self.query_one("#dataset-table", DataTable).focus()
+        rejected = sum(report["rejected"].values())
+        self.query_one("#ds-output", Static).update(Group(
+            f"[b]imported {escape(report['dataset'])}[/]: {rejected} record(s) rejected", import_report(report)))
+        self.call(list_datasets, self.show_datasets, group="list")
+
+    def on_worker_state_changed(self, event) -> None:
+        from textual.worker import WorkerState
+
+        if event.worker.group == "import" and event.state == WorkerState.ERROR:
+            self.query_one("#ds-progress-label", Label).update("import failed")  # (Pane shows the dialog)
+
+    # -- browse and delete ----------------------------------------------------------
+
+    def action_browse(self) -> None:
+        name = self.selected()
+        if self.state != "open" or name is None:
+            return
+
+        def job():
+            from appliance import data
+
+            return data.show(name, "train", BROWSE)
+
+        def done(records: list[dict]) -> None:
+            self.browsed = records
+            self.query_one("#ds-output", Static).update(records_text(name, records))
+            self.query_one("#ds-view").scroll_home(animate=False)
+
+        self.call(job, done, group="browse")
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "dataset-table":
+            self.action_browse()
+
+    def action_delete(self) -> None:
+        name = self.selected()
+        if self.state != "open" or name is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.delete(name)
+
+        self.app.push_screen(ConfirmDialog(f"crypto-shred dataset {name}? its key is destroyed and cannot be "
+                                           "recovered."), answered)
+
+    def delete(self, name: str) -> None:
+        def job():
+            from appliance import data
+            from appliance.vault import store
+
+            store.remove(data.vault(), name)
+            return name
+
+        def done(name: str) -> None:
+            self.notify(f"dataset {name} crypto-shredded")
+            self.browsed = []
+            self.query_one("#ds-output", Static).update(f"dataset {escape(name)} was crypto-shredded")
+            self.call(list_datasets, self.show_datasets, group="list")
+
+        self.call(job, done, group="delete")

@@ -1,0 +1,179 @@
+"""Plan: a recipe's memory plan on this machine or a named profile, drawn as bars per device against the
+device's limit; and Train, which starts the run exactly as `appliance train` does and follows it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Button, Input, Select, Static
+
+from .base import Pane, require_unlocked
+
+GiB = 2**30
+BAR = 40
+DEFAULT_RECIPE = "recipes/demo-cpu.yaml"
+VERDICTS = {"fits": ("fits", "green"), "fits_after_adjustment": ("fits after adjustment", "yellow"),
+            "does_not_fit": ("does not fit", "bold red")}
+
+
+def bars(plan: dict) -> Text:
+    """Each device: its parts as horizontal bars on one scale with the device's limit (a | marks it)."""
+    out = Text()
+    for d in plan["devices"]:
+        scale = max(d["estimate"], d["limit"]) or 1
+        ok = d["fits"]
+        out.append(f"{d['device']}", style="bold")
+        out.append(f"  {d['estimate'] / GiB:.2f} GiB of {d['limit'] / GiB:.2f} GiB allowed "
+                   f"({d['capacity'] / GiB:.1f} GiB total) ")
+        out.append("ok\n" if ok else "TOO MUCH\n", style="green" if ok else "bold red")
+        limit_at = round(BAR * d["limit"] / scale)
+        start = 0.0
+        for part, value in d["breakdown"].items():
+            # Stacked: each part starts where the one before ended, so the last one ends at the total.
+            a, b = round(BAR * start / scale), round(BAR * (start + value) / scale)
+            start += value
+            row = Text(f"  {part:<16}{value / GiB:>7.2f} GiB ")
+            for i in range(BAR + 1):
+                if i == limit_at:
+                    row.append("|", style="bold")
+                elif a <= i < b:
+                    row.append("█", style="red" if i >= limit_at else "cyan")
+                else:
+                    row.append("·", style="dim")
+            out.append_text(row)
+            out.append("\n")
+        total_at = round(BAR * d["estimate"] / scale)
+        out.append(f"  {'total':<16}{d['estimate'] / GiB:>7.2f} GiB ")
+        out.append("█" * min(total_at, limit_at), style="green" if ok else "cyan")
+        out.append("█" * max(0, total_at - limit_at), style="red")
+        out.append(" " * max(0, limit_at - total_at))
+        out.append("|", style="bold")
+        out.append(" limit\n\n")
+    return out
+
+
+def summary(plan: dict) -> str:
+    m, k = plan["model"], plan["knobs"]
+    word, style = VERDICTS[plan["verdict"]]
+    lines = [f"[{style}]{word.upper()}[/] on {escape(str(plan['hardware']))} "
+             f"(limit {plan['limit_fraction']:.0%} of each device)",
+             f"{escape(m['name'])}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers · {k['quant']}, "
+             f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
+             f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"]
+    return "\n".join(lines)
+
+
+def details(plan: dict) -> str:
+    lines = []
+    if plan["adjustments"]:
+        lines.append("[b]adjustments, in order:[/]")
+        lines += [f"  - {escape(a['change'])} ({escape(a['why'])})" for a in plan["adjustments"]]
+    lines.append(f"[b]strategy:[/] {escape(plan['strategy']['mode'])}: {escape(plan['strategy']['why'])}")
+    if plan.get("would_fit"):
+        lines.append("[b]what would fit:[/]")
+        lines += [f"  - {escape(w)}" for w in plan["would_fit"]]
+    return "\n".join(lines)
+
+
+def start_training(recipe_path: str) -> str:
+    """What `appliance train RECIPE` does: plan on this machine, refuse what cannot fit, apply the safe
+    adjustments, create the run and start its worker. Returns the run's id."""
+    from appliance import plan as planner
+    from appliance import recipes, runs
+    from appliance.errors import InvalidInput
+
+    recipe = recipes.load(recipe_path)
+    require_unlocked()  # the run's dataset key and the signing key go to the worker
+    plan = planner.plan_recipe(recipe)
+    if plan["verdict"] == "does_not_fit":
+        raise InvalidInput(planner.refusal(plan))
+    if plan["recipe_changes"]:
+        recipe = planner.adjusted(recipe, plan)
+    run_id = runs.create(recipe, plan)
+    runs.start(run_id)
+    return run_id
+
+
+class PlanScreen(Pane):
+    BINDINGS = [Binding("p", "plan", "plan"), Binding("t", "train", "train")]
+    DEFAULT_CSS = """
+    PlanScreen #plan-form { height: auto; }
+    PlanScreen #recipe { width: 2fr; }
+    PlanScreen #profile { width: 24; }
+    PlanScreen #plan-form Button { min-width: 9; width: auto; }
+    PlanScreen #plan-view { height: 1fr; border-top: solid $accent; padding: 0 1; }
+    PlanScreen #plan-summary, PlanScreen #plan-bars, PlanScreen #plan-details { height: auto; }
+    """
+
+    def __init__(self, simulate: str | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.simulate = simulate
+        self.plan: dict | None = None
+
+    def compose(self) -> ComposeResult:
+        from appliance.hardware import PROFILES
+
+        with Horizontal(id="plan-form"):
+            yield Input(DEFAULT_RECIPE if Path(DEFAULT_RECIPE).is_file() else "", placeholder="recipe file (YAML)",
+                        id="recipe")
+            options = [("this machine", "")] + [(name, name) for name in PROFILES]
+            yield Select(options, value=self.simulate or "", allow_blank=False, id="profile")
+            yield Button("Plan", id="plan-go", variant="primary")
+            yield Button("Train", id="train-go", variant="success")
+        with VerticalScroll(id="plan-view"):
+            yield Static("p plans the recipe on the chosen hardware; t trains it on this machine "
+                         "(`appliance train`)", id="plan-summary")
+            yield Static("", id="plan-bars")
+            yield Static("", id="plan-details")
+
+    def focus_default(self) -> None:
+        self.query_one("#plan-view").focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "recipe":
+            self.action_plan()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "plan-go":
+            self.action_plan()
+        elif event.button.id == "train-go":
+            self.action_train()
+
+    def action_plan(self) -> None:
+        path = self.query_one("#recipe", Input).value.strip()
+        profile = str(self.query_one("#profile", Select).value or "") or None
+
+        def job():
+            from appliance import plan as planner
+            from appliance import recipes
+
+            return planner.plan_recipe(recipes.load(path), simulate=profile)
+
+        self.query_one("#plan-summary", Static).update(f"planning {escape(path)}…")
+        self.call(job, self.show_plan, group="plan")
+
+    def show_plan(self, plan: dict) -> None:
+        self.plan = plan
+        self.query_one("#plan-summary", Static).update(summary(plan))
+        self.query_one("#plan-bars", Static).update(bars(plan))
+        self.query_one("#plan-details", Static).update(details(plan))
+
+    def action_train(self) -> None:
+        path = self.query_one("#recipe", Input).value.strip()
+        self.query_one("#plan-summary", Static).update(f"planning {escape(path)} on this machine, then starting "
+                                                       "the run…")
+        self.call(lambda: start_training(path), self.started, group="train")
+
+    async def started(self, run_id: str) -> None:
+        from .train import TrainScreen
+
+        self.query_one("#plan-summary", Static).update(f"started {escape(run_id)}")
+        await self.app.action_show("train")
+        screen = self.app.query_one(TrainScreen)
+        screen.follow(run_id)
+        screen.refresh_data()
