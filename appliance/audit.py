@@ -78,7 +78,7 @@ def entries(since: str | None = None, event: str | None = None) -> list[dict]:
     """The log's whole entries, oldest first, filtered by time (``since``) and event (name or prefix)."""
     start = parse_since(since) if since else None
     out = []
-    for _, _, raw in _lines(log_path()):
+    for _, raw in _lines(log_path()):
         try:
             entry = json.loads(raw)
         except ValueError:
@@ -97,8 +97,13 @@ def verify(public_raw: bytes | None = None) -> dict:
     """Check the whole chain and every checkpoint; raise CheckFailed naming the first bad entry.
 
     ``public_raw`` is the trusted public key (a pinned copy); without it the keyring's public key is used.
+    Either outcome is itself recorded.
     """
-    result = _verify(public_raw)
+    try:
+        result = _verify(public_raw)
+    except CheckFailed as e:
+        record("audit.verify", details={"result": "failed", "problem": str(e)[:300]})
+        raise
     record("audit.verify", details={"entries": result["entries"], "signed_through": result["signed_through"],
                                     "result": "ok"})
     return result
@@ -229,27 +234,27 @@ def _torn_bytes(path: Path) -> int:
 
 def _last_entry() -> dict | None:
     """The last whole entry; if that line is damaged, a stand-in that keeps appends going (verify will name it)."""
-    for _, _, raw in _tail_lines(log_path(), 1):
-        try:
-            last = json.loads(raw)
-            if isinstance(last, dict) and isinstance(last.get("seq"), int) and isinstance(last.get("hash"), str):
-                return last
-        except ValueError:
-            pass
-        return {"seq": sum(1 for _ in _lines(log_path())), "hash": hashlib.sha256(raw).hexdigest()}
-    return None
+    raw = _last_line(log_path())
+    if raw is None:
+        return None
+    try:
+        last = json.loads(raw)
+        if isinstance(last, dict) and isinstance(last.get("seq"), int) and isinstance(last.get("hash"), str):
+            return last
+    except ValueError:
+        pass
+    return {"seq": sum(1 for _ in _lines(log_path())), "hash": hashlib.sha256(raw).hexdigest()}
 
 
-def _tail_lines(path: Path, n: int):
-    """The last ``n`` whole lines of ``path`` (read from the end, so appends stay O(1))."""
+def _last_line(path: Path) -> bytes | None:
+    """The last whole line of ``path``, read from the end so that appends stay O(1); None if there is none."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        return []
+        return None
     with f:
-        size = f.seek(0, os.SEEK_END)
-        pos, buf = size, b""
-        while pos > 0 and buf.count(b"\n") <= n:
+        pos, buf = f.seek(0, os.SEEK_END), b""
+        while pos > 0 and buf.count(b"\n") <= 1:
             step = min(65536, pos)
             pos -= step
             f.seek(pos)
@@ -257,7 +262,7 @@ def _tail_lines(path: Path, n: int):
         lines = buf.split(b"\n")[:-1]  # drop what follows the last newline (empty, or a torn line)
         if pos > 0:
             lines = lines[1:]  # the first piece may be a partial line
-        return [(None, None, line) for line in lines[-n:]]
+        return lines[-1] if lines else None
 
 
 def _append(last: dict | None, event: str, subjects: dict, details: dict) -> dict:
@@ -284,18 +289,16 @@ def _write_line(path: Path, line: bytes) -> None:
 
 
 def _lines(path: Path):
-    """(line number, byte offset, raw bytes) of each whole line; a torn last line is not yielded."""
+    """(line number, raw bytes) of each whole line; a torn last line is not yielded."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         return
     with f:
-        offset = 0
         for lineno, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 return
-            yield lineno, offset, raw[:-1]
-            offset += len(raw)
+            yield lineno, raw[:-1]
 
 
 def _check_torn_tail(path: Path) -> int:
@@ -319,7 +322,7 @@ def _verify(public_raw: bytes | None) -> dict:
     expected_prev = GENESIS
     raw_seqs: list[object] = []
     parsed: list[tuple[int, dict | None]] = []
-    for lineno, _, raw in _lines(log):
+    for lineno, raw in _lines(log):
         try:
             entry = json.loads(raw)
         except ValueError:
@@ -349,7 +352,7 @@ def _verify(public_raw: bytes | None) -> dict:
         chain.append(entry["hash"])
         expected_prev = entry["hash"]
 
-    checkpoints = [(lineno, raw) for lineno, _, raw in _lines(checkpoints_path())]
+    checkpoints = list(_lines(checkpoints_path()))
     if checkpoints and public_raw is None:
         public_raw = signing.workspace_public()
         if public_raw is None:

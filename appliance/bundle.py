@@ -82,7 +82,7 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -
         signing.export_public(signing.workspace_public(), tmp / PUBKEY)
         m = manifest.write(tmp, "bundle", f"{run_id}/bundle-{quant}", parents={"gguf": f"{run_id}/gguf"},
                            quant=quant, model_file=gguf.name, run=run_id, base_model=recipe.base_model)
-        _write_sums(tmp)
+        _write_sums(tmp, m["files"])
     audit.record("bundle", {"run": run_id}, {"out": str(out.resolve()), "quant": quant,
                                              "manifest_sha256": manifest.sha256_file(out / manifest.NAME)})
     result = {"path": str(out), "files": sorted(p.name for p in out.iterdir()), "key": m["signature"]["key"],
@@ -174,16 +174,15 @@ def _verify_manifest(path: Path, key: bytes) -> dict:
         m = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise CheckFailed(f"{path} is not valid JSON.") from None
-    if not isinstance(m, dict) or "signature" not in m:
-        raise CheckFailed(f"{path} is not a signed manifest.")
-    signing.check(manifest.DOMAIN, {k: v for k, v in m.items() if k != "signature"}, m["signature"], key, str(path))
+    manifest.check_signature(m, key, path)
     return m
 
 
-def _write_sums(folder: Path) -> None:
-    lines = [f"{manifest.sha256_file(p)}  {p.relative_to(folder).as_posix()}\n"
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SUMS]
-    (folder / SUMS).write_text("".join(lines))
+def _write_sums(folder: Path, hashes: dict[str, str]) -> None:
+    """SHA256SUMS from the hashes the bundle's manifest just computed (the GGUF is not read again) and the
+    manifest's own."""
+    hashes = {**hashes, manifest.NAME: manifest.sha256_file(folder / manifest.NAME)}
+    (folder / SUMS).write_text("".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes)))
 
 
 def _check_sums(folder: Path) -> None:
@@ -193,7 +192,7 @@ def _check_sums(folder: Path) -> None:
         if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in name.split("/"):
             raise CheckFailed(f"{folder / SUMS}:{lineno}: not a `sha256  file` line; the checksum list was edited.")
         listed[name] = digest
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != SUMS}
+    present = set(manifest.files_in(folder, skip=SUMS))
     for name in sorted(set(listed) - present):
         raise CheckFailed(f"{folder / name} is listed in {SUMS} but missing.")
     for name in sorted(present - set(listed)):

@@ -479,22 +479,17 @@ def _vault_rekey(args) -> int:
 
 @command("train")
 def _train(args) -> int:
-    from . import recipes, runs
-
     from . import plan as planner
+    from . import recipes, runs
     from .errors import InvalidInput
 
-    recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
-    # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
-    plan = planner.plan_recipe(recipe, allow_shorter=args.allow_shorter)
-    if plan["verdict"] == "does_not_fit":
-        raise InvalidInput(planner.refusal(plan))
-    if plan["recipe_changes"]:
-        recipe = planner.adjusted(recipe, plan)
-        if not args.json:
-            print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
     if args.processes is not None and args.processes < 1:
         raise InvalidInput(f"--processes {args.processes}: give 1 or more.")
+    recipe = recipes.load(args.recipe, **_parse_overrides(args.set))
+    # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
+    recipe, plan = planner.fitted(recipe, allow_shorter=args.allow_shorter)
+    if plan["recipe_changes"] and not args.json:
+        print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
     run_id = runs.create(recipe, plan)
     runs.start(run_id, processes=args.processes)
     return _after_start(run_id, args.detach, args.json)
@@ -840,14 +835,7 @@ def _audit_verify(args) -> int:
     from . import audit, signing
 
     public = signing.load_public(Path(args.pubkey)) if args.pubkey else None
-    try:
-        result = audit.verify(public)
-    except Exception as e:
-        from .errors import CheckFailed
-
-        if isinstance(e, CheckFailed):
-            audit.record("audit.verify", details={"result": "failed", "problem": str(e)[:300]})
-        raise
+    result = audit.verify(public)
     if args.json:
         _print_json({"ok": True, **result})
     else:

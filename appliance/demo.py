@@ -86,12 +86,7 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     recipe = recipes.load(recipe_path(), **overrides)
     from . import plan as planner
 
-    memory = planner.plan_recipe(recipe)  # the demo fits any machine that runs it; the plan is kept with the run
-    if memory["verdict"] == "does_not_fit":
-        from .errors import InvalidInput
-
-        raise InvalidInput(planner.refusal(memory))
-    recipe = planner.adjusted(recipe, memory)
+    recipe, memory = planner.fitted(recipe)  # the demo fits any machine that runs it; the plan is kept with the run
     console.print(f"plan: {memory['verdict'].replace('_', ' ')}, about "
                   f"{memory['devices'][0]['estimate'] / 2**30:.1f} GiB of {memory['devices'][0]['device']}")
     run_id = runs.create(recipe, memory)

@@ -33,9 +33,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def files_in(root: Path, skip: str = NAME) -> list[str]:
+    """Relative paths of the files under ``root`` (sorted, posix), leaving out those named ``skip``."""
+    return [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file() and p.name != skip]
+
+
 def file_hashes(root: Path, names: list[str] | None = None) -> dict[str, str]:
-    paths = [root / n for n in names] if names is not None else sorted(root.rglob("*"))
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths if p.is_file() and p.name != NAME}
+    names = files_in(root) if names is None else [n for n in names if (root / n).is_file() and Path(n).name != NAME]
+    return {n: sha256_file(root / n) for n in names}
 
 
 def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | None = None,
@@ -85,11 +90,7 @@ def verify(root: Path, public_raw: bytes | None = None) -> dict:
     if public_raw is None:
         raise CheckFailed(f"cannot check the signature of {path}: no trusted public key here; pass --pubkey with the "
                           "appliance's signing-key.pub.")
-    if not isinstance(manifest, dict) or "signature" not in manifest:
-        raise CheckFailed(f"{path} is not signed; it was not written by a current appliance or its signature was removed.")
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    signing.check(DOMAIN, body, manifest["signature"], public_raw, str(path))
-    actual_names = [rel for rel in file_hashes(root)]
+    check_signature(manifest, public_raw, path)
     for rel, digest in manifest["files"].items():
         file = root / rel
         if not file.is_file():
@@ -97,10 +98,18 @@ def verify(root: Path, public_raw: bytes | None = None) -> dict:
         if sha256_file(file) != digest:
             raise CheckFailed(f"{file} does not match its sha256 in {path}; the file was changed or damaged.")
     if manifest.get("kind") in WHOLE_FOLDER_KINDS:
-        extra = sorted(set(actual_names) - set(manifest["files"]))
+        extra = sorted(set(files_in(root)) - set(manifest["files"]))
         if extra:
             raise CheckFailed(f"{root / extra[0]} is not listed in {path}; a file was added to the artifact.")
     return manifest
+
+
+def check_signature(manifest: object, public_raw: bytes, path: Path) -> None:
+    """Raise CheckFailed unless ``manifest`` (as read from ``path``) carries a valid signature by ``public_raw``."""
+    if not isinstance(manifest, dict) or "signature" not in manifest:
+        raise CheckFailed(f"{path} is not signed; it was not written by a current appliance or its signature was removed.")
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    signing.check(DOMAIN, body, manifest["signature"], public_raw, str(path))
 
 
 # Kinds whose manifest covers every file of their folder (a run's folder also holds live files: events, checkpoints).

@@ -289,7 +289,7 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         "devices": per_device,
     }
     if not fits:
-        plan["would_fit"] = _alternatives(shape, k, hw, devs, kind, shorter_needed, total)
+        plan["would_fit"] = _alternatives(shape, k, devs, kind, shorter_needed, total)
     return plan
 
 
@@ -327,8 +327,9 @@ def _strategy(shape: Shape, k: Knobs, devs: list[Device], total) -> dict:
     return {"mode": "split", "shards": len(devs), "why": "even split over every GPU it does not fit"}
 
 
-def _alternatives(shape, k, hw, devs, kind, shorter_needed, total) -> list[str]:
+def _alternatives(shape, k, devs, kind, shorter_needed, total) -> list[str]:
     smallest = min(d.limit for d in devs)
+    need = total(k)
     out = []
     if shorter_needed:
         out.append(f"max_seq_length {shorter_needed} (rerun with --allow-shorter; longer examples are truncated)")
@@ -337,20 +338,16 @@ def _alternatives(shape, k, hw, devs, kind, shorter_needed, total) -> list[str]:
         if total(q) <= smallest:
             out.append(f"QLoRA instead of LoRA (quantization.method: nf4): {total(q) / GiB:.1f} GiB")
     for fraction, label in ((0.5, "half"), (0.25, "a quarter")):
-        smaller = replace(shape, layers=max(1, int(shape.layers * fraction)),
-                          hidden=shape.hidden, intermediate=shape.intermediate)
+        smaller = replace(shape, layers=max(1, int(shape.layers * fraction)))
         if sum(estimate(smaller, k, kind).values()) <= smallest:
             out.append(f"a smaller model: about {label} of this one's {shape.total_params / 1e9:.1f}B parameters fits")
             break
     if kind == "cuda":
-        need = sum(estimate(shape, k, kind).values())
-        per_gpu = devs[0].limit
-        gpus = next((n for n in range(len(devs) + 1, 17) if sum(estimate(shape, k, kind, n).values()) <= per_gpu), None)
+        gpus = next((n for n in range(len(devs) + 1, 17) if total(k, n) <= devs[0].limit), None)
         if gpus:
             out.append(f"{gpus} GPUs like these (the model split over them); it needs {need / GiB:.1f} GiB on one")
         out.append(f"a GPU with at least {need / 0.9 / GiB:.0f} GiB")
     else:
-        need = sum(estimate(shape, k, kind).values())
         out.append(f"{need / 0.9 / GiB:.0f} GiB of RAM, or an NVIDIA GPU")
     return out
 
@@ -437,6 +434,15 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
                   "estimate_gib": round(max(d["estimate"] for d in plan["devices"]) / GiB, 2),
                   "changes": plan["recipe_changes"]})
     return plan
+
+
+def fitted(recipe, allow_shorter: bool = False):
+    """Plan ``recipe`` on this machine before training: (the recipe with the plan's adjustments, the plan), or
+    InvalidInput with the refusal when it does not fit. What `appliance train`, the demo and the TUI start from."""
+    plan = plan_recipe(recipe, allow_shorter=allow_shorter)
+    if plan["verdict"] == "does_not_fit":
+        raise InvalidInput(refusal(plan))
+    return adjusted(recipe, plan), plan
 
 
 def adjusted(recipe, plan: dict):

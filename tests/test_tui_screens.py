@@ -287,7 +287,7 @@ def test_train_refuses_a_plan_that_does_not_fit_with_the_refusal_sentence(vault_
     from tui.screens.plan import start_training
 
     real = planner.plan_recipe
-    monkeypatch.setattr(planner, "plan_recipe", lambda recipe: real(recipe, simulate="1x-t4", limit=0.1))
+    monkeypatch.setattr(planner, "plan_recipe", lambda recipe, **kw: real(recipe, simulate="1x-t4", limit=0.1))
     monkeypatch.setattr(runs, "create", lambda *a: pytest.fail("a refused plan created a run"))
     with pytest.raises(InvalidInput, match="this run does not fit"):
         start_training("recipes/qwen2.5-32b-qlora-2x24gb.yaml")

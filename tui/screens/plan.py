@@ -85,15 +85,10 @@ def start_training(recipe_path: str) -> str:
     adjustments, create the run and start its worker. Returns the run's id."""
     from appliance import plan as planner
     from appliance import recipes, runs
-    from appliance.errors import InvalidInput
 
     recipe = recipes.load(recipe_path)
     require_unlocked()  # the run's dataset key and the signing key go to the worker
-    plan = planner.plan_recipe(recipe)
-    if plan["verdict"] == "does_not_fit":
-        raise InvalidInput(planner.refusal(plan))
-    if plan["recipe_changes"]:
-        recipe = planner.adjusted(recipe, plan)
+    recipe, plan = planner.fitted(recipe)
     run_id = runs.create(recipe, plan)
     runs.start(run_id)
     return run_id
