@@ -158,3 +158,35 @@ def run_events(home: Path, run_id: str):
     from appliance import events
 
     return events.read(home / "runs" / run_id / "events.jsonl")
+
+
+@pytest.fixture(scope="session")
+def exported_workspace(tmp_path_factory, tiny_model_dir, demo_dataset) -> tuple[Path, str]:
+    """A workspace made once per session through the real CLI: a vault, the tiny model as `tiny`, one finished
+    6-step run on the demo dataset, merged and exported to f16 and q8_0 GGUF. Use ``exported_home`` for a copy."""
+    base = tmp_path_factory.mktemp("exported")
+    ws = base / "home"
+    pw = base / "passphrase"
+    pw.write_text(PASSPHRASE)
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(pw)}
+    run_cli("vault", "init", "--kdf", "pbkdf2-sha256", home=ws, env=env)
+    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=ws, env=env)
+    recipe = write_recipe(base / "tiny.yaml", demo_dataset)
+    run_id = cli_json("train", str(recipe), home=ws, env=env)["id"]
+    run_cli("export", run_id, "--quant", "f16,q8_0", home=ws, env=env)
+    return ws, run_id
+
+
+@pytest.fixture
+def exported_home(home, exported_workspace) -> tuple[Path, str]:
+    """A private copy of ``exported_workspace`` as this test's workspace, its vault unlocked in this process;
+    returns (home, run id)."""
+    import shutil
+
+    from appliance import data
+    from appliance.vault import keyring
+
+    src, run_id = exported_workspace
+    shutil.copytree(src, home, symlinks=True)
+    data.use_vault(keyring.unlock(PASSPHRASE))
+    return home, run_id

@@ -19,30 +19,51 @@ from .errors import ErrorDialog, sentence
 from .screens.base import Pane
 from .screens.dashboard import Dashboard
 
-# (tab id, title, key, what it is for): the order of the tabs, the number keys and the command palette.
+# (tab id, title, key, what it is for), in the order of the pipeline: the tabs, the keys, the command palette and
+# the help. A screen's class is tui.screens.<tab>.<Tab>Screen, imported when the tab is first shown.
 SCREENS = (
-    ("dashboard", "Dashboard", "1", "what the workspace holds and the next step"),
-    ("hardware", "Hardware", "2", "detected hardware; live RAM and GPU memory"),
-    ("train", "Train", "3", "runs; follow one live (loss, tokens/s, memory); stop it"),
-    ("audit", "Audit", "4", "the audit log, filtered by event; verify it"),
-    ("doctor", "Doctor", "5", "air-gap, environment, vault and hardware checks"),
-    ("models", "Models", "6", "imported models and their manifests; import a .gguf file or an HF folder"),
-    ("datasets", "Datasets", "7", "the vault: create or unlock it; import, browse, crypto-shred datasets"),
-    ("plan", "Plan", "8", "a recipe's memory plan per device; start training it"),
+    ("dashboard", "Home", "1", "what the workspace holds, and the next step of the pipeline"),
+    ("hardware", "Hardware", "2", "detected hardware; live utilisation and memory per device"),
+    ("models", "Models", "3", "imported base models and their manifests; import a .gguf file or an HF folder"),
+    ("datasets", "Data", "4", "the vault: create or unlock it; import, browse, export, crypto-shred datasets"),
+    ("plan", "Plan", "5", "a recipe's memory plan per device; edit the knobs; start training"),
+    ("train", "Train", "6", "runs; follow one live (loss, learning rate, tokens/s, memory, ETA); stop, resume"),
+    ("evaluate", "Eval", "7", "score the tuned model against its base on the held-out split"),
+    ("export", "Export", "8", "merge and export GGUF files; sizes, expected quality, the parity checks"),
+    ("chat", "Chat", "9", "chat with a GGUF through llama.cpp; base and tuned side by side"),
+    ("audit", "Audit", "0", "the audit log, filtered by event and time; verify it"),
+    ("doctor", "Doctor", "g", "the air-gap status: egress guard, offline switches, interfaces, routes; hardware"),
 )
 
-KEYS = [(key, f"{title}: {what}") for _, title, key, what in SCREENS] + [
+# Keys that belong to no one screen (each screen's own keys come from its BINDINGS).
+KEYS = [
+    ("1-9, 0, g", "show a screen (the tabs, in the order of the pipeline; the mouse works too)"),
     ("r", "reload the current screen from the workspace"),
     ("tab / shift+tab", "move between widgets (tabs, tables, inputs, buttons)"),
-    ("enter", "follow the selected run (Train); browse a dataset (Datasets); press a focused button"),
-    ("i", "import: a model (Models), a dataset file (Datasets)"),
-    ("b / d / l", "Datasets: browse the selected dataset / crypto-shred it (asks first) / lock the vault"),
-    ("p / t", "Plan: plan the recipe / train it on this machine (plans first, as `appliance train`)"),
+    ("enter", "choose the selected row; press the focused button"),
     ("ctrl+p", "command palette: search screens and commands"),
     ("?", "this help"),
     ("escape", "close a dialog"),
     ("q", "quit (a training run keeps running)"),
 ]
+
+
+def screen_class(tab: str) -> type:
+    """The screen of a tab, importing its module now (only the dashboard's is imported at start)."""
+    import importlib
+
+    if tab == "dashboard":
+        return Dashboard
+    return getattr(importlib.import_module(f"tui.screens.{tab}"), f"{tab.capitalize()}Screen")
+
+
+def help_rows() -> list[tuple[str, str]]:
+    rows = list(KEYS)
+    for tab, title, _, _ in SCREENS:
+        for b in getattr(screen_class(tab), "BINDINGS", []):
+            if isinstance(b, Binding) and b.description:
+                rows.append((b.key_display or b.key, f"{title}: {b.description}"))
+    return rows
 
 
 class HelpScreen(ModalScreen[None]):
@@ -60,7 +81,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static("[b]keys[/]  (the mouse works too: click a tab, a row or a button)")
             table: DataTable = DataTable(show_cursor=False)
             table.add_columns("key", "does")
-            for key, does in KEYS:
+            for key, does in help_rows():
                 table.add_row(key, does)
             yield table
 
@@ -75,9 +96,9 @@ class ApplianceApp(App):
         # One footer entry for the number keys (the tabs name the screens; `?` lists them): at 80 columns the
         # footer keeps room for the current screen's own keys.
         *[Binding(key, f"show('{tab}')", "screens" if i == 0 else title, show=i == 0,
-                  key_display=f"1-{len(SCREENS)}" if i == 0 else None)
+                  key_display="1-0" if i == 0 else None)
           for i, (tab, title, key, _) in enumerate(SCREENS)],
-        Binding("r", "reload", "reload"),
+        Binding("r", "reload", "reload", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
     ]
@@ -98,7 +119,7 @@ class ApplianceApp(App):
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(initial="dashboard"):
-            with TabPane("Dashboard", id="dashboard"):
+            with TabPane(SCREENS[0][1], id="dashboard"):
                 yield Dashboard()
             # The other screens are built when first shown: the first paint waits for none of their widgets,
             # modules or workers (see bench/tui_startup.py).
@@ -107,35 +128,10 @@ class ApplianceApp(App):
         yield Footer()
 
     def build(self, tab: str) -> Pane:
-        if tab == "hardware":
-            from .screens.hardware import HardwareScreen
-
-            return HardwareScreen(self.simulate, self._sampler, self._sample_interval)
-        if tab == "train":
-            from .screens.train import TrainScreen
-
-            return TrainScreen()
-        if tab == "audit":
-            from .screens.audit import AuditScreen
-
-            return AuditScreen()
-        if tab == "doctor":
-            from .screens.doctor import DoctorScreen
-
-            return DoctorScreen(self.simulate, self._doctor)
-        if tab == "models":
-            from .screens.models import ModelsScreen
-
-            return ModelsScreen()
-        if tab == "datasets":
-            from .screens.datasets import DatasetsScreen
-
-            return DatasetsScreen(self._kdf)
-        if tab == "plan":
-            from .screens.plan import PlanScreen
-
-            return PlanScreen(self.simulate)
-        raise ValueError(tab)
+        # What the app was given that a screen needs (a simulated profile; tests' fixed hardware and checks).
+        args = {"hardware": (self.simulate, self._sampler, self._sample_interval), "doctor": (self.simulate, self._doctor),
+                "datasets": (self._kdf,), "plan": (self.simulate,)}.get(tab, ())
+        return screen_class(tab)(*args)
 
     async def ensure_built(self, tab: str) -> None:
         if tab == "dashboard" or tab in self._built:

@@ -47,16 +47,16 @@ def summarize() -> Summary:
 def next_step(s: Summary) -> str:
     """The one thing to do next, as the command that does it (the pipeline in order)."""
     if not s.vault:
-        return "no vault yet: create one on the Datasets screen (key 7), or with `appliance vault init`"
+        return "no vault yet: create one on the Data screen (key 4), or with `appliance vault init`"
     if not s.models:
-        return ("import a model (a .gguf file or a Hugging Face folder) on the Models screen (key 6), or with "
+        return ("import a model (a .gguf file or a Hugging Face folder) on the Models screen (key 3), or with "
                 "`appliance models import PATH`")
     if not s.datasets:
-        return "import a dataset on the Datasets screen (key 7), or with `appliance data import FILE --name NAME`"
+        return "import a dataset on the Data screen (key 4), or with `appliance data import FILE --name NAME`"
     if s.running:
-        return f"a run is training: follow {s.running[-1]} on the Train screen (key 3)"
+        return f"a run is training: follow {s.running[-1]} on the Train screen (key 6)"
     if not s.finished:
-        return "plan and train on the Plan screen (key 8), or with `appliance plan RECIPE`, then `appliance train RECIPE`"
+        return "plan and train on the Plan screen (key 5), or with `appliance plan RECIPE`, then `appliance train RECIPE`"
     if not s.exported:
         run = s.finished[-1]
         return f"export: `appliance merge {run}`, then `appliance export {run}`"
