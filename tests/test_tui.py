@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -120,17 +121,29 @@ async def test_dashboard_counts_the_workspace_and_moves_the_next_step_on(vault_h
         assert "appliance models import" in text(app, "#next")  # a vault, but no model yet
 
 
-@pytest.mark.parametrize("summary, expected", [
-    (Summary(False, 0, 0, 0, [], [], [], 0), "vault init"),
-    (Summary(True, 0, 0, 0, [], [], [], 1), "models import"),
-    (Summary(True, 1, 0, 0, [], [], [], 1), "data import"),
-    (Summary(True, 1, 1, 0, [], [], [], 1), "appliance train"),
-    (Summary(True, 1, 1, 1, ["r1"], [], [], 1), "follow r1"),
-    (Summary(True, 1, 1, 1, [], ["r1"], [], 1), "appliance merge r1"),
-    (Summary(True, 1, 1, 1, [], ["r1"], ["r1"], 1), "appliance chat r1"),
+@pytest.mark.parametrize("summary, expected, tab", [
+    (Summary(False, 0, 0, 0, [], [], [], 0), "vault init", "datasets"),
+    (Summary(True, 0, 0, 0, [], [], [], 1), "models import", "models"),
+    (Summary(True, 1, 0, 0, [], [], [], 1), "data import", "datasets"),
+    (Summary(True, 1, 1, 0, [], [], [], 1), "appliance train", "plan"),
+    (Summary(True, 1, 1, 1, ["r1"], [], [], 1), "follow r1", "train"),
+    (Summary(True, 1, 1, 1, [], ["r1"], [], 1), "appliance export r1", "export"),
+    (Summary(True, 1, 1, 1, [], ["r1"], ["r1"], 1), "appliance chat r1", "chat"),
 ])
-def test_next_step_follows_the_pipeline(summary, expected):
-    assert expected in next_step(summary)
+def test_next_step_follows_the_pipeline(summary, expected, tab):
+    assert expected in next_step(summary)[0] and next_step(summary)[1] == tab
+
+
+@aio
+async def test_go_on_the_dashboard_shows_the_screen_of_the_next_step(home):
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert "egress guard active" in text(app, "#pipeline")
+        assert app.focused is app.query_one("#go")
+        await pilot.press("enter")  # no vault yet: Go opens the Data screen, where one is created
+        await settle(pilot)
+        assert app.query_one(TabbedContent).active == "datasets"
 
 
 # -- hardware ---------------------------------------------------------------------
@@ -160,7 +173,7 @@ async def test_hardware_shows_the_simulated_profile_and_samples_live(home):
 async def test_doctor_runs_the_real_checks_in_a_worker(home):
     app = ApplianceApp(simulate="cpu-only")
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
+        await pilot.press("g")
         await settle(pilot)
         table = app.query_one("#checks", DataTable)
         rows = [table.get_row_at(i) for i in range(table.row_count)]
@@ -179,7 +192,7 @@ async def test_audit_filters_by_event_and_verifies_then_detects_tampering(vault_
     audit.record("dataset.import", {"dataset": "claims"}, {"records": 64})
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("4")
+        await pilot.press("0")
         await settle(pilot)
         table = app.query_one("#entries", DataTable)
         events_shown = [table.get_row_at(i)[3] for i in range(table.row_count)]
@@ -214,18 +227,21 @@ async def test_train_follows_a_finished_run_from_its_events(home):
     write_run()
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("3")
+        await pilot.press("6")
         await settle(pilot)
         table = app.query_one("#runs", DataTable)
         assert table.get_row_at(0)[:3] == [RUN, "finished", "3/3"]
         table.focus()
         await pilot.press("enter")
         await settle(pilot)
-        assert app.query_one("#loss", Sparkline).data == [3.0, 2.5, 2.0]
+        screen = app.query_one(TrainScreen)
+        assert screen.view.train == {1: 3.0, 2: 2.5, 3: 2.0} and screen.view.val == {3: 2.25}
+        chart = str(app.query_one("#chart").render())  # the legend holds the latest of each loss
+        assert "train 2.0000" in chart and "val 2.2500" in chart
         stats = text(app, "#stats")
-        assert "step 3/3" in stats and "loss 2.0000" in stats and "val 2.2500" in stats and "1003 tok/s" in stats
-        assert "finished: trained 3 steps" in text(app, "#last")
-        assert app.query_one("#stop").disabled
+        assert "step 3/3" in stats and "1003 tok/s" in stats and "elapsed 0:11" in stats and "finished" in stats
+        assert "finished: trained 3 steps" in "\n".join(line.text for line in app.query_one("#log").lines)
+        assert app.query_one("#stop").disabled and app.query_one("#resume").disabled
 
 
 @aio
@@ -236,23 +252,23 @@ async def test_train_reattaches_to_a_running_run_follows_it_live_and_stops_it(ho
         path = write_run(losses=(3.0,), finished=False, pid=proc.pid)
         app = ApplianceApp()
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("3")
+            await pilot.press("6")
             screen = app.query_one(TrainScreen)
             for _ in range(100):
                 await pilot.pause(0.05)
-                if screen.following == RUN and app.query_one("#loss", Sparkline).data == [3.0]:
+                if screen.following == RUN and screen.view.train == {1: 3.0}:
                     break
             assert screen.following == RUN  # nobody selected it: a running run is followed on its own
-            assert app.query_one("#loss", Sparkline).data == [3.0]
+            assert screen.view.train == {1: 3.0}
             # The run goes on writing; the screen keeps up without being asked.
             events.EventLog(path / "events.jsonl")(events.Event("progress", "train", "", {"step": 2, "max_steps": 3,
                                                                                           "loss": 1.5}))
             for _ in range(100):
                 await pilot.pause(0.05)
-                if app.query_one("#loss", Sparkline).data == [3.0, 1.5]:
+                if screen.view.train == {1: 3.0, 2: 1.5}:
                     break
-            assert app.query_one("#loss", Sparkline).data == [3.0, 1.5]
-            assert not app.query_one("#stop").disabled
+            assert screen.view.train == {1: 3.0, 2: 1.5}
+            assert not app.query_one("#stop").disabled and app.query_one("#resume").disabled
             await pilot.click("#stop")
             assert proc.wait(timeout=10) == -signal.SIGTERM
             await settle(pilot)
@@ -272,7 +288,7 @@ async def test_an_appliance_error_in_a_worker_is_a_dialog_with_its_sentence(home
 
     app = ApplianceApp(doctor=broken)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
+        await pilot.press("g")
         await settle(pilot)
         assert isinstance(app.screen, ErrorDialog)
         assert str(app.screen.query_one("#message", Static).render()) == (
@@ -290,7 +306,7 @@ async def test_a_bug_in_a_worker_is_an_internal_error_dialog_without_traceback(h
 
     app = ApplianceApp(doctor=broken)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
+        await pilot.press("g")
         await settle(pilot)
         assert isinstance(app.screen, ErrorDialog)
         message = str(app.screen.query_one("#message", Static).render())
@@ -302,7 +318,8 @@ async def test_a_bug_in_a_worker_is_an_internal_error_dialog_without_traceback(h
 async def test_keys_help_and_command_palette_switch_screens(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        for key, tab in zip("23451", ("hardware", "train", "audit", "doctor", "dashboard")):
+        for key, tab in zip("2345678901g", ("hardware", "models", "datasets", "plan", "train", "evaluate", "export",
+                                            "chat", "audit", "dashboard", "doctor")):
             await pilot.press(key)
             assert app.query_one(TabbedContent).active == tab
         await pilot.press("question_mark")
@@ -396,8 +413,8 @@ def _snapshot_app() -> ApplianceApp:
     return ApplianceApp(simulate="2x-rtx4090", sampler=fixed_sample, doctor=fixed_doctor, sample_interval=3600)
 
 
-@pytest.mark.parametrize("key, tab", [("1", "dashboard"), ("2", "hardware"), ("3", "train"), ("4", "audit"),
-                                      ("5", "doctor")])
+@pytest.mark.parametrize("key, tab", [("1", "dashboard"), ("2", "hardware"), ("6", "train"), ("0", "audit"),
+                                      ("g", "doctor")])
 def test_snapshot(key, tab, home, monkeypatch, snap_compare):
     _snapshot_workspace(monkeypatch)
 
@@ -418,7 +435,7 @@ def test_snapshot_error_dialog(home, snap_compare):
         raise NotFound("no run with id 'r1' in the workspace; `appliance runs list` shows them.")
 
     async def run_before(pilot):
-        await pilot.press("5")
+        await pilot.press("g")
         await settle(pilot)
 
     app = ApplianceApp(simulate="cpu-only", sampler=fixed_sample, doctor=broken, sample_interval=3600)
@@ -427,35 +444,95 @@ def test_snapshot_error_dialog(home, snap_compare):
 
 # -- the real command in a real terminal --------------------------------------------------
 
+class Terminal:
+    """The real `appliance` command in a tmux pane: keys in, the pane's text out, as a person sees it."""
+
+    def __init__(self, tmp_path: Path, width: int = 100, height: int = 30) -> None:
+        import shutil
+
+        exe = Path(sys.executable).parent / "appliance"
+        if not exe.is_file():
+            pytest.skip("the appliance command is not installed in this environment")
+        self.tmux = shutil.which("tmux")
+        self.session = f"appliance-tui-{os.getpid()}"
+        self.done = tmp_path / "exit-code"
+        env = {"APPLIANCE_HOME": str(tmp_path / "home"), "TERM": "xterm-256color", "APPLIANCE_PASSPHRASE_FILE": ""}
+        script = f"cd {tmp_path} && env {' '.join(f'{k}={v}' for k, v in env.items())} {exe}; echo $? > {self.done}"
+        subprocess.run([self.tmux, "-L", self.session, "new-session", "-d", "-s", self.session, "-x", str(width),
+                        "-y", str(height), script], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run([self.tmux, "-L", self.session, "capture-pane", "-p", "-t", self.session],
+                              capture_output=True, text=True).stdout
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        import time
+
+        for key in keys:
+            subprocess.run([self.tmux, "-L", self.session, "send-keys", "-t", self.session, *(["-l"] if literal else []),
+                            key], check=True)
+            # A terminal reads Escape followed at once by a key as Alt+key: pause after it, as a person would.
+            time.sleep(0.6 if key == "Escape" else 0.15)
+
+    def wait_for(self, *texts: str, timeout: float = 30) -> str:
+        """The screen once it shows every text (a busy machine: up to `timeout` seconds)."""
+        import time
+
+        deadline = time.time() + timeout
+        while True:
+            screen = self.screen()
+            if all(t in screen for t in texts) or time.time() > deadline:
+                assert all(t in screen for t in texts), f"expected {texts} on screen:\n{screen}"
+                return screen
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run([self.tmux, "-L", self.session, "kill-server"], capture_output=True)
+
+
 @pytest.mark.skipif(not __import__("shutil").which("tmux"), reason="tmux is not installed")
-def test_appliance_with_no_arguments_opens_the_tui_in_a_terminal_and_q_quits(tmp_path):
-    import shutil
+def test_a_person_creates_the_vault_imports_a_dataset_and_finds_the_audit_and_air_gap(tmp_path):
+    """`appliance` with no arguments, in a real terminal: what a person new to it would do and see."""
     import time
 
-    exe = Path(sys.executable).parent / "appliance"
-    if not exe.is_file():
-        pytest.skip("the appliance command is not installed in this environment")
-    session = f"appliance-tui-{os.getpid()}"
-    done = tmp_path / "exit-code"
-    env = {"APPLIANCE_HOME": str(tmp_path / "home"), "TERM": "xterm-256color"}
-    script = f"env {' '.join(f'{k}={v}' for k, v in env.items())} {exe}; echo $? > {done}"
-    tmux = shutil.which("tmux")
-    subprocess.run([tmux, "-L", session, "new-session", "-d", "-s", session, "-x", "100", "-y", "30", script],
-                   check=True)
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: what is the capital of country {i}?"},
+                          {"role": "assistant", "content": f"The capital of country {i} is city {i} by the river."}]}
+            for i in range(20)]
+    (tmp_path / "claims.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    term = Terminal(tmp_path)
     try:
-        screen = ""
-        for _ in range(150):  # up to 15 s on a busy machine
-            time.sleep(0.1)
-            screen = subprocess.run([tmux, "-L", session, "capture-pane", "-p", "-t", session], capture_output=True,
-                                    text=True).stdout
-            if "appliance vault init" in screen:
-                break
-        assert "Dashboard" in screen and "appliance vault init" in screen, screen
-        subprocess.run([tmux, "-L", session, "send-keys", "-t", session, "q"], check=True)
+        # The dashboard: what exists and what to do next; Go takes the person there.
+        screen = term.wait_for("Home", "next:", "no vault yet", "Go")
+        assert "egress guard active" in screen and "q quit" in screen
+        term.keys("Enter")
+        term.wait_for("Choose a passphrase")
+        term.keys("long enough passphrase", literal=True)
+        term.keys("Tab")
+        term.keys("long enough passphrase", literal=True)
+        term.keys("Enter")
+        term.wait_for("no datasets yet", timeout=60)  # the vault exists and is open
+        term.keys("i")
+        term.wait_for("file (JSONL")
+        term.keys(str(tmp_path / "claims.jsonl"), literal=True)
+        term.keys("Tab")
+        term.keys("claims", literal=True)
+        term.keys("Enter")
+        screen = term.wait_for("claims", "18", "2", timeout=60)  # 20 records: 18 train, 2 validation
+        # The security officer: the audit log (key 0) and the air-gap status (key g).
+        term.keys("0")
+        term.wait_for("vault.init", "dataset.import")
+        term.keys("g")
+        term.wait_for("egress guard", "installed", "HF_HUB_OFFLINE")
+        term.keys("?")
+        term.wait_for("keys", "command palette")
+        term.keys("Escape")
+        term.keys("1")
+        term.wait_for("next:", "import a model", "Models screen")  # the next step moved on
+        term.keys("q")
         for _ in range(100):
             time.sleep(0.1)
-            if done.is_file():
+            if term.done.is_file():
                 break
-        assert done.read_text().strip() == "0"
+        assert term.done.read_text().strip() == "0"
     finally:
-        subprocess.run([tmux, "-L", session, "kill-server"], capture_output=True)
+        term.close()

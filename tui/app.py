@@ -171,7 +171,9 @@ class ApplianceApp(App):
             self.call_after_refresh(self.query_one(Dashboard).refresh_data)  # (also sent as the app starts)
         else:  # a tab clicked with the mouse or reached with the arrow keys
             await self.ensure_built(event.pane.id)
-            self.focus_pane()
+            # (Also sent, later, for a tab shown with its key: keep the focus if the user has moved it within.)
+            if self.focused is None or event.pane not in self.focused.ancestors:
+                self.focus_pane()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

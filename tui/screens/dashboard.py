@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from rich.markup import escape
 from textual.app import ComposeResult
-from textual.widgets import Static
+from textual.containers import Horizontal
+from textual.widgets import Button, Static
 
 from .base import Pane
 
@@ -21,11 +22,12 @@ class Summary:
     finished: list[str]
     exported: list[str]
     audit_entries: int
+    guard: bool = True  # the egress guard is installed in this process
 
 
 def summarize() -> Summary:
     """Read the workspace through the public API (runs in a worker: it touches the disk and every run's pid)."""
-    from appliance import audit, models, runs
+    from appliance import airgap, audit, models, runs
     from appliance.vault import keyring
 
     vault = keyring.exists()
@@ -41,26 +43,31 @@ def summarize() -> Summary:
         finished=[r["id"] for r in rs if r["state"] == "finished"],
         exported=[r["id"] for r in rs if r["state"] == "finished" and (Path(r["path"]) / "export.json").is_file()],
         audit_entries=len(audit.entries()),
+        guard=airgap.installed(),
     )
 
 
-def next_step(s: Summary) -> str:
-    """The one thing to do next, as the command that does it (the pipeline in order)."""
+def next_step(s: Summary) -> tuple[str, str]:
+    """The one thing to do next (the pipeline in order): what to do, and the tab that does it."""
     if not s.vault:
-        return "no vault yet: create one on the Data screen (key 4), or with `appliance vault init`"
+        return "no vault yet: create one on the Data screen (key 4), or with `appliance vault init`", "datasets"
     if not s.models:
         return ("import a model (a .gguf file or a Hugging Face folder) on the Models screen (key 3), or with "
-                "`appliance models import PATH`")
+                "`appliance models import PATH`", "models")
     if not s.datasets:
-        return "import a dataset on the Data screen (key 4), or with `appliance data import FILE --name NAME`"
+        return ("import a dataset on the Data screen (key 4), or with `appliance data import FILE --name NAME`",
+                "datasets")
     if s.running:
-        return f"a run is training: follow {s.running[-1]} on the Train screen (key 6)"
+        return f"a run is training: follow {s.running[-1]} on the Train screen (key 6)", "train"
     if not s.finished:
-        return "plan and train on the Plan screen (key 5), or with `appliance plan RECIPE`, then `appliance train RECIPE`"
+        return ("plan and train on the Plan screen (key 5), or with `appliance plan RECIPE`, then "
+                "`appliance train RECIPE`", "plan")
     if not s.exported:
         run = s.finished[-1]
-        return f"export: `appliance merge {run}`, then `appliance export {run}`"
-    return f"chat with the tuned model: `appliance chat {s.exported[-1]}`"
+        return (f"evaluate {run} against its base (key 7), and export it to GGUF on the Export screen (key 8), or "
+                f"with `appliance export {run}`", "export")
+    return (f"chat with the tuned model, side by side with its base, on the Chat screen (key 9), or with "
+            f"`appliance chat {s.exported[-1]}`", "chat")
 
 
 def render(s: Summary) -> str:
@@ -75,19 +82,32 @@ def render(s: Summary) -> str:
         (bool(s.exported), "exported", f"{len(s.exported)} run(s) with GGUF files"),
     ]
     lines = [f" {mark(done)} {name:<9} {value}" for done, name, value in steps]
-    lines.append(f"   {'audit':<9} {s.audit_entries} entries")
+    lines.append(f"   {'audit':<9} {s.audit_entries} entries (key 0)")
+    lines.append(f"   {'air-gap':<9} " + ("egress guard active: no connection leaves this machine (key g)" if s.guard
+                                          else "[red]egress guard NOT active[/] (key g)"))
     return "\n".join(lines)
 
 
 class Dashboard(Pane):
     DEFAULT_CSS = """
     Dashboard #pipeline { height: auto; margin: 1 1; }
-    Dashboard #next { height: auto; margin: 0 1; padding: 1 2; border: round $accent; }
+    Dashboard #next-box { height: auto; margin: 0 1; padding: 0 1; border: round $accent; }
+    Dashboard #next { width: 1fr; height: auto; padding: 1 1; }
+    Dashboard #go { min-width: 8; width: auto; margin: 1 0 0 1; }
     """
 
     def compose(self) -> ComposeResult:
         yield Static("reading the workspace…", id="pipeline")
-        yield Static("", id="next")
+        with Horizontal(id="next-box"):
+            yield Static("", id="next")
+            yield Button("Go", id="go", variant="primary", disabled=True)
+
+    def focus_default(self) -> None:
+        self.query_one("#go", Button).focus()
+
+    async def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "go" and getattr(self, "summary", None) is not None:
+            await self.app.action_show(next_step(self.summary)[1])
 
     def on_mount(self) -> None:
         # After the first paint: the worker's imports (the appliance's modules) would hold the GIL during it.
@@ -99,4 +119,12 @@ class Dashboard(Pane):
     def show(self, s: Summary) -> None:
         self.summary = s
         self.query_one("#pipeline", Static).update(render(s))
-        self.query_one("#next", Static).update(f"[b]next:[/] {escape(next_step(s))}")
+        what, tab = next_step(s)
+        self.query_one("#next", Static).update(f"[b]next:[/] {escape(what)}")
+        go = self.query_one("#go", Button)
+        go.disabled = False
+        go.tooltip = f"show the {tab} screen"
+        from textual.widgets import Tabs
+
+        if self.app.focused is None or isinstance(self.app.focused, Tabs):  # as the app starts: Enter goes
+            go.focus()

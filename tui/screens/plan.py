@@ -1,5 +1,8 @@
 """Plan: a recipe's memory plan on this machine or a named profile, drawn as bars per device against the
-device's limit; and Train, which starts the run exactly as `appliance train` does and follows it."""
+device's limit; and Train, which starts the run exactly as `appliance train` does and follows it.
+
+The form under the recipe overrides its base model, dataset and knobs, as `--set KEY=VALUE` does on the command
+line: an empty field keeps the recipe's value (shown as the field's placeholder)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Button, Input, Select, Static
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Static
 
 from .base import Pane, require_unlocked
 
@@ -80,13 +83,47 @@ def details(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def start_training(recipe_path: str) -> str:
+# The knobs the form edits: (input id, recipe key, label, type).
+KNOBS = (
+    ("k-steps", "training.max_steps", "steps", int),
+    ("k-batch", "training.micro_batch_size", "micro-batch", int),
+    ("k-accum", "training.gradient_accumulation_steps", "accumulate", int),
+    ("k-seq", "training.max_seq_length", "seq length", int),
+    ("k-rank", "lora.r", "LoRA rank", int),
+    ("k-lr", "training.learning_rate", "learning rate", float),
+)
+RECIPES = "(the recipe's)"
+
+
+def recipe_defaults(path: str) -> dict:
+    """The recipe's own values of the fields the form can override (shown as their placeholders)."""
+    from appliance import recipes
+
+    r = recipes.load(path)
+    return {"base_model": r.base_model, "dataset": r.dataset, "training.max_steps": r.training.max_steps,
+            "training.micro_batch_size": r.training.micro_batch_size,
+            "training.gradient_accumulation_steps": r.training.gradient_accumulation_steps,
+            "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r,
+            "training.learning_rate": r.training.learning_rate,
+            "training.gradient_checkpointing": r.training.gradient_checkpointing}
+
+
+def choices() -> tuple[list[str], list[str]]:
+    """Imported model ids, and dataset ids in the vault (read without the passphrase)."""
+    from appliance import models
+    from appliance.vault import keyring
+
+    return ([m["id"] for m in models.list_models()],
+            keyring.status()["datasets"] if keyring.exists() else [])
+
+
+def start_training(recipe_path: str, overrides: dict | None = None) -> str:
     """What `appliance train RECIPE` does: plan on this machine, refuse what cannot fit, apply the safe
     adjustments, create the run and start its worker. Returns the run's id."""
     from appliance import plan as planner
     from appliance import recipes, runs
 
-    recipe = recipes.load(recipe_path)
+    recipe = recipes.load(recipe_path, **(overrides or {}))
     require_unlocked()  # the run's dataset key and the signing key go to the worker
     recipe, plan = planner.fitted(recipe)
     run_id = runs.create(recipe, plan)
@@ -95,12 +132,22 @@ def start_training(recipe_path: str) -> str:
 
 
 class PlanScreen(Pane):
-    BINDINGS = [Binding("p", "plan", "plan"), Binding("t", "train", "train")]
+    BINDINGS = [Binding("p", "plan", "plan"), Binding("t", "train", "train"),
+                Binding("k", "knobs", "knobs", tooltip="base model, dataset and knobs that override the recipe")]
     DEFAULT_CSS = """
     PlanScreen #plan-form { height: auto; }
     PlanScreen #recipe { width: 2fr; }
     PlanScreen #profile { width: 24; }
     PlanScreen #plan-form Button { min-width: 9; width: auto; }
+    PlanScreen #knobs { height: auto; padding: 0; margin: 0; }
+    PlanScreen #knobs Contents { padding: 0 0 0 1; }
+    PlanScreen #knobs Horizontal { height: auto; }
+    PlanScreen #knobs Select { width: 1fr; }
+    PlanScreen #k-ckpt { width: auto; }
+    PlanScreen #k-model { width: 3fr; }
+    PlanScreen .knob { width: 1fr; height: auto; }
+    PlanScreen .knob Label { padding: 0 1; color: $text-muted; }
+    PlanScreen .knob Input { width: 100%; }
     PlanScreen #plan-view { height: 1fr; border-top: solid $accent; padding: 0 1; }
     PlanScreen #plan-summary, PlanScreen #plan-bars, PlanScreen #plan-details { height: auto; }
     """
@@ -120,14 +167,107 @@ class PlanScreen(Pane):
             yield Select(options, value=self.simulate or "", allow_blank=False, id="profile")
             yield Button("Plan", id="plan-go", variant="primary")
             yield Button("Train", id="train-go", variant="success")
+        with Collapsible(title="base model, dataset and knobs (override the recipe)", id="knobs", collapsed=True):
+            with Horizontal():
+                yield Select([], prompt=f"model {RECIPES}", id="k-model")
+                yield Select([], prompt=f"dataset {RECIPES}", id="k-dataset")
+                yield Checkbox("grad ckpt", id="k-ckpt")
+            with Horizontal():
+                for input_id, _, label, kind in KNOBS:
+                    with Vertical(classes="knob"):
+                        yield Label(label)
+                        yield Input(id=input_id, type="integer" if kind is int else "text")
         with VerticalScroll(id="plan-view"):
             yield Static("p plans the recipe on the chosen hardware; t trains it on this machine "
                          "(`appliance train`)", id="plan-summary")
             yield Static("", id="plan-bars")
             yield Static("", id="plan-details")
 
+    def on_mount(self) -> None:
+        self.refresh_data()
+
+    def refresh_data(self) -> None:
+        self.call(choices, self.show_choices, group="choices")
+        self.load_defaults()
+
+    def show_choices(self, found: tuple[list[str], list[str]]) -> None:
+        self.found = found
+        self.update_selects()
+
+    def update_selects(self) -> None:
+        """The model and dataset choices, each prompt naming the recipe's own (what no choice keeps)."""
+        defaults = getattr(self, "defaults", {})
+        for select_id, what, ids in zip(("#k-model", "#k-dataset"), ("base_model", "dataset"),
+                                        getattr(self, "found", ([], []))):
+            select = self.query_one(select_id, Select)
+            keep = select.value
+            select.prompt = str(defaults.get(what, f"{what.replace('base_', '')} {RECIPES}"))
+            select.set_options([(i, i) for i in ids])
+            if keep in ids:
+                select.value = keep
+
+    def load_defaults(self) -> None:
+        path = self.query_one("#recipe", Input).value.strip()
+        if not path or not Path(path).is_file():
+            return
+
+        def job() -> dict | str:
+            from appliance.errors import ApplianceError
+
+            try:
+                return recipe_defaults(path)
+            except ApplianceError as e:  # said where the plan goes, not in a dialog: the user may be typing
+                return str(e)
+
+        def shown(defaults: dict | str) -> None:
+            if isinstance(defaults, str):
+                self.query_one("#plan-summary", Static).update(escape(defaults))
+                return
+            self.defaults = defaults
+            for input_id, key, _, _ in KNOBS:
+                self.query_one(f"#{input_id}", Input).placeholder = str(defaults[key])
+            self.update_selects()
+            self.query_one("#k-ckpt", Checkbox).value = bool(defaults["training.gradient_checkpointing"])
+
+        self.call(job, shown, group="defaults")
+
+    def overrides(self) -> dict:
+        """The form's fields that differ from the recipe, as `--set` pairs; a bad number names its field."""
+        from appliance.errors import InvalidInput
+
+        out: dict = {}
+        for select_id, key in (("#k-model", "base_model"), ("#k-dataset", "dataset")):
+            value = self.query_one(select_id, Select).value
+            if value is not Select.NULL and value:
+                out[key] = str(value)
+        for input_id, key, label, kind in KNOBS:
+            raw = self.query_one(f"#{input_id}", Input).value.strip()
+            if not raw:
+                continue
+            try:
+                out[key] = kind(raw)
+            except ValueError:
+                raise InvalidInput(f"Plan: {label} must be {'a whole number' if kind is int else 'a number'}, not "
+                                   f"{raw!r}; fix the field or clear it to keep the recipe's value.") from None
+        ckpt = self.query_one("#k-ckpt", Checkbox).value
+        if ckpt != getattr(self, "defaults", {}).get("training.gradient_checkpointing", False):
+            out["training.gradient_checkpointing"] = ckpt
+        return out
+
     def focus_default(self) -> None:
         self.query_one("#plan-view").focus()
+
+    def action_knobs(self) -> None:
+        knobs = self.query_one("#knobs", Collapsible)
+        knobs.collapsed = not knobs.collapsed
+        if knobs.collapsed:
+            self.focus_default()
+        else:
+            self.query_one("#k-model", Select).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "recipe" and Path(event.value.strip()).is_file():
+            self.load_defaults()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "recipe":
@@ -142,12 +282,13 @@ class PlanScreen(Pane):
     def action_plan(self) -> None:
         path = self.query_one("#recipe", Input).value.strip()
         profile = str(self.query_one("#profile", Select).value or "") or None
+        overrides = self.overrides()
 
         def job():
             from appliance import plan as planner
             from appliance import recipes
 
-            return planner.plan_recipe(recipes.load(path), simulate=profile)
+            return planner.plan_recipe(recipes.load(path, **overrides), simulate=profile)
 
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)}…")
         self.call(job, self.show_plan, group="plan")
@@ -160,9 +301,10 @@ class PlanScreen(Pane):
 
     def action_train(self) -> None:
         path = self.query_one("#recipe", Input).value.strip()
+        overrides = self.overrides()
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)} on this machine, then starting "
                                                        "the run…")
-        self.call(lambda: start_training(path), self.started, group="train")
+        self.call(lambda: start_training(path, overrides), self.started, group="train")
 
     async def started(self, run_id: str) -> None:
         from .train import TrainScreen
