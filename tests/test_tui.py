@@ -318,9 +318,12 @@ async def test_a_bug_in_a_worker_is_an_internal_error_dialog_without_traceback(h
 async def test_keys_help_and_command_palette_switch_screens(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        # alt+key switches from anywhere (the Data screen focuses its passphrase field, where "5" would type)
         for key, tab in zip("2345678901g", ("hardware", "models", "datasets", "plan", "train", "evaluate", "export",
                                             "chat", "audit", "dashboard", "doctor")):
-            await pilot.press(key)
+            await pilot.press(f"alt+{key}")
+            await pilot.pause()
             assert app.query_one(TabbedContent).active == tab
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
@@ -384,7 +387,7 @@ after_import = [m for m in {HEAVY!r} if m in sys.modules]
 async def main():
     app = tui.app.ApplianceApp(simulate="1x-rtx4090")
     async with app.run_test(size=(100, 30)) as pilot:
-        for key in "12345678":
+        for key in "1234567890g":
             await pilot.press(key)
             await pilot.pause(0.2)
         await pilot.pause(1.0)

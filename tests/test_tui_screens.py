@@ -81,7 +81,7 @@ async def test_datasets_create_unlock_import_browse_and_delete(home, tmp_path):
     src = write_jsonl(tmp_path / "faq.jsonl", records())
     app = ApplianceApp(kdf=FAST)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("7")
+        await pilot.press("4")
         await settle(pilot)
         screen = app.query_one(DatasetsScreen)
         assert screen.state == "none"
@@ -165,7 +165,7 @@ async def test_datasets_create_unlock_import_browse_and_delete(home, tmp_path):
 async def test_models_import_a_folder_and_show_it(vault_home, tiny_model_dir):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("6")
+        await pilot.press("3")
         await settle(pilot)
         assert app.query_one("#model-table", DataTable).row_count == 0
         app.query_one("#model-table", DataTable).focus()
@@ -192,7 +192,7 @@ async def test_models_import_of_a_pickle_only_folder_is_the_dialog(vault_home, t
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("6")
+        await pilot.press("3")
         await settle(pilot)
         app.query_one("#model-table", DataTable).focus()
         await pilot.press("i")
@@ -211,14 +211,14 @@ async def test_models_import_with_a_locked_vault_says_where_to_unlock(home, tmp_
     data.use_vault(None)
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("6")
+        await pilot.press("3")
         await settle(pilot)
         app.query_one("#model-table", DataTable).focus()
         await pilot.press("i")
         await type_into(pilot, "#model-path", str(tmp_path))
         await pilot.press("enter")
         await settle(pilot)
-        assert "unlock it on the Datasets screen" in error_message(app)
+        assert "unlock it on the Data screen" in error_message(app)
 
 
 # -- plan -------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ async def test_models_import_with_a_locked_vault_says_where_to_unlock(home, tmp_
 async def test_plan_draws_the_memory_bars_on_a_profile(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("8")
+        await pilot.press("5")
         await settle(pilot)
         await type_into(pilot, "#recipe", "recipes/qwen2.5-7b-qlora-1x24gb.yaml")
         app.query_one("#profile").value = "1x-rtx4090"
@@ -245,7 +245,7 @@ async def test_plan_draws_the_memory_bars_on_a_profile(home):
 async def test_plan_of_a_missing_recipe_is_the_dialog(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("8")
+        await pilot.press("5")
         await settle(pilot)
         await type_into(pilot, "#recipe", "recipes/nope.yaml")
         await pilot.press("enter")
@@ -262,7 +262,8 @@ async def test_train_from_plan_starts_the_run_as_the_cli_does_and_follows_it(hom
 
     started = []
 
-    def fake_start(path):  # the run itself is the CLI's (tested there); here: the hand-over to the Train screen
+    def fake_start(path, overrides):  # the run itself: tests/test_tui_pipeline.py; here: the hand-over to Train
+        assert overrides == {}  # the form untouched: the recipe as it is
         started.append(path)
         write_run()
         return RUN
@@ -270,7 +271,7 @@ async def test_train_from_plan_starts_the_run_as_the_cli_does_and_follows_it(hom
     monkeypatch.setattr(plan_screen, "start_training", fake_start)
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("8")
+        await pilot.press("5")
         await settle(pilot)
         app.query_one("#plan-view").focus()
         await pilot.press("t")
@@ -304,7 +305,7 @@ def test_snapshot_models(vault_home, tiny_model_dir, monkeypatch, snap_compare):
     models.import_model(tiny_model_dir, "tiny")
 
     async def run_before(pilot):
-        await pilot.press("6")
+        await pilot.press("3")
         await settle(pilot)
         # The manifest's creation time and the fixture's path change per run: the detail pane shows them.
         pilot.app.query_one("#model-info", Static).update("tiny: LlamaForCausalLM, 2 layers, hidden 128")
@@ -315,15 +316,18 @@ def test_snapshot_models(vault_home, tiny_model_dir, monkeypatch, snap_compare):
 
 def test_snapshot_datasets_create_form(home, snap_compare):
     async def run_before(pilot):
-        await pilot.press("7")
+        await pilot.press("4")
         await settle(pilot)
+        for field in pilot.app.query(Input):
+            field.cursor_blink = False  # shown steadily: a blinking cursor would depend on the moment of the shot
+        await pilot.pause()
 
     assert snap_compare(ApplianceApp(simulate="cpu-only"), terminal_size=SIZE, run_before=run_before)
 
 
 def test_snapshot_plan(home, snap_compare):
     async def run_before(pilot):
-        await pilot.press("8")
+        await pilot.press("5")
         await settle(pilot)
         pilot.app.query_one("#recipe", Input).value = "recipes/qwen2.5-7b-qlora-1x24gb.yaml"
         pilot.app.query_one("#profile").value = "1x-rtx4090"
@@ -334,3 +338,25 @@ def test_snapshot_plan(home, snap_compare):
         await asyncio.sleep(0)
 
     assert snap_compare(ApplianceApp(), terminal_size=SIZE, run_before=run_before)
+
+
+@aio
+async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(home):
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("k")
+        await settle(pilot)
+        screen = app.query_one(PlanScreen)
+        assert app.query_one("#k-steps", Input).placeholder == "40"  # the demo recipe's own value
+        await type_into(pilot, "#k-rank", "64")
+        await type_into(pilot, "#k-lr", "0.0005")
+        assert screen.overrides() == {"lora.r": 64, "training.learning_rate": 0.0005}
+        await pilot.click("#plan-go")
+        await settle(pilot)
+        assert screen.plan["knobs"]["lora_r"] == 64
+        await type_into(pilot, "#k-lr", "fast")
+        await pilot.click("#plan-go")
+        await settle(pilot)
+        assert error_message(app).startswith("Plan: learning rate must be a number, not 'fast'")

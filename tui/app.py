@@ -38,6 +38,7 @@ SCREENS = (
 # Keys that belong to no one screen (each screen's own keys come from its BINDINGS).
 KEYS = [
     ("1-9, 0, g", "show a screen (the tabs, in the order of the pipeline; the mouse works too)"),
+    ("alt+1 … alt+g", "the same from inside a text field, where the plain keys type"),
     ("r", "reload the current screen from the workspace"),
     ("tab / shift+tab", "move between widgets (tabs, tables, inputs, buttons)"),
     ("enter", "choose the selected row; press the focused button"),
@@ -98,6 +99,8 @@ class ApplianceApp(App):
         *[Binding(key, f"show('{tab}')", "screens" if i == 0 else title, show=i == 0,
                   key_display="1-0" if i == 0 else None)
           for i, (tab, title, key, _) in enumerate(SCREENS)],
+        # The same with alt, from anywhere: a text field (Chat's message, a form) takes the plain digits.
+        *[Binding(f"alt+{key}", f"show('{tab}')", title, show=False, priority=True) for tab, title, key, _ in SCREENS],
         Binding("r", "reload", "reload", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),

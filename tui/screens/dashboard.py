@@ -126,5 +126,9 @@ class Dashboard(Pane):
         go.tooltip = f"show the {tab} screen"
         from textual.widgets import Tabs
 
-        if self.app.focused is None or isinstance(self.app.focused, Tabs):  # as the app starts: Enter goes
+        # As the app starts, Enter goes; but never pull the focus (and with it the tab) back from another screen.
+        from textual.widgets import TabbedContent
+
+        home = self.app.query_one(TabbedContent).active == "dashboard"
+        if home and (self.app.focused is None or isinstance(self.app.focused, Tabs)):
             go.focus()

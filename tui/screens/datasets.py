@@ -1,5 +1,6 @@
 """Datasets: the vault. Create it or unlock it (the passphrase is never shown, kept or logged), then import,
-browse and crypto-shred the encrypted datasets.
+browse, export (plaintext, after a confirmation) and crypto-shred the encrypted datasets; authenticate every
+dataset file (`vault verify`) and change the passphrase (`vault rekey`).
 
 The import runs in a thread; the importer's events reach the UI thread through ``call_from_thread`` and feed a
 progress bar, then its report (rejections per reason, with examples) shows in a panel.
@@ -19,6 +20,8 @@ from textual.widgets import Button, ContentSwitcher, DataTable, Input, Label, Pr
 from .base import Pane, unlocked
 
 BROWSE = 20  # records shown by Browse
+HINT = ("i import · b browse the selected dataset · e export it in plaintext · d delete it · v verify every "
+        "dataset · k change the passphrase · l lock the vault")
 
 
 def vault_state() -> str:
@@ -99,7 +102,11 @@ class ConfirmDialog(ModalScreen[bool]):
 
 class DatasetsScreen(Pane):
     BINDINGS = [Binding("i", "toggle_import", "import"), Binding("b", "browse", "browse"),
-                Binding("d", "delete", "delete"), Binding("l", "lock", "lock")]
+                Binding("e", "toggle_export", "export"), Binding("d", "delete", "delete"),
+                Binding("v", "verify", "verify every dataset file", show=False),
+                Binding("k", "toggle_rekey", "change the passphrase (rekey)", show=False),
+                Binding("l", "lock", "lock")]
+    FORMS = ("#ds-import", "#ds-export", "#ds-rekey")  # one shown at a time, under the table
     DEFAULT_CSS = """
     DatasetsScreen ContentSwitcher { height: 1fr; }
     DatasetsScreen .form { height: auto; padding: 1 2; }
@@ -107,8 +114,14 @@ class DatasetsScreen(Pane):
     DatasetsScreen .form Button { margin: 1 0 0 0; }
     DatasetsScreen #open { height: 1fr; }
     DatasetsScreen #dataset-table { height: 1fr; min-height: 4; }
-    DatasetsScreen #ds-import { height: auto; display: none; }
-    DatasetsScreen #ds-import.shown { display: block; }
+    DatasetsScreen #ds-import, DatasetsScreen #ds-export, DatasetsScreen #ds-rekey { height: auto; display: none; }
+    DatasetsScreen #ds-import.shown, DatasetsScreen #ds-export.shown, DatasetsScreen #ds-rekey.shown {
+        display: block; }
+    DatasetsScreen #ds-export-path { width: 1fr; }
+    DatasetsScreen #ds-export-split { width: 18; }
+    DatasetsScreen #ds-rekey Input { width: 1fr; }
+    DatasetsScreen #ds-rekey-kdf { width: 18; }
+    DatasetsScreen #rk-go { width: auto; min-width: 10; }
     DatasetsScreen #ds-path { width: 2fr; }
     DatasetsScreen #ds-name { width: 1fr; }
     DatasetsScreen #ds-format { width: 18; }
@@ -130,6 +143,7 @@ class DatasetsScreen(Pane):
 
     def compose(self) -> ComposeResult:
         from appliance.importer.formats import FORMATS
+        from appliance.vault.keyring import KDFS
 
         with ContentSwitcher(initial="loading"):
             yield Static("reading the vault…", id="loading")
@@ -153,12 +167,23 @@ class DatasetsScreen(Pane):
                     yield Select([(f, f) for f in ("auto", *FORMATS)], value="auto", allow_blank=False,
                                  id="ds-format")
                     yield Button("Import", id="ds-go", variant="primary")
+                with Horizontal(id="ds-export"):
+                    yield Input(placeholder="plaintext to a new file (JSON Lines)", id="ds-export-path")
+                    yield Select([("all splits", "all"), ("train", "train"), ("validation", "validation")],
+                                 value="all", allow_blank=False, id="ds-export-split")
+                    yield Button("Export", id="ds-export-go", variant="warning")
+                with Horizontal(id="ds-rekey"):
+                    yield Input(password=True, placeholder="current", id="rk-old")
+                    yield Input(password=True, placeholder="new", id="rk-new")
+                    yield Input(password=True, placeholder="new again", id="rk-new2")
+                    yield Select([("same KDF", "same"), *[(k, k) for k in KDFS]], value="same", allow_blank=False,
+                                 id="ds-rekey-kdf")
+                    yield Button("Change", id="rk-go", variant="primary")
                 with Horizontal(id="ds-progress-row"):
                     yield Label("", id="ds-progress-label")
                     yield ProgressBar(id="ds-progress", show_eta=False)
                 with VerticalScroll(id="ds-view"):
-                    yield Static("i import · b browse the selected dataset · d delete it · l lock the vault",
-                                 id="ds-output")
+                    yield Static(HINT, id="ds-output")
 
     def on_mount(self) -> None:
         self.refresh_data()
@@ -200,12 +225,14 @@ class DatasetsScreen(Pane):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         handlers = {"new-pass": self.create, "new-pass2": self.create, "pass": self.unlock,
-                    "ds-path": self.start_import, "ds-name": self.start_import}
+                    "ds-path": self.start_import, "ds-name": self.start_import, "ds-export-path": self.export,
+                    "rk-old": self.rekey, "rk-new": self.rekey, "rk-new2": self.rekey}
         if event.input.id in handlers:
             handlers[event.input.id]()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        handlers = {"create-go": self.create, "unlock-go": self.unlock, "ds-go": self.start_import}
+        handlers = {"create-go": self.create, "unlock-go": self.unlock, "ds-go": self.start_import,
+                    "ds-export-go": self.export, "rk-go": self.rekey}
         if event.button.id in handlers:
             handlers[event.button.id]()
 
@@ -261,6 +288,7 @@ class DatasetsScreen(Pane):
 
         data.use_vault(None)
         signing.use(None)
+        self.hide_forms()
         self.rows, self.report, self.browsed = [], None, []
         self.query_one("#ds-output", Static).update("")
         self.notify("the vault is locked: its keys are forgotten by this session")
@@ -268,13 +296,26 @@ class DatasetsScreen(Pane):
 
     # -- import ------------------------------------------------------------------
 
-    def action_toggle_import(self) -> None:
+    def toggle_form(self, form_id: str, first: str) -> None:
+        """Show ``form_id`` (hiding the other forms) and focus its ``first`` field, or hide it if shown."""
         if self.state != "open":
             return
-        form = self.query_one("#ds-import")
-        form.toggle_class("shown")
-        if form.has_class("shown"):
-            self.query_one("#ds-path", Input).focus()
+        form = self.query_one(form_id)
+        shown = not form.has_class("shown")
+        self.hide_forms()
+        form.set_class(shown, "shown")
+        if shown:
+            self.query_one(first, Input).focus()
+        else:
+            self.query_one("#dataset-table", DataTable).focus()
+
+    def hide_forms(self) -> None:
+        for form in self.FORMS:
+            self.query_one(form).remove_class("shown")
+        self._take("rk-old", "rk-new", "rk-new2")  # a passphrase typed but not used is not kept either
+
+    def action_toggle_import(self) -> None:
+        self.toggle_form("#ds-import", "#ds-path")
 
     def start_import(self) -> None:
         path = self.query_one("#ds-path", Input).value.strip()
@@ -389,3 +430,129 @@ class DatasetsScreen(Pane):
             self.call(list_datasets, self.show_datasets, group="list")
 
         self.call(job, done, group="delete")
+
+    # -- export (plaintext, after a confirmation) ----------------------------------------------------------------
+
+    def action_toggle_export(self) -> None:
+        if self.selected() is None and self.state == "open":
+            self.query_one("#ds-output", Static).update("no dataset to export: import one first (i)")
+            return
+        self.toggle_form("#ds-export", "#ds-export-path")
+
+    def export(self) -> None:
+        name = self.selected()
+        path = self.query_one("#ds-export-path", Input).value.strip()
+        split = str(self.query_one("#ds-export-split", Select).value)
+        if self.state != "open" or name is None:
+            return
+        if not path:
+            self.query_one("#ds-output", Static).update("give the file to write the plaintext to")
+            return
+        from appliance.errors import InvalidInput
+
+        out = Path(path).expanduser()
+        if out.exists():  # asked again by the library; said here before the question is put
+            raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
+        what = "all splits" if split == "all" else f"the {split} split"
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.write_plain(name, split, out)
+
+        self.app.push_screen(ConfirmDialog(
+            f"write {what} of dataset {name} in PLAINTEXT to {out}? The records leave the vault unencrypted; the "
+            "export is recorded in the audit log.", yes="Export"), answered)
+
+    def write_plain(self, name: str, split: str, out: Path) -> None:
+        def job():
+            from appliance import data
+
+            return data.export_plain(name, ["train", "validation"] if split == "all" else [split], out)
+
+        def done(n: int) -> None:
+            self.exported = (name, n, out)
+            self.query_one("#ds-export").remove_class("shown")
+            self.query_one("#ds-export-path", Input).value = ""
+            self.query_one("#dataset-table", DataTable).focus()
+            self.query_one("#ds-output", Static).update(
+                f"wrote {n} records of {escape(name)} in plaintext to {escape(str(out))}")
+            self.notify(f"exported {n} records of {name} in plaintext")
+
+        self.call(job, done, group="export")
+
+    # -- vault verify ------------------------------------------------------------------------------------------
+
+    def action_verify(self) -> None:
+        if self.state != "open":
+            return
+        self.query_one("#ds-output", Static).update("authenticating every dataset file…")
+
+        def job():
+            from appliance import data
+            from appliance.vault import store
+
+            return store.verify(data.vault())
+
+        self.call(job, self.show_verified, group="verify")
+
+    def show_verified(self, report: list[dict]) -> None:
+        from rich.style import Style
+        from rich.text import Text
+
+        def style(name: str, bold: bool = False) -> Style:  # the theme's colours (NO_COLOR makes them grey)
+            return Style(color=self.app.theme_variables.get(name), bold=bold)
+
+        self.verified = report
+        bad = [r for r in report if not r["ok"]]
+        out = Text()
+        for r in report:
+            out.append("ok  " if r["ok"] else "BAD ", style("success") if r["ok"] else style("error", True))
+            out.append(r["dataset"] + "\n")
+            for p in r["problems"]:
+                out.append(f"    {p}\n")
+        if not report:
+            out.append("the keyring opens; no datasets yet")
+        elif bad:
+            out.append(f"{len(bad)} of {len(report)} datasets are damaged: ", style("error", True))
+            out.append(", ".join(r["dataset"] for r in bad))
+        else:
+            n = len(report)
+            out.append(f"{n} dataset{'s' if n > 1 else ''} checked, every file authentic", style("success"))
+        self.query_one("#ds-output", Static).update(out)
+        self.query_one("#ds-view").scroll_home(animate=False)
+
+    # -- vault rekey -------------------------------------------------------------------------------------------
+
+    def action_toggle_rekey(self) -> None:
+        self.toggle_form("#ds-rekey", "#rk-old")
+
+    def rekey(self) -> None:
+        if self.state != "open":
+            return
+        old, new, again = self._take("rk-old", "rk-new", "rk-new2")
+        from appliance.errors import InvalidInput
+
+        if new != again:
+            self.query_one("#rk-old", Input).focus()
+            raise InvalidInput("the two new passphrases differ; type the same one twice.")
+        choice = str(self.query_one("#ds-rekey-kdf", Select).value)
+        kdf = None if choice == "same" else choice
+
+        def job():
+            from appliance import data
+            from appliance.vault import keyring
+
+            # The keyring now opens with the new passphrase only: this session's vault becomes the rewrapped one
+            # (the old one would write its stale copy of the keyring back on the next import).
+            data.use_vault(keyring.rekey(old, new, kdf=kdf))
+            return keyring.status()
+
+        def done(status: dict) -> None:
+            self.query_one("#ds-rekey").remove_class("shown")
+            self.query_one("#dataset-table", DataTable).focus()
+            self.query_one("#ds-output", Static).update(
+                f"passphrase changed ({escape(status['kdf']['name'])}); {len(status['datasets'])} keys rewrapped, no "
+                "data re-encrypted")
+            self.notify("the vault's passphrase is changed")
+
+        self.call(job, done, group="rekey")

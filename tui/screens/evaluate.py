@@ -1,0 +1,295 @@
+"""Evaluate: the tuned model against its base on the held-out split (what `appliance eval RUN` does).
+
+The runs, each with its saved report (``runs/<id>/eval.json``: the scores only); a run selected shows its scores
+base against tuned with the difference. Evaluating runs ``appliance.evaluate.evaluate`` in a thread, with its stage
+and its progress (per model, per prompt) live; after it, a few held-out examples side by side (prompt, reference,
+base answer, tuned answer). Those examples stay in this session's memory: the report on disk holds no dataset
+text, which stays in the vault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
+from textual.markup import escape
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
+from textual.worker import Worker, WorkerState
+
+from .base import Pane, require_unlocked
+
+DEFAULT_SAMPLES = 48
+EXAMPLE_CHARS = 160  # of each text in the side-by-side examples
+HINT = "e evaluates the selected run: base and tuned answer the same held-out prompts"
+NO_RUNS = "no runs yet: train one on the Plan screen (key 5)"
+
+
+def load_runs() -> list[dict]:
+    """Every run with the reports saved beside it (read in a worker: it touches every run's folder and pid)."""
+    from appliance import runs
+    from appliance.workspace import read_json
+
+    out = []
+    for r in runs.list_runs():
+        path = Path(r["path"])
+        for name in ("eval", "export", "merge"):
+            r[name] = read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None
+        r["gguf_f16"] = (path / "gguf" / "model-f16.gguf").is_file()
+        out.append(r)
+    return out
+
+
+def pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def report_text(report: dict, run_id: str) -> str:
+    """The scores, base against tuned, and the difference in points (Textual markup: theme colours)."""
+    metrics = report["metrics"]
+    width = max(len("metric"), *(len(m) for m in metrics))
+    lines = [f"[b]{escape(run_id)}[/]: held-out split, {report['samples']} examples (runs/…/eval.json)",
+             f"[b]{'metric':<{width}}  {'base':>7}  {'tuned':>7}  {'difference':>11}[/]"]
+    for m in metrics:
+        b, t = float(report["base"][m]), float(report["tuned"][m])
+        diff = f"{(t - b) * 100:+.1f} pts"
+        style = "$success" if t > b else ("$error" if t < b else "")
+        cell = f"[{style}]{diff:>11}[/]" if style else f"{diff:>11}"
+        lines.append(f"{m:<{width}}  {pct(b):>7}  {pct(t):>7}  {cell}")
+    last = metrics[-1]
+    if report.get("tuned_beats_base"):
+        lines.append(f"[$success]the tuned model beats its base on {last}[/]")
+    else:
+        lines.append(f"[$warning]the tuned model does not beat its base on {last}[/]")
+    improved = report.get("improved") or []
+    lines.append(f"improved: {', '.join(improved) if improved else 'none'}")
+    return "\n".join(lines)
+
+
+def clip(text: str, n: int = EXAMPLE_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def pair_examples(report: dict, records: list[dict]) -> list[dict]:
+    """The report's answers (a few per model) beside each held-out prompt and its reference."""
+    by_index: dict[int, dict] = {}
+    for e in report.get("examples", []):
+        by_index.setdefault(int(e["index"]), {})[e["model"]] = e["answer"]
+    out = []
+    for i in sorted(by_index):
+        if i >= len(records):
+            continue
+        msgs = records[i]["messages"]
+        prompt = next((m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user"), "")
+        out.append({"index": i, "prompt": prompt, "reference": msgs[-1]["content"],
+                    "base": by_index[i].get("base", ""), "tuned": by_index[i].get("tuned", "")})
+    return out
+
+
+def examples_table(examples: list[dict]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="held-out examples, side by side", title_justify="left", show_lines=True, expand=True)
+    for name in ("prompt", "reference", "base", "tuned"):
+        table.add_column(name, ratio=1, overflow="fold")
+    for e in examples:
+        table.add_row(*(Text(clip(e[k])) for k in ("prompt", "reference", "base", "tuned")))
+    return table
+
+
+class EvaluateScreen(Pane):
+    BINDINGS = [Binding("e", "evaluate", "evaluate"), Binding("s", "samples", "samples")]
+    DEFAULT_CSS = """
+    EvaluateScreen #ev-runs { height: auto; max-height: 7; }
+    EvaluateScreen #ev-form { height: auto; border-top: solid $accent; }
+    EvaluateScreen #ev-form Label { padding: 1 1 0 1; }
+    EvaluateScreen #ev-samples { width: 12; }
+    EvaluateScreen #ev-go { min-width: 12; width: auto; }
+    EvaluateScreen #ev-progress-row { height: auto; }
+    EvaluateScreen #ev-stage { width: 1fr; height: auto; padding: 0 1; }
+    EvaluateScreen #ev-bar { width: auto; display: none; }
+    EvaluateScreen #ev-bar Bar { width: 20; }
+    EvaluateScreen #ev-bar.shown { display: block; }
+    EvaluateScreen #ev-view { height: 1fr; min-height: 4; border-top: solid $accent; padding: 0 1; }
+    EvaluateScreen #ev-report, EvaluateScreen #ev-examples { height: auto; }
+    """
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.runs: dict[str, dict] = {}
+        self.order: list[str] = []
+        self.working: str | None = None  # the run being evaluated
+        self.report: dict | None = None  # the last report evaluate() returned (examples included)
+        self.examples: dict[str, list[dict]] = {}  # per run, this session only
+        self.progress_events = 0
+
+    def compose(self) -> ComposeResult:
+        table: DataTable = DataTable(id="ev-runs", cursor_type="row", zebra_stripes=True)
+        table.add_columns("id", "state", "base model", "GGUF", "evaluated")
+        yield table
+        with Horizontal(id="ev-form"):
+            yield Label("held-out samples")
+            yield Input(str(DEFAULT_SAMPLES), type="integer", id="ev-samples")
+            yield Button("Evaluate", id="ev-go", variant="primary")
+        with Horizontal(id="ev-progress-row"):
+            yield Label(HINT, id="ev-stage")
+            yield ProgressBar(id="ev-bar", show_eta=False)
+        with VerticalScroll(id="ev-view"):
+            yield Static("", id="ev-report")
+            yield Static("", id="ev-examples")
+
+    def on_mount(self) -> None:
+        self.refresh_data()
+
+    def focus_default(self) -> None:
+        self.query_one("#ev-runs", DataTable).focus()
+
+    def refresh_data(self) -> None:
+        self.call(load_runs, self.show_runs, group="list")
+
+    def show_runs(self, rows: list[dict]) -> None:
+        table = self.query_one("#ev-runs", DataTable)
+        keep = self.selected()
+        self.runs = {r["id"]: r for r in rows}
+        self.order = [r["id"] for r in rows]
+        table.clear()
+        for r in rows:
+            ev = r.get("eval")
+            evaluated = f"{ev['samples']} samples" if ev else "-"
+            table.add_row(r["id"], r["state"], r["base_model"], "f16" if r["gguf_f16"] else "-", evaluated,
+                          key=r["id"])
+        if not rows:
+            self.stage(NO_RUNS)
+            self.query_one("#ev-report", Static).update("")
+            return
+        if str(self.query_one("#ev-stage", Label).render()) == NO_RUNS:
+            self.stage(HINT)
+        if keep in self.runs:
+            table.move_cursor(row=self.order.index(keep))
+        self.show_run(self.selected())
+
+    def selected(self) -> str | None:
+        table = self.query_one("#ev-runs", DataTable)
+        if not self.order or not 0 <= table.cursor_row < len(self.order):
+            return None
+        return self.order[table.cursor_row]
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "ev-runs" and event.row_key is not None and event.row_key.value:
+            self.show_run(event.row_key.value)
+
+    def show_run(self, run_id: str | None) -> None:
+        report = self.query_one("#ev-report", Static)
+        examples = self.query_one("#ev-examples", Static)
+        r = self.runs.get(run_id or "")
+        if r is None:
+            return
+        if r.get("eval"):
+            report.update(report_text(r["eval"], run_id))
+        elif r["state"] != "finished":
+            report.update(f"[b]{escape(run_id)}[/] is {r['state']}: only a finished run can be evaluated")
+        elif not r["gguf_f16"]:
+            report.update(f"[b]{escape(run_id)}[/] has no f16 GGUF yet: export it on the Export screen (key 8), "
+                          "then press e here")
+        else:
+            report.update(f"[b]{escape(run_id)}[/] is not evaluated yet: e scores it and its base on the held-out "
+                          "split")
+        if self.examples.get(run_id):
+            examples.update(examples_table(self.examples[run_id]))
+        elif r.get("eval"):
+            examples.update("[dim]held-out examples show after an evaluation in this session: eval.json keeps the "
+                            "scores only (no dataset text leaves the vault)[/]")
+        else:
+            examples.update("")
+
+    def stage(self, text: str) -> None:
+        self.query_one("#ev-stage", Label).update(Content(text))
+
+    # -- actions ---------------------------------------------------------------
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ev-go":
+            self.action_evaluate()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "ev-samples":
+            self.action_evaluate()
+
+    def action_samples(self) -> None:
+        self.query_one("#ev-samples", Input).focus()
+
+    def action_evaluate(self) -> None:
+        from appliance.errors import InvalidInput
+
+        if self.working:
+            raise InvalidInput(f"run {self.working} is being evaluated; wait for it to finish.")
+        run_id = self.selected()
+        if run_id is None:
+            raise InvalidInput("there is no run to evaluate; train one on the Plan screen (key 5) first.")
+        r = self.runs[run_id]
+        if r["state"] != "finished":
+            raise InvalidInput(f"run {run_id} is {r['state']}; only a finished run can be evaluated.")
+        if not r["gguf_f16"]:
+            raise InvalidInput(f"run {run_id} has no f16 GGUF; export it on the Export screen (key 8) first.")
+        raw = self.query_one("#ev-samples", Input).value.strip()
+        if not raw.isdigit() or int(raw) < 1:
+            raise InvalidInput(f"the number of held-out samples must be a whole number of at least 1, not {raw!r}.")
+        samples = int(raw)
+        self.working = run_id
+        self.progress_events = 0
+        bar = self.query_one("#ev-bar", ProgressBar)
+        bar.update(total=None, progress=0)
+        bar.add_class("shown")
+        self.stage(f"evaluating {run_id} on {samples} held-out samples…")
+
+        def emit(e) -> None:
+            self.app.call_from_thread(self.on_eval_event, e)
+
+        def job():
+            require_unlocked()  # the held-out split is read from the vault
+            from appliance import data, runs
+            from appliance.evaluate import evaluate
+
+            report = evaluate(run_id, samples=samples, emit=emit)
+            records = data.load_split(runs.load_recipe(run_id).dataset_path(), "validation")[:samples]
+            return run_id, report, pair_examples(report, records)
+
+        self.call(job, self.evaluated, group="evaluate")
+
+    def on_eval_event(self, e) -> None:
+        bar = self.query_one("#ev-bar", ProgressBar)
+        if e.type == "progress" and {"model", "done", "total"} <= set(e.data):
+            self.progress_events += 1
+            total = int(e.data["total"])
+            done = int(e.data["done"]) + (total if e.data["model"] == "tuned" else 0)
+            bar.update(total=2 * total, progress=done)
+            self.stage(f"{e.data['model']} model: {e.data['done']}/{total} held-out prompts answered")
+        elif e.type == "stage" and e.message:
+            self.stage(e.message)
+        elif e.type == "warning" and e.message:
+            self.stage(f"warning: {e.message}")
+
+    def evaluated(self, result: tuple) -> None:
+        run_id, report, examples = result
+        self.working = None
+        self.report = report
+        self.examples[run_id] = examples
+        bar = self.query_one("#ev-bar", ProgressBar)
+        bar.update(total=bar.total or 1, progress=bar.total or 1)
+        verdict = "beats" if report.get("tuned_beats_base") else "does not beat"
+        self.stage(f"evaluated {run_id} on {report['samples']} samples: tuned {verdict} base")
+        if run_id in self.runs:  # shown at once; the list's reload brings eval.json
+            self.runs[run_id]["eval"] = {k: v for k, v in report.items() if k != "examples"}
+            if self.selected() == run_id:
+                self.show_run(run_id)
+        self.refresh_data()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "evaluate" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.working = None
+            self.stage("evaluation failed" if event.state == WorkerState.ERROR else "evaluation cancelled")
+            # (Pane's handler, called too, shows the error dialog)
