@@ -124,3 +124,35 @@ async def test_the_whole_pipeline_from_the_tui_alone(tiny_home, tmp_path, demo_d
 
     events = {e["event"] for e in audit.entries()}
     assert {"dataset.import", "plan", "train.start", "train.finish", "merge", "export", "chat"} <= events
+
+
+@aio
+async def test_every_screen_at_80x24_keeps_its_tabs_and_its_footer(exported_home):
+    """The smallest terminal the UI supports, on a workspace with a trained and exported run: every screen still
+    shows all the tabs and its whole footer, up to "q quit" (what is cut off first when a footer is too long)."""
+    from tui.app import SCREENS
+
+    app = ApplianceApp()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        for tab, title, key, _ in SCREENS:
+            await pilot.press(f"alt+{key}")
+            await settle(pilot)
+            assert app.query_one(TabbedContent).active == tab
+            assert not isinstance(app.screen, ErrorDialog), error_message(app)
+            lines = screen_text(app)
+            assert all(t in lines[1] for _, t, _, _ in SCREENS), (tab, lines[1])  # the tab bar, whole
+            footer = lines[-1].rstrip()
+            assert footer.endswith("palette"), (tab, footer)
+            # (In a text field the plain keys type, so the footer rightly leaves q, ? and 1-0 out.)
+            assert "q quit" in footer or isinstance(app.focused, Input), (tab, footer)
+
+
+def screen_text(app) -> list[str]:
+    """What the terminal shows, line by line (the compositor's rendering, without styles)."""
+    from rich.console import Console
+
+    console = Console(width=app.size.width, height=app.size.height, record=True, file=open("/dev/null", "w"),
+                      color_system=None, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True))
+    return console.export_text().splitlines()

@@ -105,7 +105,7 @@ class DatasetsScreen(Pane):
                 Binding("e", "toggle_export", "export"), Binding("d", "delete", "delete"),
                 Binding("v", "verify", "verify every dataset file", show=False),
                 Binding("k", "toggle_rekey", "change the passphrase (rekey)", show=False),
-                Binding("l", "lock", "lock")]
+                Binding("l", "lock", "lock", show=False)]
     FORMS = ("#ds-import", "#ds-export", "#ds-rekey")  # one shown at a time, under the table
     DEFAULT_CSS = """
     DatasetsScreen ContentSwitcher { height: 1fr; }
