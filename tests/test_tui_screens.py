@@ -360,3 +360,22 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         await pilot.click("#plan-go")
         await settle(pilot)
         assert error_message(app).startswith("Plan: learning rate must be a number, not 'fast'")
+
+
+@aio
+async def test_models_imports_the_embedded_default_with_one_key(vault_home):
+    """The pipeline on the embedded default from the UI alone starts here: `e` imports SmolLM2-135M-Instruct under
+    the id the demo recipe names."""
+    from appliance.demo import MODEL_ID
+
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("3")
+        await settle(pilot)
+        assert "embedded default" in str(app.query_one("#model-info", Static).render())
+        await pilot.press("e")
+        await settle(pilot, rounds=12)  # dequantizing 135M parameters to bfloat16
+        assert not isinstance(app.screen, ErrorDialog)
+        assert [m["id"] for m in models.list_models()] == [MODEL_ID]
+        table = app.query_one("#model-table", DataTable)
+        assert table.get_row_at(0)[0] == MODEL_ID

@@ -52,8 +52,8 @@ def next_step(s: Summary) -> tuple[str, str]:
     if not s.vault:
         return "no vault yet: create one on the Data screen (key 4), or with `appliance vault init`", "datasets"
     if not s.models:
-        return ("import a model (a .gguf file or a Hugging Face folder) on the Models screen (key 3), or with "
-                "`appliance models import PATH`", "models")
+        return ("import a model (a .gguf file, a Hugging Face folder, or the embedded SmolLM2-135M-Instruct) on the "
+                "Models screen (key 3), or with `appliance models import PATH`", "models")
     if not s.datasets:
         return ("import a dataset on the Data screen (key 4), or with `appliance data import FILE --name NAME`",
                 "datasets")

