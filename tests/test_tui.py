@@ -387,10 +387,11 @@ after_import = [m for m in {HEAVY!r} if m in sys.modules]
 async def main():
     app = tui.app.ApplianceApp(simulate="1x-rtx4090")
     async with app.run_test(size=(100, 30)) as pilot:
-        for key in "1234567890g":
-            await pilot.press(key)
+        for key in "1234567890g":  # (alt: the Data screen focuses its passphrase field, where digits type)
+            await pilot.press(f"alt+{{key}}")
             await pilot.pause(0.2)
         await pilot.pause(1.0)
+        assert app.query_one("TabbedContent").active == "doctor"
 
 asyncio.run(main())
 print(",".join(after_import) + "|" + ",".join(m for m in {HEAVY!r} if m in sys.modules))
