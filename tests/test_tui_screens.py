@@ -262,8 +262,8 @@ async def test_train_from_plan_starts_the_run_as_the_cli_does_and_follows_it(hom
 
     started = []
 
-    def fake_start(path, overrides):  # the run itself: tests/test_tui_pipeline.py; here: the hand-over to Train
-        assert overrides == {}  # the form untouched: the recipe as it is
+    def fake_start(path, overrides, allow_shorter, processes):  # the run: test_tui_pipeline.py; here: the hand-over
+        assert (overrides, allow_shorter, processes) == ({}, False, None)  # the form untouched: the recipe as it is
         started.append(path)
         write_run()
         return RUN
@@ -356,10 +356,21 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         await pilot.click("#plan-go")
         await settle(pilot)
         assert screen.plan["knobs"]["lora_r"] == 64
+        await type_into(pilot, "#k-limit", "0.5")
+        app.query_one("#plan-view").focus()
+        await pilot.press("p")
+        await settle(pilot)
+        assert screen.plan["limit_fraction"] == 0.5
         await type_into(pilot, "#k-lr", "fast")
         await pilot.click("#plan-go")
         await settle(pilot)
         assert error_message(app).startswith("Plan: learning rate must be a number, not 'fast'")
+        await pilot.press("escape")
+        await type_into(pilot, "#k-lr", "")
+        await type_into(pilot, "#k-limit", "2")
+        await pilot.click("#plan-go")
+        await settle(pilot)
+        assert error_message(app).startswith("Plan: memory limit must be a share of each device's memory")
 
 
 @aio

@@ -117,7 +117,8 @@ def choices() -> tuple[list[str], list[str]]:
             keyring.status()["datasets"] if keyring.exists() else [])
 
 
-def start_training(recipe_path: str, overrides: dict | None = None) -> str:
+def start_training(recipe_path: str, overrides: dict | None = None, allow_shorter: bool = False,
+                   processes: int | None = None) -> str:
     """What `appliance train RECIPE` does: plan on this machine, refuse what cannot fit, apply the safe
     adjustments, create the run and start its worker. Returns the run's id."""
     from appliance import plan as planner
@@ -125,9 +126,9 @@ def start_training(recipe_path: str, overrides: dict | None = None) -> str:
 
     recipe = recipes.load(recipe_path, **(overrides or {}))
     require_unlocked()  # the run's dataset key and the signing key go to the worker
-    recipe, plan = planner.fitted(recipe)
+    recipe, plan = planner.fitted(recipe, allow_shorter=allow_shorter)
     run_id = runs.create(recipe, plan)
-    runs.start(run_id)
+    runs.start(run_id, processes=processes)
     return run_id
 
 
@@ -144,6 +145,7 @@ class PlanScreen(Pane):
     PlanScreen #knobs Horizontal { height: auto; }
     PlanScreen #knobs Select { width: 1fr; }
     PlanScreen #k-ckpt { width: auto; }
+    PlanScreen #k-shorter { width: auto; margin: 1 0 0 0; }
     PlanScreen #k-model { width: 3fr; }
     PlanScreen .knob { width: 1fr; height: auto; }
     PlanScreen .knob Label { padding: 0 1; color: $text-muted; }
@@ -172,6 +174,14 @@ class PlanScreen(Pane):
                 yield Select([], prompt=f"model {RECIPES}", id="k-model")
                 yield Select([], prompt=f"dataset {RECIPES}", id="k-dataset")
                 yield Checkbox("grad ckpt", id="k-ckpt")
+            with Horizontal(id="k-run"):
+                with Vertical(classes="knob"):
+                    yield Label("memory limit (share)")
+                    yield Input(placeholder="0.9", id="k-limit")
+                with Vertical(classes="knob"):
+                    yield Label("processes (GPUs)")
+                    yield Input(placeholder="plan's choice", id="k-procs", type="integer")
+                yield Checkbox("allow shorter sequences", id="k-shorter")
             with Horizontal():
                 for input_id, _, label, kind in KNOBS:
                     with Vertical(classes="knob"):
@@ -254,6 +264,27 @@ class PlanScreen(Pane):
             out["training.gradient_checkpointing"] = ckpt
         return out
 
+    def options(self) -> dict:
+        """How to plan and start, beside the recipe: `--limit`, `--processes`, `--allow-shorter`."""
+        from appliance.errors import InvalidInput
+
+        limit_raw = self.query_one("#k-limit", Input).value.strip()
+        procs_raw = self.query_one("#k-procs", Input).value.strip()
+        try:
+            limit = float(limit_raw) if limit_raw else 0.9
+        except ValueError:
+            limit = -1.0
+        if not 0.1 <= limit <= 1.0:
+            raise InvalidInput(f"Plan: memory limit must be a share of each device's memory from 0.1 to 1.0, not "
+                               f"{limit_raw!r}; clear the field for 0.9.")
+        processes = None
+        if procs_raw:
+            if not procs_raw.isdigit() or int(procs_raw) < 1:
+                raise InvalidInput(f"Plan: processes must be 1 or more, not {procs_raw!r}; clear the field to let the "
+                                   "plan choose (one per GPU when a replica fits one).")
+            processes = int(procs_raw)
+        return {"limit": limit, "processes": processes, "allow_shorter": self.query_one("#k-shorter", Checkbox).value}
+
     def focus_default(self) -> None:
         self.query_one("#plan-view").focus()
 
@@ -282,13 +313,14 @@ class PlanScreen(Pane):
     def action_plan(self) -> None:
         path = self.query_one("#recipe", Input).value.strip()
         profile = str(self.query_one("#profile", Select).value or "") or None
-        overrides = self.overrides()
+        overrides, options = self.overrides(), self.options()
 
         def job():
             from appliance import plan as planner
             from appliance import recipes
 
-            return planner.plan_recipe(recipes.load(path, **overrides), simulate=profile)
+            return planner.plan_recipe(recipes.load(path, **overrides), simulate=profile, limit=options["limit"],
+                                       allow_shorter=options["allow_shorter"])
 
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)}…")
         self.call(job, self.show_plan, group="plan")
@@ -301,10 +333,11 @@ class PlanScreen(Pane):
 
     def action_train(self) -> None:
         path = self.query_one("#recipe", Input).value.strip()
-        overrides = self.overrides()
+        overrides, options = self.overrides(), self.options()
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)} on this machine, then starting "
                                                        "the run…")
-        self.call(lambda: start_training(path, overrides), self.started, group="train")
+        self.call(lambda: start_training(path, overrides, allow_shorter=options["allow_shorter"],
+                                         processes=options["processes"]), self.started, group="train")
 
     async def started(self, run_id: str) -> None:
         from .train import TrainScreen
