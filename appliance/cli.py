@@ -565,10 +565,7 @@ def _runs_show(args) -> int:
     from . import runs
 
     st = runs.status(args.run)
-    for name in ("merge.json", "export.json", "eval.json"):
-        path = Path(st["path"]) / name
-        if path.is_file():
-            st[name.removesuffix(".json")] = json.loads(path.read_text())
+    st.update({name: report for name, report in runs.reports(args.run).items() if report is not None})
     if args.json:
         _print_json(st)
         return 0

@@ -209,6 +209,15 @@ def status(run_id: str) -> dict:
     }
 
 
+REPORTS = ("merge", "export", "eval")
+
+
+def reports(run_id: str) -> dict[str, dict | None]:
+    """What merge, export and evaluate saved beside the run (``merge.json``...), None for a step not run yet."""
+    path = run_dir(run_id)
+    return {name: read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None for name in REPORTS}
+
+
 def last_checkpoint(run_id: str) -> Path | None:
     """The newest checkpoint that was written completely (a kill during a save leaves one without COMPLETE)."""
     root = folder("runs") / run_id / "checkpoints"

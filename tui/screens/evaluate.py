@@ -30,14 +30,11 @@ NO_RUNS = "no runs yet: train one on the Plan screen (key 5)"
 def load_runs() -> list[dict]:
     """Every run with the reports saved beside it (read in a worker: it touches every run's folder and pid)."""
     from appliance import runs
-    from appliance.workspace import read_json
 
     out = []
     for r in runs.list_runs():
-        path = Path(r["path"])
-        for name in ("eval", "export", "merge"):
-            r[name] = read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None
-        r["gguf_f16"] = (path / "gguf" / "model-f16.gguf").is_file()
+        r.update(runs.reports(r["id"]))
+        r["gguf_f16"] = (Path(r["path"]) / "gguf" / "model-f16.gguf").is_file()
         out.append(r)
     return out
 

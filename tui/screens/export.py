@@ -65,15 +65,13 @@ def load_runs() -> list[dict]:
     """The finished runs, each with its recipe's quantizations, its base model's shape and its saved results."""
     from appliance import manifest, plan, runs
     from appliance.errors import ApplianceError
-    from appliance.workspace import read_json
 
     out = []
     for r in runs.list_runs():
         if r["state"] != "finished":
             continue
         path = Path(r["path"])
-        for name in ("export", "merge"):
-            r[name] = read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None
+        r.update(runs.reports(r["id"]))
         r["merged"] = (path / "merged" / manifest.NAME).is_file()
         r["gguf_dir"] = str(path / "gguf")
         try:
