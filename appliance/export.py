@@ -10,7 +10,11 @@ proves the result before it appears under ``runs/<id>/gguf/``:
     training, and the training end-of-turn token is an end-of-generation token
     for llama.cpp (so generation stops where training taught it to);
 (b) the f16 GGUF's top-1 next token agrees with the merged model's at >= 99%
-    of the positions of held-out samples.
+    of the positions of held-out samples. Where the merged model's two best
+    tokens are tied to within float16 rounding (``TIE`` of the row's logit
+    range), either pick agrees: on a barely trained model such near-ties are
+    common and f16 flips them at random, while a broken conversion picks
+    tokens far below the top.
 
 A failed check fails the export; nothing is left under the final name.
 """
@@ -33,6 +37,10 @@ from .workspace import folder, staging, write_json
 
 STAGE = "export"
 MIN_TOP1_AGREEMENT = 0.99
+# Measured on the tiny test model: the f16 GGUF's logits differ from the merged model's by up to 0.016 on a
+# row range of ~9, and every top-1 flip was a pair closer than 0.0032. 2e-3 of the range covers that noise.
+TIE = 2e-3
+_TOP_K = 8  # the reference keeps its best few tokens per position, not the whole vocabulary row
 _FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
            "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
@@ -172,11 +180,12 @@ def check(merged: Path, gguf: Path, conversations: list[list[dict]], reference: 
         raise CheckFailed(f"the f16 GGUF agrees with the merged model on the top-1 token at only "
                           f"{agreement['rate']:.2%} of {agreement['positions']} positions (< {MIN_TOP1_AGREEMENT:.0%}).")
     return {"template_conversations": len(conversations), "eot_token": eot, "eot_token_id": eot_id,
-            "top1_agreement": agreement["rate"], "positions": agreement["positions"]}
+            "top1_agreement": agreement["rate"], "top1_exact": agreement["exact"], "positions": agreement["positions"]}
 
 
-def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[list[int], object]]:
-    """(token ids, the merged model's top-1 next token at each position) per conversation."""
+def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[list[int], object, object]]:
+    """Per conversation: (token ids, the merged model's best tokens at each position [n, k], their logits
+    minus the row's tie tolerance below the best one, so a pick agrees if its logit is >= that bound)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,24 +195,31 @@ def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[
     for conv in conversations:
         ids = tokenizer(render(tokenizer, conv), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out.append((ids, model(torch.tensor([ids])).logits[0].argmax(-1).numpy()))
+            logits = model(torch.tensor([ids])).logits[0].float()
+        best = logits.topk(_TOP_K, dim=-1)
+        bound = best.values[:, :1] - TIE * (best.values[:, :1] - logits.min(-1, keepdim=True).values)
+        out.append((ids, best.indices.numpy(), (best.values >= bound).numpy()))
     return out
 
 
-def top1_agreement(gguf: Path, reference: list[tuple[list[int], object]]) -> dict:
+def top1_agreement(gguf: Path, reference: list[tuple[list[int], object, object]]) -> dict:
+    """The share of positions where the GGUF's top-1 token is the merged model's (or tied with it, see TIE);
+    ``exact`` counts strict matches only."""
     import numpy as np
 
     from . import infer
 
-    agree = total = 0
+    agree = exact = total = 0
     with infer.load(gguf, n_ctx=4096, logits_all=True) as llm:
-        for ids, ref in reference:
+        for ids, best, tied in reference:
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)]).argmax(-1)
-            agree += int((ref == got).sum())
+            hit = best == got[:, None]
+            agree += int((hit & tied).any(-1).sum())
+            exact += int(hit[:, 0].sum())
             total += len(ids)
-    return {"rate": agree / total if total else 0.0, "positions": total}
+    return {"rate": agree / total if total else 0.0, "exact": exact / total if total else 0.0, "positions": total}
 
 
 def base_gguf(model_id: str) -> Path:
