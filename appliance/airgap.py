@@ -490,8 +490,17 @@ def vault_checks() -> list[dict]:
     entries = audit.entries()
     blocked = [e for e in entries if e.get("event") == "network.blocked"]
     real = [e for e in blocked if not (e.get("details") or {}).get("self_test")]
-    return [
-        check("keyring", "vault keyring", "info", "present" if keyring.exists() else "absent", str(keyring.path())),
+    rows = [check("keyring", "vault keyring", "info", "present" if keyring.exists() else "absent", str(keyring.path()))]
+    if keyring.exists():  # what `appliance vault status` shows, read without the passphrase
+        st = keyring.status()
+        params = ", ".join(f"{k}={v}" for k, v in sorted(st["kdf"].items()) if k != "name")
+        rows.append(check("kdf", "passphrase KDF", "info", st["kdf"]["name"],
+                          f"{params}; {len(st['datasets'])} dataset keys"
+                          + (f"; rekeyed {st['rekeyed']}" if st.get("rekeyed") else "")))
+        rows.append(check("signing_key", "signing key fingerprint", "info",
+                          (st["signing_key"] or "none")[:16] + ("…" if st["signing_key"] else ""),
+                          st["signing_key"] or "no signing key yet: the next unlock adds one"))
+    return rows + [
         check("audit_log", "audit log entries", "info", len(entries), str(audit.log_path())),
         check("network_blocked", "blocked network attempts recorded", "warn" if real else "ok", len(real),
               f"{len(blocked) - len(real)} more from self-tests"

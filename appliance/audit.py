@@ -149,6 +149,21 @@ def report(since: str | None = None, until: str | None = None, fmt: str = "md") 
     return _html(title, sections, len(chosen)) if fmt == "html" else _markdown(title, sections, len(chosen))
 
 
+def write_report(out: Path, since: str | None = None, until: str | None = None, fmt: str = "md") -> Path:
+    """The report written to ``out``, a new file (never over an existing one), whole or not at all."""
+    from .workspace import atomic_writer
+
+    out = Path(out).expanduser()
+    if out.exists():
+        raise InvalidInput(f"{out} already exists; name a new file for the report.")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"the folder {out.parent} does not exist; name a file in an existing folder for the report.")
+    text = report(since=since, until=until, fmt=fmt)
+    with atomic_writer(out) as f:  # a temporary name, renamed once written whole
+        f.write(text.encode("utf-8"))
+    return out
+
+
 def parse_since(text: str) -> str:
     """An ISO time (``2026-11-22``, ``2026-11-22T10:00``) or a span back from now (``30m``, ``12h``, ``7d``) as an
     ISO UTC string comparable with entries' times."""

@@ -22,6 +22,7 @@ that chat_template.jinja is the GGUF's own template.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -91,17 +92,29 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -
     return result
 
 
-def verify_bundle(folder: Path, public_raw: bytes | None = None) -> dict:
+def verify_bundle(folder: Path, public_raw: bytes | None = None, fingerprint: str | None = None) -> dict:
     """Check a bundle anywhere (no vault or workspace needed); raise CheckFailed naming the first problem.
 
-    ``public_raw`` is the trusted key; without it the bundle's own key is used and ``trusted`` is False in the
-    result (the signatures then prove integrity and consistency, not origin: compare the fingerprint).
+    ``public_raw`` is the trusted key, or ``fingerprint`` its sha256 (64 hex digits, as `bundle` prints it),
+    which the bundle's own key must match; without either the bundle's own key is used and ``trusted`` is False
+    in the result (the signatures then prove integrity and consistency, not origin: compare the fingerprint).
     """
     folder = Path(folder).expanduser()
     if not (folder / SUMS).is_file() or not (folder / manifest.NAME).is_file():
         raise InvalidInput(f"{folder} is not an appliance bundle (no {SUMS} or {manifest.NAME}).")
+    if public_raw is not None and fingerprint:
+        raise InvalidInput("give a trusted public key or its fingerprint, not both.")
     _check_sums(folder)
     bundled = signing.load_public(folder / PUBKEY)
+    if fingerprint:
+        wanted = fingerprint.strip().replace(":", "").lower()  # also as aa:bb:… pairs
+        if not re.fullmatch(r"[0-9a-f]{64}", wanted):
+            raise InvalidInput(f"the fingerprint {fingerprint.strip()[:70]!r} is not 64 hex digits; copy it as "
+                               "`appliance bundle` printed it.")
+        if signing.fingerprint(bundled) != wanted:
+            raise CheckFailed(f"the bundle's key {signing.fingerprint(bundled)[:16]}... is not the trusted "
+                              f"fingerprint {wanted[:16]}...; do not use this bundle.")
+        public_raw = bundled
     trusted = public_raw is not None
     if trusted and public_raw != bundled:
         raise CheckFailed(f"{folder / PUBKEY} is not the trusted key: the bundle was signed by "

@@ -372,3 +372,16 @@ def test_the_self_test_fails_when_the_guard_does_not_refuse(home, monkeypatch):
     assert st["detail"].endswith("went through: the guard did not refuse it")
     (check,) = [c for c in airgap.airgap_checks() if c["id"] == "self_test"]
     assert check["status"] == "fail"
+
+
+def test_doctor_shows_the_vault_kdf_and_signing_key_without_the_passphrase(home, tmp_path):
+    """What `appliance vault status` says, in the doctor's vault section (and so on the TUI's Doctor screen)."""
+    from appliance.airgap import vault_checks
+    from appliance.vault import keyring
+
+    assert [c["id"] for c in vault_checks()][:1] == ["keyring"] and "kdf" not in [c["id"] for c in vault_checks()]
+    keyring.init("correct horse", "pbkdf2-sha256")
+    rows = {c["id"]: c for c in vault_checks()}
+    st = keyring.status()
+    assert rows["kdf"]["value"] == "pbkdf2-sha256" and f"iterations={st['kdf']['iterations']}" in rows["kdf"]["detail"]
+    assert rows["signing_key"]["detail"] == st["signing_key"] and len(st["signing_key"]) == 64

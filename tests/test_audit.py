@@ -167,6 +167,9 @@ def test_cli_log_verify_and_report(home, tmp_path):
     run_cli("audit", "report", "--format", "html", "--out", str(out), home=home)
     html = out.read_text()
     assert "Failed unlocks" in html and "vault.unlock_failed" in html and "intact" in html
+    again = run_cli("audit", "report", "--out", str(out), home=home, check=False)  # never over an existing file
+    assert again.returncode == 2 and again.stderr.strip() == f"error: {out} already exists; name a new file for the report."
+    assert out.read_text() == html
     md = run_cli("audit", "report", "--since", "1d", home=home).stdout
     assert md.startswith("# Appliance audit report") and "| vault.init | 1 |" in md
     lines = _lines()

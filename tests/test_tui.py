@@ -220,6 +220,32 @@ async def test_audit_filters_by_event_and_verifies_then_detects_tampering(vault_
     assert audit.entries(event="audit.verify")[-1]["details"]["result"] == "failed"
 
 
+@aio
+async def test_audit_verifies_against_a_trusted_copy_of_the_key(vault_home, tmp_path):
+    from appliance import signing
+
+    audit.record("dataset.import", {"dataset": "claims"}, {"records": 64})
+    pinned = signing.export_public(signing.workspace_public(), tmp_path / "pinned.pub")
+    other = signing.export_public(signing.new_private()[1], tmp_path / "other.pub")
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("0")
+        await settle(pilot)
+        screen = app.query_one("AuditScreen")
+        for path, intact in ((pinned, True), (other, False)):
+            app.query_one("#pubkey", Input).value = str(path)
+            app.query_one("#pubkey", Input).focus()
+            await pilot.press("enter")  # Enter in the key field verifies, as `audit verify --pubkey` does
+            await settle(pilot)
+            ok, sentence = screen.verdict
+            assert ok is intact, sentence
+        app.query_one("#pubkey", Input).value = str(tmp_path / "missing.pub")
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorDialog)
+        assert "cannot read public key" in str(app.screen.query_one("#message", Static).render())
+
+
 # -- train ------------------------------------------------------------------------
 
 @aio

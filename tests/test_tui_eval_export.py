@@ -206,6 +206,25 @@ async def test_bundle_shows_the_key_and_lineage_verifies(exported_home, tmp_path
         assert text_of(app, "#ex-verify-info").startswith("bundle intact")
         assert table.get_row_at(0)[:2] == ["ok", "bundle"]
 
+        # Against the fingerprint `bundle` printed (as `bundle verify DIR --fingerprint`), in aa:bb pairs too.
+        screen.verified = None
+        await type_into(pilot, "#ex-verify-key", ":".join(key[i:i + 2] for i in range(0, 64, 2)).upper())
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.verified is not None)
+        assert screen.verified["trusted"] and "compare its fingerprint" not in text_of(app, "#ex-verify-info")
+        other = "0" * 64
+        await type_into(pilot, "#ex-verify-key", other)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert error_message(app) == (f"the bundle's key {key[:16]}... is not the trusted fingerprint "
+                                      f"{other[:16]}...; do not use this bundle.")
+        await pilot.press("escape")
+        pub = signing.export_public(signing.new_private()[1], tmp_path / "other.pub")  # a pinned key, not this one
+        await type_into(pilot, "#ex-verify-key", str(pub))
+        await pilot.press("enter")
+        await settle(pilot)
+        assert error_message(app).startswith(f"{out / 'signing-key.pub'} is not the trusted key")
+
 
 # -- mistakes and a locked vault --------------------------------------------------------------
 

@@ -341,6 +341,28 @@ def test_snapshot_plan(home, snap_compare):
 
 
 @aio
+async def test_plan_form_plans_from_a_model_config_before_the_weights_are_here(home, tiny_model_dir, tmp_path):
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("k")
+        await settle(pilot)
+        screen = app.query_one(PlanScreen)
+        await type_into(pilot, "#k-config", str(tiny_model_dir / "config.json"))  # as `plan --model-config`
+        await pilot.click("#plan-go")
+        await settle(pilot)
+        assert screen.plan["model"]["layers"] == 2 and screen.plan["model"]["hidden"] == 128
+        assert f"model shape from {tiny_model_dir / 'config.json'}" in " ".join(
+            str(app.query_one("#plan-summary", Static).render()).split())
+        await type_into(pilot, "#k-config", str(tmp_path / "nowhere" / "config.json"))
+        await pilot.click("#plan-go")
+        await settle(pilot)
+        assert error_message(app) == (f"{tmp_path / 'nowhere' / 'config.json'} does not exist; give the base "
+                                      "model's config.json (or its folder).")
+
+
+@aio
 async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:

@@ -334,7 +334,7 @@ async def test_audit_filters_by_time_and_writes_the_report(vault_home, tmp_path)
         await put(pilot, "#r-path", str(md))
         await pilot.press("enter")
         await settle(pilot)
-        assert error_message(app) == f"report file: {md} already exists; name a new file for the report."
+        assert error_message(app) == f"{md} already exists; name a new file for the report."
         await pilot.press("escape")
         assert isinstance(app.screen, ReportDialog)
         await pilot.press("escape")

@@ -15,13 +15,14 @@ from textual.widgets import Button, DataTable, Input, Label, Markdown, Static
 from .base import Pane
 
 
-def verify() -> tuple[bool, str]:
-    """``audit.verify``: (True, a summary) or (False, the one-sentence failure); either is recorded in the log."""
+def verify(public: bytes | None = None) -> tuple[bool, str]:
+    """``audit.verify``, against ``public`` (a trusted copy of the signing key, `audit verify --pubkey`) or the
+    keyring's key: (True, a summary) or (False, the one-sentence failure); either is recorded in the log."""
     from appliance import audit
     from appliance.errors import CheckFailed
 
     try:
-        r = audit.verify()
+        r = audit.verify(public)
     except CheckFailed as e:
         return False, str(e)
     text = f"audit log intact: {r['entries']} entries, signed through entry {r['signed_through']}"
@@ -53,21 +54,14 @@ def report_text(since: str, until: str, fmt: str = "md") -> str:
 
 def save_report(path: str, since: str, until: str) -> tuple[Path, str]:
     """Write the report to ``path``, a new file (HTML for .html/.htm, else Markdown), whole or not at all."""
+    from appliance import audit
     from appliance.errors import InvalidInput
-    from appliance.workspace import atomic_writer
 
     if not path.strip():
         raise InvalidInput("report file: name the file to write, e.g. ~/audit-report.md or ~/audit-report.html.")
     out = Path(path.strip()).expanduser()
     fmt = "html" if out.suffix.lower() in (".html", ".htm") else "md"
-    if out.exists():
-        raise InvalidInput(f"report file: {out} already exists; name a new file for the report.")
-    if not out.parent.is_dir():
-        raise InvalidInput(f"report file: the folder {out.parent} does not exist; name a file in an existing folder.")
-    text = report_text(since, until, fmt)
-    with atomic_writer(out) as f:  # a temporary name, renamed once written whole
-        f.write(text.encode("utf-8"))
-    return out, fmt
+    return audit.write_report(out, check_time("since", since), check_time("until", until), fmt), fmt
 
 
 def _pairs(d: dict) -> str:
@@ -169,6 +163,7 @@ class AuditScreen(Pane):
     AuditScreen #filter { width: 1fr; }
     AuditScreen #since { width: 2fr; max-width: 30; }
     AuditScreen #since.bad { border: tall $error; }
+    AuditScreen #pubkey { width: 1fr; max-width: 40; }
     AuditScreen #bar Button { width: auto; min-width: 10; }
     AuditScreen #result { height: auto; margin: 0 1; }
     AuditScreen DataTable { height: 1fr; }
@@ -178,6 +173,8 @@ class AuditScreen(Pane):
         with Horizontal(id="bar"):
             yield Input(placeholder="event: dataset, train.start, network.blocked…", id="filter")
             yield Input(placeholder="since: 2026-11-22, 30m, 12h, 7d", id="since")
+            yield Input(placeholder="trusted key: a .pub copy", id="pubkey",
+                        tooltip="verify against a pinned copy of signing-key.pub (default: the keyring's own)")
             yield Button("Verify", id="verify", variant="primary")
             yield Button("Report", id="report")
         yield Static("", id="result")
@@ -223,10 +220,14 @@ class AuditScreen(Pane):
                           _pairs(e["subjects"]), _pairs(e["details"])[:80])
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self.refresh_data(strict=False)
+        if event.input.id != "pubkey":
+            self.refresh_data(strict=False)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.refresh_data()
+        if event.input.id == "pubkey":
+            self.action_verify()
+        else:
+            self.refresh_data()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "verify":
@@ -235,8 +236,12 @@ class AuditScreen(Pane):
             self.action_report()
 
     def action_verify(self) -> None:
+        from appliance import signing
+
+        pubkey = self.query_one("#pubkey", Input).value.strip()
+        public = signing.load_public(Path(pubkey).expanduser()) if pubkey else None  # a bad file: the dialog
         self.query_one("#result", Static).update("verifying…")
-        self.call(verify, self.show_verdict, group="verify")
+        self.call(lambda: verify(public), self.show_verdict, group="verify")
 
     def action_report(self) -> None:
         self.app.push_screen(ReportDialog(self.query_one("#since", Input).value.strip()))

@@ -16,6 +16,7 @@ What `appliance export`, `merge`, `bundle` and `verify` do, on the selected run:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from textual.app import ComposeResult
@@ -37,6 +38,7 @@ BITS = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q
 Q6_K = 6.5625  # llama.cpp keeps the output matrix at Q6_K below 8 bits (Q8_0 when its rows are not 256-multiples)
 TOKENIZER_BYTES = 36  # per vocabulary entry: the token text, its type and the BPE merges in the file's metadata
 HINT = "e export · m merge · b bundle · l lineage (space checks a quantization)"
+FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}")
 NO_RUNS = "no finished runs yet: train one on the Plan screen (key 5), follow it on Train (key 6)"
 TYPICAL = {"f16": "the reference: held to ≥ 99% top-1", "bf16": "lossless: the merged weights",
            "q8_0": "near-lossless", "q5_k_m": "very small quality loss", "q4_k_m": "small quality loss",
@@ -198,6 +200,10 @@ class ExportScreen(Pane):
             with TabPane("Lineage", id="ex-lineage-tab"):
                 with Horizontal(classes="form"):
                     yield Input(placeholder="the run's GGUF; or a bundle folder, or any artifact", id="ex-verify-path")
+                    yield Input(placeholder="trusted .pub or fingerprint", id="ex-verify-key",
+                                tooltip="optional: the key the signatures must be made with (a copy of the "
+                                        "appliance's signing-key.pub, or the 64-hex fingerprint `bundle` printed); "
+                                        "default: this workspace's key")
                     yield Button("Verify", id="ex-verify-go", variant="primary")
                 table = DataTable(id="ex-lineage", cursor_type="row", zebra_stripes=True)
                 table.add_columns("status", "role", "kind", "id")
@@ -307,7 +313,7 @@ class ExportScreen(Pane):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "ex-bundle-out":
             self.action_bundle()
-        elif event.input.id == "ex-verify-path":
+        elif event.input.id in ("ex-verify-path", "ex-verify-key"):
             self.action_lineage()
 
     def _run(self) -> str:
@@ -461,18 +467,30 @@ class ExportScreen(Pane):
         if not typed and run_id is None:
             raise InvalidInput("select a finished run, or name an artifact folder to verify.")
         path = Path(typed).expanduser() if typed else Path(self.runs[run_id]["gguf_dir"])
+        key = self.query_one("#ex-verify-key", Input).value.strip()
         self.query_one("#ex-tabs", TabbedContent).active = "ex-lineage-tab"
 
         def job():
             from appliance import bundle, provenance, signing
+            from appliance.errors import CheckFailed
 
+            # The trusted key as `verify --pubkey` and `bundle verify --pubkey/--fingerprint` take it.
+            fingerprint = key if FINGERPRINT.fullmatch(key.replace(":", "")) else None
+            public = signing.load_public(Path(key).expanduser()) if key and not fingerprint else None
             if (path / bundle.SUMS).is_file():  # an edge bundle: checked as `appliance bundle verify DIR` does
-                result = bundle.verify_bundle(path, signing.workspace_public())
+                if not key:
+                    public = signing.workspace_public()
+                result = bundle.verify_bundle(path, public, fingerprint=fingerprint)
                 rows = [("ok" if i["status"] == "ok" else i["status"], i["kind"], i["kind"], i["id"])
                         for i in result["lineage"]]
                 return {"ok": True, "bundle": True, "key": result["key"], "trusted": result["trusted_key"],
                         "rows": rows, "problems": [], "path": str(path)}
-            result = provenance.verify(path)
+            if fingerprint:  # a workspace artifact is checked with the keyring's key: the one to compare
+                public = signing.workspace_public()
+                if public is None or signing.fingerprint(public) != fingerprint.replace(":", "").lower():
+                    raise CheckFailed(f"this workspace's signing key is not the trusted fingerprint "
+                                      f"{fingerprint[:16]}...; its artifacts were not signed by that appliance.")
+            result = provenance.verify(path, public)
             rows = [(i["status"], i["role"], i["kind"] or "", i["id"] or "") for i in result["lineage"]]
             problems = [i["problem"] for i in result["lineage"] if i["status"] == "bad"]
             return {"ok": result["ok"], "bundle": False, "key": result["key"], "trusted": True, "rows": rows,

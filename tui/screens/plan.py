@@ -68,6 +68,8 @@ def summary(plan: dict) -> str:
              f"{escape(m['name'])}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers · {k['quant']}, "
              f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
              f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"]
+    if plan.get("config"):
+        lines.append(f"[dim]model shape from {escape(str(plan['config']))}[/]")
     return "\n".join(lines)
 
 
@@ -147,6 +149,7 @@ class PlanScreen(Pane):
     PlanScreen #k-ckpt { width: auto; }
     PlanScreen #k-shorter { width: auto; margin: 1 0 0 0; }
     PlanScreen #k-model { width: 3fr; }
+    PlanScreen #k-config-box { width: 2fr; }
     PlanScreen .knob { width: 1fr; height: auto; }
     PlanScreen .knob Label { padding: 0 1; color: $text-muted; }
     PlanScreen .knob Input { width: 100%; }
@@ -176,12 +179,20 @@ class PlanScreen(Pane):
                 yield Checkbox("grad ckpt", id="k-ckpt")
             with Horizontal(id="k-run"):
                 with Vertical(classes="knob"):
-                    yield Label("memory limit (share)")
-                    yield Input(placeholder="0.9", id="k-limit")
+                    yield Label("memory share")
+                    yield Input(placeholder="0.9", id="k-limit",
+                                tooltip="the share of each device's memory a plan may use (`--limit`)")
                 with Vertical(classes="knob"):
-                    yield Label("processes (GPUs)")
-                    yield Input(placeholder="plan's choice", id="k-procs", type="integer")
-                yield Checkbox("allow shorter sequences", id="k-shorter")
+                    yield Label("processes")
+                    yield Input(placeholder="plan's", id="k-procs", type="integer",
+                                tooltip="training processes, one per GPU (`--processes`); empty: the plan's choice")
+                with Vertical(classes="knob", id="k-config-box"):
+                    yield Label("model config.json")
+                    yield Input(placeholder="the model's own", id="k-config",
+                                tooltip="plan only: a model whose weights are not here yet, from its config.json "
+                                        "(`plan --model-config`)")
+                yield Checkbox("allow shorter seqs", id="k-shorter",
+                               tooltip="let the plan shorten sequences if nothing else fits (`--allow-shorter`)")
             with Horizontal():
                 for input_id, _, label, kind in KNOBS:
                     with Vertical(classes="knob"):
@@ -265,7 +276,8 @@ class PlanScreen(Pane):
         return out
 
     def options(self) -> dict:
-        """How to plan and start, beside the recipe: `--limit`, `--processes`, `--allow-shorter`."""
+        """How to plan and start, beside the recipe: `--limit`, `--processes`, `--allow-shorter`, and (planning
+        only) `--model-config`."""
         from appliance.errors import InvalidInput
 
         limit_raw = self.query_one("#k-limit", Input).value.strip()
@@ -283,7 +295,8 @@ class PlanScreen(Pane):
                 raise InvalidInput(f"Plan: processes must be 1 or more, not {procs_raw!r}; clear the field to let the "
                                    "plan choose (one per GPU when a replica fits one).")
             processes = int(procs_raw)
-        return {"limit": limit, "processes": processes, "allow_shorter": self.query_one("#k-shorter", Checkbox).value}
+        return {"limit": limit, "processes": processes, "allow_shorter": self.query_one("#k-shorter", Checkbox).value,
+                "model_config": self.query_one("#k-config", Input).value.strip() or None}
 
     def focus_default(self) -> None:
         self.query_one("#plan-view").focus()
@@ -319,8 +332,10 @@ class PlanScreen(Pane):
             from appliance import plan as planner
             from appliance import recipes
 
+            config = options["model_config"]
             return planner.plan_recipe(recipes.load(path, **overrides), simulate=profile, limit=options["limit"],
-                                       allow_shorter=options["allow_shorter"])
+                                       allow_shorter=options["allow_shorter"],
+                                       model_config=Path(config).expanduser() if config else None)
 
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)}…")
         self.call(job, self.show_plan, group="plan")
