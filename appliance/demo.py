@@ -36,8 +36,7 @@ def recipe_path() -> Path:
 def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
     from rich.console import Console
 
-    from . import data, manifest, models, recipes, runs
-    from .demo_data import splits
+    from . import data, models, recipes, runs
     from .vault import store
     from .evaluate import evaluate
     from .export import export
@@ -64,15 +63,9 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     timings["import"] = time.perf_counter() - t
 
     t = stage("2/6 the demo dataset, into the encrypted vault")
-    dataset = folder("datasets") / DATASET_ID
-    if not store.is_encrypted(dataset):
-        with store.create(vault, DATASET_ID) as ds:
-            for split, records in splits().items():
-                for record in records:
-                    ds.add(split, record)
-            ds.details.update(source="appliance demo generator", records_kind="conversation")
-    counts = manifest.read(dataset)["details"]["records"]
-    console.print(f"{counts['train']} train + {counts['validation']} held-out records, encrypted in {dataset}")
+    counts = import_dataset(vault)
+    console.print(f"{counts['train']} train + {counts['validation']} held-out records, encrypted in "
+                  f"{folder('datasets') / DATASET_ID}")
     example = next(store.read(vault, DATASET_ID, "train"))["messages"]
     console.print("task: turn a free-text record into the house JSON format, e.g.")
     console.print(f"  [dim]user:[/] {example[0]['content']!r}")
@@ -136,6 +129,27 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     console.print(f"try: appliance ask {run_id} --prompt $'Convert this record to JSON.\\nAda Weber, 41, baker in Graz.'")
     return {"run": run_id, "model": model["id"], "timings_s": timings, "eval": {k: report[k] for k in ("base", "tuned", "samples")},
             "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}
+
+
+def import_dataset(vault) -> dict:
+    """The demo dataset (generated here, no file needed) encrypted into the vault as ``demo-records``, once;
+    returns its record counts per split. What `appliance demo` and the TUI's Data screen (``x``) import."""
+    from . import audit, manifest
+    from .demo_data import splits
+    from .vault import store
+    from .workspace import folder
+
+    dataset = folder("datasets") / DATASET_ID
+    if not store.is_encrypted(dataset):
+        with store.create(vault, DATASET_ID) as ds:
+            for split, records in splits().items():
+                for record in records:
+                    ds.add(split, record)
+            ds.details.update(source="appliance demo generator", records_kind="conversation")
+        counts = manifest.read(dataset)["details"]["records"]
+        audit.record("dataset.import", {"dataset": DATASET_ID},
+                     {"source": "appliance demo generator", "imported": sum(counts.values()), "rejected": 0})
+    return manifest.read(dataset)["details"]["records"]
 
 
 def _demo_vault(console):

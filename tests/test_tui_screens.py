@@ -302,13 +302,16 @@ def _fixed_clock(monkeypatch):
 
 
 def test_snapshot_models(vault_home, tiny_model_dir, monkeypatch, snap_compare):
+    import tui.screens.models
+
     models.import_model(tiny_model_dir, "tiny")
+    # The manifest's creation time and the fixture's path change per run: the detail pane shows them. Replaced at
+    # the source, since the table's row-highlighted message may redraw the pane after the workers are done.
+    monkeypatch.setattr(tui.screens.models, "detail_text", lambda row: "tiny: LlamaForCausalLM, 2 layers, hidden 128")
 
     async def run_before(pilot):
         await pilot.press("3")
         await settle(pilot)
-        # The manifest's creation time and the fixture's path change per run: the detail pane shows them.
-        pilot.app.query_one("#model-info", Static).update("tiny: LlamaForCausalLM, 2 layers, hidden 128")
         await pilot.pause()
 
     assert snap_compare(ApplianceApp(simulate="cpu-only"), terminal_size=SIZE, run_before=run_before)

@@ -55,8 +55,8 @@ def next_step(s: Summary) -> tuple[str, str]:
         return ("import a model (a .gguf file, a Hugging Face folder, or the embedded SmolLM2-135M-Instruct) on the "
                 "Models screen (key 3), or with `appliance models import PATH`", "models")
     if not s.datasets:
-        return ("import a dataset on the Data screen (key 4), or with `appliance data import FILE --name NAME`",
-                "datasets")
+        return ("import a dataset (a JSONL, JSON or CSV file, or the demo dataset) on the Data screen (key 4), or "
+                "with `appliance data import FILE --name NAME`", "datasets")
     if s.running:
         return f"a run is training: follow {s.running[-1]} on the Train screen (key 6)", "train"
     if not s.finished:

@@ -1,6 +1,6 @@
 """Datasets: the vault. Create it or unlock it (the passphrase is never shown, kept or logged), then import,
 browse, export (plaintext, after a confirmation) and crypto-shred the encrypted datasets; authenticate every
-dataset file (`vault verify`) and change the passphrase (`vault rekey`).
+dataset file (`vault verify`) and change the passphrase (`vault rekey`); ``x`` imports the demo dataset.
 
 The import runs in a thread; the importer's events reach the UI thread through ``call_from_thread`` and feed a
 progress bar, then its report (rejections per reason, with examples) shows in a panel.
@@ -20,8 +20,8 @@ from textual.widgets import Button, ContentSwitcher, DataTable, Input, Label, Pr
 from .base import Pane, unlocked
 
 BROWSE = 20  # records shown by Browse
-HINT = ("i import · b browse the selected dataset · e export it in plaintext · d delete it · v verify every "
-        "dataset · k change the passphrase · l lock the vault")
+HINT = ("i import · x the demo dataset · b browse the selected dataset · e export it in plaintext · d delete it · "
+        "v verify every dataset · k change the passphrase · l lock the vault")
 
 
 def vault_state() -> str:
@@ -105,7 +105,8 @@ class DatasetsScreen(Pane):
                 Binding("e", "toggle_export", "export"), Binding("d", "delete", "delete"),
                 Binding("v", "verify", "verify every dataset file", show=False),
                 Binding("k", "toggle_rekey", "change the passphrase (rekey)", show=False),
-                Binding("l", "lock", "lock", show=False)]
+                Binding("l", "lock", "lock", show=False),
+                Binding("x", "import_demo", "import the demo dataset (demo-records)", show=False)]
     FORMS = ("#ds-import", "#ds-export", "#ds-rekey")  # one shown at a time, under the table
     DEFAULT_CSS = """
     DatasetsScreen ContentSwitcher { height: 1fr; }
@@ -213,7 +214,9 @@ class DatasetsScreen(Pane):
         for r in rows:
             table.add_row(r["id"], str(r["train"]), str(r["validation"]), r["format"], r["source"], key=r["id"])
         if not rows and self.report is None:
-            self.query_one("#ds-output", Static).update("no datasets yet: press [b]i[/] to import a file")
+            self.query_one("#ds-output", Static).update(
+                "no datasets yet: press [b]i[/] to import a file, or [b]x[/] for the demo dataset (records to turn "
+                "into JSON, what `appliance demo` trains on)")
 
     def selected(self) -> str | None:
         table = self.query_one("#dataset-table", DataTable)
@@ -373,6 +376,30 @@ class DatasetsScreen(Pane):
         self.query_one("#ds-output", Static).update(Group(
             f"[b]imported {escape(report['dataset'])}[/]: {rejected} record(s) rejected", import_report(report)))
         self.call(list_datasets, self.show_datasets, group="list")
+
+    def action_import_demo(self) -> None:
+        """The demo's dataset, generated and encrypted as `appliance demo` does: the embedded model's pipeline
+        (Models ``e``, then this, then Plan's default recipe) needs no file at all."""
+        from appliance.demo import DATASET_ID
+
+        if self.state != "open":
+            return
+
+        def job() -> dict:
+            from appliance import data
+            from appliance.demo import import_dataset
+
+            return import_dataset(data.vault())
+
+        def done(counts: dict) -> None:
+            self.report = None
+            self.query_one("#ds-output", Static).update(
+                f"[b]{DATASET_ID}[/]: {counts['train']} train + {counts['validation']} held-out records, generated "
+                "here and encrypted (the demo recipe's dataset)")
+            self.call(list_datasets, self.show_datasets, group="list")
+
+        self.query_one("#ds-output", Static).update(f"generating and encrypting {DATASET_ID}…")
+        self.call(job, done, group="import")
 
     def on_worker_state_changed(self, event) -> None:
         from textual.worker import WorkerState
