@@ -103,6 +103,8 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     ok = cli_json("bundle", "verify", str(out), "--fingerprint", made["key"], home=home, env=elsewhere)
     assert ok["trusted_key"] and [i["kind"] for i in ok["lineage"]][:3] == ["bundle", "gguf", "merged-model"]
     assert not (tmp_path / "edge-box-home").exists()
+    typo = run_cli("bundle", "verify", str(out), "--fingerprint", made["key"][:40], home=home, env=elsewhere, check=False)
+    assert typo.returncode == 2 and "is not 64 hex digits; copy it as `appliance bundle` printed it." in typo.stderr
     from appliance.bundle import verify_bundle
 
     for file in sorted(p for p in out.rglob("*") if p.is_file()):  # any changed byte of any file is caught
