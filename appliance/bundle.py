@@ -22,7 +22,6 @@ that chat_template.jinja is the GGUF's own template.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -107,8 +106,8 @@ def verify_bundle(folder: Path, public_raw: bytes | None = None, fingerprint: st
     _check_sums(folder)
     bundled = signing.load_public(folder / PUBKEY)
     if fingerprint:
-        wanted = fingerprint.strip().replace(":", "").lower()  # also as aa:bb:… pairs
-        if not re.fullmatch(r"[0-9a-f]{64}", wanted):
+        wanted = signing.as_fingerprint(fingerprint)
+        if wanted is None:
             raise InvalidInput(f"the fingerprint {fingerprint.strip()[:70]!r} is not 64 hex digits; copy it as "
                                "`appliance bundle` printed it.")
         if signing.fingerprint(bundled) != wanted:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .errors import CheckFailed, InvalidInput, NotFound
@@ -96,6 +97,13 @@ def check(domain: str, payload, signed: dict, public_raw: bytes, what: str) -> N
 
 def fingerprint(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()
+
+
+def as_fingerprint(text: str) -> str | None:
+    """``text`` as a fingerprint (64 hex digits, also typed as aa:bb:… pairs or in capitals), lower-case; None if
+    it is not one (a path to a key file, say)."""
+    hexed = text.strip().replace(":", "").lower()
+    return hexed if re.fullmatch(r"[0-9a-f]{64}", hexed) else None
 
 
 def public_path() -> Path:

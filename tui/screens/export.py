@@ -16,7 +16,6 @@ What `appliance export`, `merge`, `bundle` and `verify` do, on the selected run:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from textual.app import ComposeResult
@@ -38,7 +37,6 @@ BITS = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q
 Q6_K = 6.5625  # llama.cpp keeps the output matrix at Q6_K below 8 bits (Q8_0 when its rows are not 256-multiples)
 TOKENIZER_BYTES = 36  # per vocabulary entry: the token text, its type and the BPE merges in the file's metadata
 HINT = "e export · m merge · b bundle · l lineage (space checks a quantization)"
-FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}")
 NO_RUNS = "no finished runs yet: train one on the Plan screen (key 5), follow it on Train (key 6)"
 TYPICAL = {"f16": "the reference: held to ≥ 99% top-1", "bf16": "lossless: the merged weights",
            "q8_0": "near-lossless", "q5_k_m": "very small quality loss", "q4_k_m": "small quality loss",
@@ -475,7 +473,7 @@ class ExportScreen(Pane):
             from appliance.errors import CheckFailed
 
             # The trusted key as `verify --pubkey` and `bundle verify --pubkey/--fingerprint` take it.
-            fingerprint = key if FINGERPRINT.fullmatch(key.replace(":", "")) else None
+            fingerprint = signing.as_fingerprint(key)
             public = signing.load_public(Path(key).expanduser()) if key and not fingerprint else None
             if (path / bundle.SUMS).is_file():  # an edge bundle: checked as `appliance bundle verify DIR` does
                 if not key:
@@ -487,7 +485,7 @@ class ExportScreen(Pane):
                         "rows": rows, "problems": [], "path": str(path)}
             if fingerprint:  # a workspace artifact is checked with the keyring's key: the one to compare
                 public = signing.workspace_public()
-                if public is None or signing.fingerprint(public) != fingerprint.replace(":", "").lower():
+                if public is None or signing.fingerprint(public) != fingerprint:
                     raise CheckFailed(f"this workspace's signing key is not the trusted fingerprint "
                                       f"{fingerprint[:16]}...; its artifacts were not signed by that appliance.")
             result = provenance.verify(path, public)
