@@ -213,6 +213,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         "train_runtime_s": round(time.time() - started, 2),
         "train_loss_mean": result.training_loss,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "quantization": recipe.quantization.method,
+        "linear_4bit": linear_4bit(trainer.model),  # what was really quantized, not what the recipe asked
         "resumed_from": checkpoint.name if checkpoint else None,
         "micro_batch_size": micro,
         "gradient_accumulation_steps": accum,
@@ -243,6 +245,14 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
                  {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume,
                   "oom_recoveries": len(summary["oom_recoveries"]), "processes": world})
     emit(ev.Event("finished", STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}", summary))
+
+
+def linear_4bit(model) -> int:
+    """How many layers hold 4-bit weights: bitsandbytes' Params4bit with a quantization state (a LoRA wrapper,
+    which exposes its base layer's weight, is not counted twice)."""
+    return sum(1 for m in model.modules()
+               if not hasattr(m, "base_layer") and type(getattr(m, "weight", None)).__name__ == "Params4bit"
+               and getattr(m.weight, "quant_state", None) is not None)
 
 
 def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, micro: int, accum: int, checkpoint,
@@ -499,7 +509,8 @@ def _Events(emit: ev.Emit, run: Path, watch: _MemoryWatch):
 
     from .runs import COMPLETE
 
-    fault = os.environ.get("APPLIANCE_FAULT", "")  # fault injection for tests, e.g. "hang_after_checkpoint:4"
+    # fault injection for tests: "hang_after_checkpoint:4", "wait_for_stop_at_step:3"
+    fault = os.environ.get("APPLIANCE_FAULT", "")
     rank, world = _world()
 
     class Events(TrainerCallback):
@@ -521,6 +532,9 @@ def _Events(emit: ev.Emit, run: Path, watch: _MemoryWatch):
             self.busy += time.perf_counter() - self.step_started
             if rank == 0:
                 watch.sample(state.global_step)
+            if fault == f"wait_for_stop_at_step:{state.global_step}":
+                while not _stop_requested:  # test-only: the stop lands at a known step, not in a race
+                    time.sleep(0.05)
             stop = _stop_requested
             if world > 1:  # every rank must stop (and save) at the same step, or the others wait forever
                 import torch

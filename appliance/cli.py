@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None  # the `appliance` command itself, not a caller passing arguments in-process
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
@@ -213,6 +214,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = parser.parse_args(["tui"])
     key = args.cmd if getattr(args, "sub", None) is None else f"{args.cmd} {args.sub}"
+    if from_shell and args.cmd in NATIVE:
+        from . import native_crash
+
+        return native_crash.supervise(key, lambda: dispatch(key, args))
+    return dispatch(key, args)
+
+
+# The commands that run llama.cpp in this process: run from a shell, they run in a child that a parent watches,
+# so a native crash (an illegal instruction, a segfault) is reported with the step that died (native_crash.py).
+NATIVE = frozenset({"ask", "chat", "export", "eval", "demo", "tui", "bundle"})
+
+
+def dispatch(key: str, args: argparse.Namespace) -> int:
     quiet_libraries()
     try:
         return COMMANDS[key](args)
@@ -712,6 +726,9 @@ def _doctor(args) -> int:
     hw = hardware.detect(getattr(args, "simulate", None))  # an unknown profile stops here, before any check runs
     sections = airgap.doctor_sections()
     sections.append(("hardware", hardware.doctor_checks(hw)))
+    from . import llama_runtime
+
+    sections.append(("llama.cpp", llama_runtime.doctor_checks()))
     failed = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "fail"]
     warned = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "warn"]
     if args.json:

@@ -18,6 +18,7 @@ from . import data, runs
 from .chat_format import with_system
 from .errors import NotFound
 from .events import Emit, Event, ignore
+from .native_crash import step
 from .workspace import write_json
 
 STAGE = "eval"
@@ -43,7 +44,7 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     for name, path in (("base", base_path), ("tuned", tuned_path)):
         emit(Event("stage", STAGE, f"answering {len(records)} held-out prompts with the {name} model"))
         totals = Counter()
-        with infer.load(path) as llm:
+        with infer.load(path) as llm, step(f"answering held-out prompts with the {name} model"):
             for i, r in enumerate(records):
                 msgs = with_system(r["messages"], recipe.system_prompt)
                 prompt = infer.tokenize(llm, infer.render(llm, msgs[:-1], add_generation_prompt=True))

@@ -32,6 +32,7 @@ from . import data, manifest, runs
 from .chat_format import render, with_system
 from .errors import CheckFailed, InvalidInput, StageFailed
 from .events import Emit, Event, ignore
+from .native_crash import step
 from .recipes import QUANTS
 from .workspace import folder, staging, write_json
 
@@ -115,14 +116,14 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
 
 
 def quantize(src: Path, dst: Path, quant: str) -> dict:
-    from .infer import llama_cpp as _lib
+    from .llama_runtime import lib
 
-    llama_cpp = _lib()
+    llama_cpp = lib()
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    with _stderr_captured() as captured:
+    with _stderr_captured() as captured, step(f"quantizing {src.name} to {quant} with llama.cpp"):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         last = captured().strip().splitlines()[-1:] or ["no message"]
@@ -160,7 +161,7 @@ def check(merged: Path, gguf: Path, conversations: list[list[dict]], reference: 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     eot = tokenizer.eos_token
     eot_id = tokenizer.convert_tokens_to_ids(eot)
-    with infer.load(gguf, n_ctx=4096) as llm:
+    with infer.load(gguf, n_ctx=4096) as llm, step(f"checking the chat template and tokens of {gguf.name}"):
         if infer.chat_template(llm) != tokenizer.chat_template:
             raise CheckFailed(f"{gguf.name} carries a chat template that differs from the one used in training.")
         for i, conv in enumerate(conversations):
@@ -213,7 +214,8 @@ def top1_agreement(gguf: Path, reference: list[tuple[list[int], object, object]]
     with infer.load(gguf, n_ctx=4096, logits_all=True) as llm:
         for ids, best, tied in reference:
             llm.reset()
-            llm.eval(ids)
+            with step(f"checking the top-1 agreement of {gguf.name} ({len(ids)}-token batch decode)"):
+                llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)]).argmax(-1)
             hit = best == got[:, None]
             agree += int((hit & tied).any(-1).sum())

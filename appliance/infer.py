@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import InvalidInput, NotFound
+from .native_crash import step
 
 PREFERRED = ("q8_0", "f16", "q4_k_m", "q5_k_m", "bf16", "q4_0")
 
@@ -46,26 +47,19 @@ def resolve(model: str) -> Path:
                    "`appliance runs list` and `appliance models list` show what exists.")
 
 
-def llama_cpp():
-    """Import llama_cpp with llama.cpp's own logging limited to errors (it logs every tensor otherwise)."""
-    import logging
-
-    import llama_cpp as lib
-
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    return lib
-
-
 @contextlib.contextmanager
 def load(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Iterator:
     """Open a GGUF with llama.cpp; always closed explicitly (its destructor can raise at interpreter exit)."""
-    llama_cpp = globals()["llama_cpp"]()
+    from .llama_runtime import lib
+
+    llama_cpp = lib()
 
     if not path.is_file():
         raise NotFound(f"{path} does not exist.")
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                              logits_all=logits_all, verbose=False)
+        with step(f"loading {path.name} with llama.cpp"):
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
+                                  logits_all=logits_all, verbose=False)
     except ValueError as e:
         raise InvalidInput(f"llama.cpp cannot load {path} ({e}); the file is not a valid GGUF model.") from None
     try:
@@ -100,7 +94,9 @@ def tokenize(llm, text: str) -> list[int]:
 
 
 def is_eog(llm, token: int) -> bool:
-    lib = llama_cpp()
+    from .llama_runtime import lib as _lib
+
+    lib = _lib()
     return bool(lib.llama_vocab_is_eog(lib.llama_model_get_vocab(llm.model), token))
 
 
@@ -166,8 +162,9 @@ def generate(llm, prompt: list[int], max_tokens: int = 256, temperature: float =
             if on_text:
                 on_text(piece)
 
-    for token in llm.generate(prompt, temp=temperature, top_k=top_k if temperature > 0 else 1, top_p=top_p,
-                              min_p=min_p, repeat_penalty=repeat_penalty, reset=True):
+    tokens = llm.generate(prompt, temp=temperature, top_k=top_k if temperature > 0 else 1, top_p=top_p,
+                          min_p=min_p, repeat_penalty=repeat_penalty, reset=True)
+    for token in _stepped(tokens, f"generating with llama.cpp from {Path(llm.model_path).name}"):
         if first is None:
             first = time.perf_counter()
         if is_eog(llm, token):
@@ -192,6 +189,17 @@ def generate(llm, prompt: list[int], max_tokens: int = 256, temperature: float =
         # The first token arrives after the prompt is processed; the rate counts the tokens after it.
         "tokens_per_s": round((n - 1) / gen_s, 2) if n > 1 and gen_s > 0 else None,
     }
+
+
+def _stepped(tokens: Iterator[int], label: str) -> Iterator[int]:
+    """The generator's native work (prompt decode, each token) named as a step, without holding the step
+    across the caller's own work between tokens."""
+    while True:
+        with step(label):
+            token = next(tokens, None)
+        if token is None:
+            return
+        yield token
 
 
 def ask(model: str, prompt: str, system: str | None = None, max_tokens: int = 256, temperature: float = 0.0,

@@ -36,6 +36,7 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
     signing.ensure()  # before the work: the merged model's manifest is signed
     recipe = runs.load_recipe(run_id)
     base = model_dir(recipe.base_model)
+    check_base(run, base)
     save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
     emit(Event("stage", STAGE, f"merging the adapter into {recipe.base_model} (float32, saved as {save_dtype})"))
     import torch
@@ -70,6 +71,22 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
                  {"dtype": save_dtype, "max_abs_logit_diff": diff})
     emit(Event("finished", STAGE, f"merged; max |logit diff| vs base+adapter {diff:.2e}", result))
     return result
+
+
+def check_base(run: Path, base: Path) -> None:
+    """The base weights are the ones the run was trained on: every file as its signed manifest lists it, and that
+    manifest the one the run's manifest bound. (The logit check below compares two models built from the same
+    files on disk, so it cannot see a base that changed after training; this does.)"""
+    again = "re-import the model the run was trained on, or train again on this one"
+    try:
+        manifest.verify(base)
+    except CheckFailed as e:
+        raise CheckFailed(f"the base model {base.name} changed after training ({str(e).rstrip('.')}); {again}.") from None
+    run_manifest = manifest.read(run) if (run / manifest.NAME).is_file() else {}
+    bound = (run_manifest.get("parent_manifests") or {}).get("base_model")
+    if bound is not None and bound != manifest.sha256_file(base / manifest.NAME):
+        raise CheckFailed(f"the base model {base.name} is not the one run {run.name} was trained on (its manifest "
+                          f"changed: re-imported since?); {again}.")
 
 
 def _heldout_batch(tokenizer, recipe, samples: int):

@@ -99,12 +99,23 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"before_replace:{path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        fault_point(f"after_replace:{path.name}")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fault_point(name: str) -> None:
+    """Test-only: ``APPLIANCE_FAULT=kill_at:<name>`` kills this process with SIGKILL here, a crash at a chosen
+    point rather than after a guessed delay (e.g. ``kill_at:before_replace:keyring.json``)."""
+    if os.environ.get("APPLIANCE_FAULT") == f"kill_at:{name}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

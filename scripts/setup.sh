@@ -10,14 +10,13 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 stamp=.venv/.appliance-setup
-want=$(cat pyproject.toml scripts/setup.sh scripts/default-model.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/default-model.txt packaging/llama-wheel.sh \
+  packaging/llama-cpp-python.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# llama-cpp-python compiles llama.cpp on install (minutes); pip keeps the built wheel in its cache.
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
 # torch first, pinned: here this takes the CPU wheel; on a GPU workstation point
 # APPLIANCE_TORCH_INDEX at the CUDA wheel index you mirror (see README).
@@ -26,6 +25,11 @@ if [ -n "${APPLIANCE_TORCH_INDEX:-}" ]; then
 else
   "$PY" -m pip install "torch==2.13.0"
 fi
+# llama.cpp, built portably (no host instruction set, CPU kernels chosen at run time, no AMX) by the same
+# script as the offline bundle; cached by its build flags, so a second setup takes seconds. --force-reinstall
+# replaces a build of other flags (pip alone would keep any llama-cpp-python of the pinned version).
+llama_wheel=$(PYTHON="$PY" packaging/llama-wheel.sh)
+"$PY" -m pip install --force-reinstall --no-deps "$llama_wheel"
 "$PY" -m pip install -e ".[test]"
 
 # The embedded default model, hash-checked.

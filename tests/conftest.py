@@ -125,13 +125,14 @@ def demo_dataset(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("demo-dataset"), train=64, validation=8)
 
 
-def write_recipe(path: Path, dataset: Path, base_model: str = "tiny", **training) -> Path:
+def write_recipe(path: Path, dataset: Path, base_model: str = "tiny", *, quantization: str = "nf4",
+                 **training) -> Path:
     import yaml
 
     t = {"max_steps": 6, "micro_batch_size": 4, "learning_rate": 0.003, "max_seq_length": 128, "save_steps": 3,
          "eval_steps": 3, "warmup_steps": 0, **training}
     recipe = {"name": "tiny", "base_model": base_model, "dataset": str(dataset), "seed": 7,
-              "quantization": {"method": "nf4", "compute_dtype": "float32"},
+              "quantization": {"method": quantization, "compute_dtype": "float32"},
               "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "training": t,
               "export": {"quant": ["f16", "q8_0"], "parity_samples": 4}}
     path.write_text(yaml.safe_dump(recipe))

@@ -57,8 +57,29 @@ def test_importer_on_random_bytes(vault, tmp_path, data, suffix):
     _import(vault, path, salvage=True)
 
 
-VALID = json.dumps([{"instruction": f"please explain the topic number {i} in a few careful words", "output": f"ok {i}"}
-                    for i in range(12)], indent=1)
+RECORDS = [{"instruction": f"please explain the topic number {i} in a few careful words", "output": f"ok {i}"}
+           for i in range(12)]
+VALID = json.dumps(RECORDS, indent=1)
+
+
+def imported(report) -> int:
+    return sum(report["imported"].values())
+
+
+@FUZZ
+@given(st.lists(json_values, max_size=12), st.randoms(use_true_random=False))
+def test_importer_keeps_every_valid_record_among_random_ones(vault, tmp_path, junk, rnd):
+    """Whatever surrounds them, the valid records are imported: a clean error is not enough (an importer that
+    rejected everything would pass the tests above)."""
+    lines = [json.dumps(r) for r in RECORDS] + [json.dumps(v) for v in junk]
+    rnd.shuffle(lines)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = _import(vault, path, fmt="alpaca")
+    assert report is not None, "valid records among random ones were refused"
+    assert report["records_read"] == len(lines)
+    assert imported(report) >= len(RECORDS)  # (a random value may happen to be a valid record too)
+    assert imported(report) + sum(report["rejected"].values()) == len(lines)
 
 
 @FUZZ
@@ -68,10 +89,15 @@ def test_importer_on_random_truncations(vault, tmp_path, cut):
     path.write_text(VALID[:cut])
     plain = _import(vault, path)
     salvaged = _import(vault, path, salvage=True)
-    if plain is not None:  # only a cut in the trailing whitespace leaves a complete array
-        assert cut >= VALID.rindex("]")
-    if salvaged is not None:
-        assert sum(salvaged["imported"].values()) <= 12
+    whole = cut > VALID.rindex("]")
+    assert (plain is not None) == whole  # only the complete array imports without --salvage, and it does
+    if whole:
+        assert imported(plain) == len(RECORDS)
+    complete = VALID[:cut].count("}")  # the records that end before the cut
+    if complete:
+        assert salvaged is not None and imported(salvaged) == complete, (cut, complete)
+    else:
+        assert salvaged is None
 
 
 KEY = bytes(range(32))

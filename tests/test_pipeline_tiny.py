@@ -17,6 +17,8 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     assert st["state"] == "finished", st
     run_id, run = st["id"], home / "runs" / st["id"]
     assert st["summary"]["steps"] == 6
+    # Really 4-bit: every linear layer of the 2 decoder layers (q, k, v, o, gate, up, down) holds NF4 weights.
+    assert st["summary"]["quantization"] == "nf4" and st["summary"]["linear_4bit"] == 2 * 7
 
     evs = run_events(home, run_id)
     steps = [e.data for e in evs if e.type == "progress" and "loss" in e.data]
@@ -125,6 +127,39 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     (out / "model-q8_0.gguf").write_bytes(bytes(blob))
     bad = run_cli("bundle", "verify", str(out), home=home, env=elsewhere, check=False)
     assert bad.returncode == 3 and "model-q8_0.gguf does not match its sha256 in SHA256SUMS" in bad.stderr
+
+
+def test_lora_without_quantization_and_the_merge_checks_that_can_fail(tiny_home, tmp_path, demo_dataset, monkeypatch):
+    home = tiny_home
+    recipe = write_recipe(tmp_path / "plain.yaml", demo_dataset, quantization="none", max_steps=4, save_steps=100,
+                          eval_steps=100)
+    st = cli_json("train", str(recipe), home=home)
+    assert st["state"] == "finished", st
+    assert st["summary"]["quantization"] == "none" and st["summary"]["linear_4bit"] == 0  # nothing quantized
+    run_id = st["id"]
+
+    from appliance import merge as merging
+    from appliance.errors import CheckFailed
+
+    # The logit check catches a merge that lost the adapter: base alone against base+adapter.
+    from peft.tuners.lora import LoraModel
+
+    with monkeypatch.context() as m:
+        m.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+        with pytest.raises(CheckFailed, match="differ from base\\+adapter by"):
+            merging.merge(run_id)
+    assert not (home / "runs" / run_id / "merged").exists()  # nothing left under the final name
+    assert merging.merge(run_id)["max_abs_logit_diff"] < merging.MAX_ABS_DIFF
+
+    # Base weights changed after training: the merge refuses (the logit check alone, comparing two models built
+    # from the same changed files, would not see it).
+    weights = home / "models" / "tiny" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1000] ^= 0x55
+    weights.write_bytes(bytes(blob))
+    failed = run_cli("merge", run_id, home=home, check=False)
+    assert failed.returncode == 3, failed.stderr
+    assert "the base model tiny changed after training" in failed.stderr and "model.safetensors" in failed.stderr
 
 
 def _wait_for(predicate, timeout=300, what="condition"):

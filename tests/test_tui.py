@@ -14,11 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("textual")
 
 from textual.widgets import DataTable, Input, Sparkline, Static, TabbedContent  # noqa: E402
 
@@ -79,6 +79,17 @@ def write_run(run_id: str = RUN, losses=(3.0, 2.5, 2.0), finished: bool = True, 
     if finished:
         log(events.Event("finished", "train", "trained 3 steps", t=T0 + 11))
     return path
+
+
+async def click(pilot, selector: str) -> None:
+    """Click a button as a person does: not again within its press animation, during which Textual ignores
+    clicks (0.2 s; a fast machine's test would otherwise click into it and lose the click)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while pilot.app.screen.query_one(selector).has_class("-active") and time.monotonic() < deadline:
+        await pilot.pause(0.05)
+    await pilot.click(selector)
 
 
 async def settle(pilot, rounds: int = 3) -> None:
@@ -179,9 +190,11 @@ async def test_doctor_runs_the_real_checks_in_a_worker(home):
         rows = [table.get_row_at(i) for i in range(table.row_count)]
         labels = {r[2] for r in rows}
         assert {"egress guard", "guard self-test", "HF_HUB_OFFLINE", "vault keyring"} <= labels
-        assert {r[0] for r in rows} >= {"environment", "air-gap", "vault and audit", "hardware"}
+        assert {r[0] for r in rows} >= {"environment", "air-gap", "vault and audit", "hardware", "llama.cpp"}
         guard = next(r for r in rows if r[2] == "egress guard")
         assert str(guard[1]) == "ok"
+        backend = next(r for r in rows if r[2] == "llama.cpp CPU backend")  # the kernels in use, by name
+        assert str(backend[1]) == "ok" and backend[3] in backend[4]
         assert "failed" not in text(app, "#verdict")
 
 
@@ -203,7 +216,7 @@ async def test_audit_filters_by_event_and_verifies_then_detects_tampering(vault_
         await settle(pilot)
         assert [table.get_row_at(i)[3] for i in range(table.row_count)] == ["dataset.import"]
 
-        await pilot.click("#verify")
+        await click(pilot, "#verify")
         await settle(pilot)
         ok, sentence = app.query_one("AuditScreen").verdict
         assert ok and "intact" in sentence
@@ -212,7 +225,7 @@ async def test_audit_filters_by_event_and_verifies_then_detects_tampering(vault_
         lines = log.read_bytes().splitlines(keepends=True)
         lines[1] = lines[1].replace(b'"records":64', b'"records":65')
         log.write_bytes(b"".join(lines))
-        await pilot.click("#verify")
+        await click(pilot, "#verify")
         await settle(pilot)
         ok, sentence = app.query_one("AuditScreen").verdict
         assert not ok and "2" in sentence
@@ -270,6 +283,14 @@ async def test_train_follows_a_finished_run_from_its_events(home):
         assert app.query_one("#stop").disabled and app.query_one("#resume").disabled
 
 
+async def poll(pilot, condition, timeout: float = 180.0) -> None:
+    """Let the app run until ``condition()`` holds (the screen follows a run's file on its own timer); the limit is
+    only a backstop for a hung app: the asserts that follow decide."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await pilot.pause(0.05)
+
+
 @aio
 async def test_train_reattaches_to_a_running_run_follows_it_live_and_stops_it(home):
     # A stand-in for the training worker: alive, with the run id in its command line (what runs.alive checks).
@@ -280,22 +301,16 @@ async def test_train_reattaches_to_a_running_run_follows_it_live_and_stops_it(ho
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("6")
             screen = app.query_one(TrainScreen)
-            for _ in range(100):
-                await pilot.pause(0.05)
-                if screen.following == RUN and screen.view.train == {1: 3.0}:
-                    break
+            await poll(pilot, lambda: screen.following == RUN and screen.view.train == {1: 3.0})
             assert screen.following == RUN  # nobody selected it: a running run is followed on its own
             assert screen.view.train == {1: 3.0}
             # The run goes on writing; the screen keeps up without being asked.
             events.EventLog(path / "events.jsonl")(events.Event("progress", "train", "", {"step": 2, "max_steps": 3,
                                                                                           "loss": 1.5}))
-            for _ in range(100):
-                await pilot.pause(0.05)
-                if screen.view.train == {1: 3.0, 2: 1.5}:
-                    break
+            await poll(pilot, lambda: screen.view.train == {1: 3.0, 2: 1.5})
             assert screen.view.train == {1: 3.0, 2: 1.5}
             assert not app.query_one("#stop").disabled and app.query_one("#resume").disabled
-            await pilot.click("#stop")
+            await click(pilot, "#stop")
             assert proc.wait(timeout=10) == -signal.SIGTERM
             await settle(pilot)
         assert audit.entries(event="train.stop")[-1]["subjects"] == {"run": RUN}

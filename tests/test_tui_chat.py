@@ -14,7 +14,6 @@ import types
 
 import pytest
 
-pytest.importorskip("textual")
 
 from textual.widgets import Input, Select, TabbedContent  # noqa: E402
 
@@ -89,21 +88,54 @@ def shown(transcript: Transcript) -> list[str]:
     return [str(w.render()) for w in transcript.children]
 
 
-def slow_model(monkeypatch, seconds: float = 0.005) -> None:
-    """Every token takes at least ``seconds``: the tiny model is fast enough to answer within one batch."""
-    import time
+class StepClock:
+    """An injected clock that moves ``step`` seconds each time it is read, however fast the model runs: the chat
+    engine reads it once per streamed piece and once per flush, so with FLUSH_S = 0.05 and a step of 0.02 a
+    batch goes out for the first piece and then every third one, on any machine."""
 
+    def __init__(self, step: float = 0.02) -> None:
+        self.now, self.step = 1000.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def batches(tokens: int) -> int:
+    """The batches StepClock gives for an answer of ``tokens`` pieces (the rule of Engine.say, replayed)."""
+    clock, last, pending, sent = StepClock(), 0.0, 0, 0
+    for _ in range(tokens):
+        pending += 1
+        if clock() - last >= 0.05:
+            sent, pending, last = sent + 1, 0, clock()
+    return sent + (pending > 0)
+
+
+def pause_after(monkeypatch, tokens: int):
+    """Generation holds before token ``tokens + 1`` until the returned event is set (a test's point of control in
+    place of a race against the model's speed)."""
+    import threading
+
+    gate, seen = threading.Event(), {"n": 0}
     is_eog = infer.is_eog
-    monkeypatch.setattr(infer, "is_eog", lambda llm, token: (time.sleep(seconds), is_eog(llm, token))[1])
+
+    def held(llm, token):
+        seen["n"] += 1
+        if seen["n"] == tokens + 1:
+            assert gate.wait(120), "the test never released the model"
+        return is_eog(llm, token)
+
+    monkeypatch.setattr(infer, "is_eog", held)
+    return gate
 
 
 @aio
 async def test_compare_streams_both_models_greedy_repeats_and_closing_records_audit(chat_home, monkeypatch):
-    slow_model(monkeypatch)  # 40 tokens take 0.2 s or more: several batches of 50 ms
     shutil.rmtree(chat_home / "models" / ".gguf-tiny")  # the base model is converted on first use, here
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_chat(pilot)
+        screen.engine.clock = StepClock()
         assert app.focused is app.query_one("#prompt", Input)
         assert app.query_one("#model", Select).value == f"run:{RUN}"
         assert app.query_one("#quant", Select).value == "q8_0"  # what `appliance ask RUN` loads
@@ -125,7 +157,8 @@ async def test_compare_streams_both_models_greedy_repeats_and_closing_records_au
         for slot in ("tuned", "base"):
             p = panel(app, slot)
             # streamed: the first piece at once, then batches at most every 50 ms, fewer than the tokens
-            assert 3 <= p.updates < first[slot]["completion_tokens"], (slot, p.updates)
+            tokens = first[slot]["completion_tokens"]
+            assert tokens >= 10 and p.updates == batches(tokens) and 3 <= p.updates < tokens, (slot, p.updates)
             lines = shown(p)
             assert lines[0] == "you: hello there" and lines[1].strip() == first[slot]["text"].strip()
             assert f"32 prompt + {first[slot]['completion_tokens']} tokens" in lines[-1]
@@ -146,19 +179,23 @@ async def test_compare_streams_both_models_greedy_repeats_and_closing_records_au
 
 
 @aio
-async def test_escape_stops_mid_answer_and_the_base_is_not_asked(chat_home):
+async def test_escape_stops_mid_answer_and_the_base_is_not_asked(chat_home, monkeypatch):
+    gate = pause_after(monkeypatch, tokens=5)  # the answer holds at its 6th token until escape has been pressed
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_chat(pilot)
+        screen.engine.clock = StepClock()
         await pilot.press("ctrl+b")
         await set_knobs(pilot, temperature="0", max_tokens="4000")
         await send(pilot, screen, "hello", wait=False)
         await until(pilot, lambda: panel(app, "tuned").updates >= 2)
         await pilot.press("escape")  # with the prompt focused
+        await until(pilot, lambda: screen.engine.stop.is_set())
+        gate.set()
         await until(pilot, lambda: not screen.busy)
         await settle(pilot)
         result = screen.last_results["tuned"]
-        assert result["stopped"] == "user" and 0 < result["completion_tokens"] < 4000
+        assert result["stopped"] == "user" and result["completion_tokens"] == 6  # stopped right where it was
         assert shown(panel(app, "tuned"))[-1].endswith("· stopped")
         assert "base" not in screen.last_results and shown(panel(app, "base"))[-1] == "(not asked: stopped)"
         assert text(app, "#chat-status").endswith("(stopped)")

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-pytest.importorskip("textual")
 
 from textual.widgets import DataTable, Input, Log, ProgressBar, Select, SelectionList, Static, TabbedContent  # noqa: E402
 

@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-pytest.importorskip("textual")
 
 from textual.widgets import Input, Select, TabbedContent  # noqa: E402
 
 from conftest import write_recipe  # noqa: E402
-from tests.test_tui import SIZE, aio  # noqa: E402
+from tests.test_tui import SIZE, aio, click  # noqa: E402
 from tests.test_tui_screens import error_message, settle, type_into  # noqa: E402
 from tui.app import ApplianceApp  # noqa: E402
 from tui.errors import ErrorDialog  # noqa: E402
@@ -67,11 +66,11 @@ async def test_the_whole_pipeline_from_the_tui_alone(tiny_home, tmp_path, demo_d
         await settle(pilot)
         app.query_one("#k-dataset", Select).value = "claims"
         await type_into(pilot, "#k-steps", "24")  # long enough to watch
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await until(pilot, lambda: app.query_one("PlanScreen").plan is not None, "the plan")
         plan = app.query_one("PlanScreen").plan
         assert plan["verdict"] in ("fits", "fits_after_adjustment")
-        await pilot.click("#train-go")
+        await click(pilot, "#train-go")
 
         # Train: the app follows the new run; the chart fills as the steps come in.
         await until(pilot, lambda: app.query_one(TabbedContent).active == "train", "the Train screen",

@@ -7,13 +7,12 @@ import json
 
 import pytest
 
-pytest.importorskip("textual")
 
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent  # noqa: E402
 
 from appliance import audit, data, models, signing  # noqa: E402
 from appliance.vault import keyring  # noqa: E402
-from tests.test_tui import SIZE, aio, text  # noqa: E402
+from tests.test_tui import SIZE, aio, click, text  # noqa: E402
 from tui.app import ApplianceApp  # noqa: E402
 from tui.errors import ErrorDialog  # noqa: E402
 from tui.screens.datasets import ConfirmDialog, DatasetsScreen  # noqa: E402
@@ -152,7 +151,7 @@ async def test_datasets_create_unlock_import_browse_and_delete(home, tmp_path):
         assert "faq" in keyring.status()["datasets"]
         await pilot.press("d")
         await pilot.pause()
-        await pilot.click("#yes")
+        await click(pilot, "#yes")
         await settle(pilot)
         assert "faq" not in keyring.status()["datasets"]
         assert app.query_one("#dataset-table", DataTable).row_count == 0
@@ -353,13 +352,13 @@ async def test_plan_form_plans_from_a_model_config_before_the_weights_are_here(h
         await settle(pilot)
         screen = app.query_one(PlanScreen)
         await type_into(pilot, "#k-config", str(tiny_model_dir / "config.json"))  # as `plan --model-config`
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await settle(pilot)
         assert screen.plan["model"]["layers"] == 2 and screen.plan["model"]["hidden"] == 128
         assert f"model shape from {tiny_model_dir / 'config.json'}" in " ".join(
             str(app.query_one("#plan-summary", Static).render()).split())
         await type_into(pilot, "#k-config", str(tmp_path / "nowhere" / "config.json"))
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await settle(pilot)
         assert error_message(app) == (f"{tmp_path / 'nowhere' / 'config.json'} does not exist; give the base "
                                       "model's config.json (or its folder).")
@@ -378,7 +377,7 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         await type_into(pilot, "#k-rank", "64")
         await type_into(pilot, "#k-lr", "0.0005")
         assert screen.overrides() == {"lora.r": 64, "training.learning_rate": 0.0005}
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await settle(pilot)
         assert screen.plan["knobs"]["lora_r"] == 64
         await type_into(pilot, "#k-limit", "0.5")
@@ -387,13 +386,13 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         await settle(pilot)
         assert screen.plan["limit_fraction"] == 0.5
         await type_into(pilot, "#k-lr", "fast")
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await settle(pilot)
         assert error_message(app).startswith("Plan: learning rate must be a number, not 'fast'")
         await pilot.press("escape")
         await type_into(pilot, "#k-lr", "")
         await type_into(pilot, "#k-limit", "2")
-        await pilot.click("#plan-go")
+        await click(pilot, "#plan-go")
         await settle(pilot)
         assert error_message(app).startswith("Plan: memory limit must be a share of each device's memory")
 

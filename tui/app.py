@@ -116,6 +116,11 @@ class ApplianceApp(App):
         self._sample_interval = sample_interval
         self._kdf = kdf  # a new vault's KDF (None: the keyring's default); tests pick a fast one
         self._built: set[str] = set()
+        # Textual's Tabs activate their first tab on mount, after the app has started taking keys: a tab shown
+        # before that would be switched back to Home. A switch asked for before the tabs have announced their
+        # first activation waits for it (see on_tabbed_content_tab_activated).
+        self._tabs_ready = False
+        self._pending_tab: str | None = None
         if simulate:
             self.sub_title = f"offline fine-tuning · hardware simulated: {simulate}"
 
@@ -146,6 +151,9 @@ class ApplianceApp(App):
 
     async def action_show(self, tab: str) -> None:
         await self.ensure_built(tab)
+        if not self._tabs_ready:
+            self._pending_tab = tab
+            return
         self.query_one(TabbedContent).active = tab
         self.focus_pane()
 
@@ -169,6 +177,12 @@ class ApplianceApp(App):
         return found.first() if found else None
 
     async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if not self._tabs_ready:  # the tabs' own first activation: now a switch sticks
+            self._tabs_ready = True
+            pending, self._pending_tab = self._pending_tab, None
+            if pending is not None and pending != event.pane.id:
+                self.query_one(TabbedContent).active = pending  # announced in its turn, handled below
+                self.focus_pane()
         # The dashboard's counts change when the user acts elsewhere (a CLI in another terminal): re-read on show.
         if event.pane.id == "dashboard":
             self.call_after_refresh(self.query_one(Dashboard).refresh_data)  # (also sent as the app starts)

@@ -63,13 +63,25 @@ def kind_of(path: Path) -> str:
         raise InvalidInput(f"{path} looks binary (a NUL byte at offset {at}); give a JSONL, JSON or CSV text file.")
     if path.suffix.lower() in (".csv", ".tsv"):
         return "csv"
-    first = head.lstrip(codecs.BOM_UTF8).lstrip()[:1]
-    if first == b"[":
+    text = head.lstrip(codecs.BOM_UTF8).lstrip()
+    first = text[:1]
+    # A .jsonl file whose first line is JSON but not an object (null, [], 7) holds a bad record there, rejected as
+    # a record like any other; a .jsonl file holding a JSON array is still read as the array.
+    record_line = path.suffix.lower() in (".jsonl", ".ndjson") and _whole_value(text.split(b"\n", 1)[0])
+    if first == b"[" and not record_line:
         return "json"
-    if first == b"{":
+    if first == b"{" or record_line:
         return "jsonl"
     raise InvalidInput(f"{path} is neither JSON Lines, a JSON array nor CSV (it starts with {first!r}); "
                        "give a .jsonl, .json or .csv file.")
+
+
+def _whole_value(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def read(path: Path, salvage: bool = False, report: Salvage | None = None) -> Iterator[Raw | BadRecord]:

@@ -207,6 +207,7 @@ class Engine:
         self.wanted: dict[str, str] = {}  # slot -> model (what resolve takes), in answering order
         self.chats: dict[str, Any] = {}  # slot -> an open appliance.infer.Chat
         self.history: dict[str, list[dict]] = {}  # slot -> the conversation of a model closed on leaving the tab
+        self.clock: Callable[[], float] = time.monotonic  # paces the streamed batches (FLUSH_S); tests inject one
 
     # UI thread
     def submit(self, fn: Callable, *args: Any) -> None:
@@ -309,11 +310,11 @@ class Engine:
                         batch = "".join(pending)
                         pending.clear()
                         self.ui(self.pane.streamed, epoch, slot, batch)
-                    last = time.monotonic()
+                    last = self.clock()
 
                 def on_text(piece: str) -> None:
                     pending.append(piece)
-                    if time.monotonic() - last >= FLUSH_S:
+                    if self.clock() - last >= FLUSH_S:
                         flush()
 
                 result = chat.say(text, on_text=on_text, should_stop=self.stop.is_set)

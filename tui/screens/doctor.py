@@ -15,10 +15,11 @@ STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": ""}
 
 def default_sections(simulate: str | None) -> Callable[[], list]:
     def sections() -> list[tuple[str, list[dict]]]:
-        from appliance import airgap, hardware
+        from appliance import airgap, hardware, llama_runtime
 
         out = airgap.doctor_sections()
         out.append(("hardware", hardware.doctor_checks(hardware.detect(simulate, check_bitsandbytes=False))))
+        out.append(("llama.cpp", llama_runtime.doctor_checks()))
         return out
     return sections
 

@@ -1,0 +1,149 @@
+"""llama.cpp as this machine runs it: the CPU kernels chosen at run time, and what doctor reports.
+
+The appliance's llama-cpp-python is built portably (packaging/llama-wheel.sh): no host instruction set is
+baked in, and the CPU kernels are loadable modules, ``llama_cpp/lib/libggml-cpu-<variant>.so``, one per x86
+generation (``x64`` is plain x86-64). ``lib()`` loads the best variant this CPU supports, with llama.cpp's
+own scoring (``ggml_backend_load_all_from_path``), before llama.cpp's first use: llama.cpp would otherwise
+look beside the Python executable and in the current directory, and find nothing.
+
+``APPLIANCE_LLAMA_CPU=<variant>`` forces one variant (``x64`` proves a bundle runs on an older CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+from .errors import InvalidInput
+
+ENV_FORCE = "APPLIANCE_LLAMA_CPU"
+_PREFIX = "libggml-cpu-"
+_loaded = False
+
+
+def lib_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.origin:
+        raise InvalidInput("llama-cpp-python is not installed; run scripts/setup.sh.")
+    return Path(spec.origin).parent / "lib"
+
+
+def variants(where: Path | None = None) -> list[str]:
+    """The CPU variants shipped (empty for a non-portable build, whose kernels are linked in)."""
+    where = where or lib_dir()
+    return sorted(p.name[len(_PREFIX):-3] for p in where.glob(f"{_PREFIX}*.so"))
+
+
+def lib():
+    """``import llama_cpp`` with its CPU backend loaded, and llama.cpp's own logging limited to errors."""
+    global _loaded
+    import logging
+
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    if not _loaded:
+        _load_backend(lib_dir())
+        _loaded = True
+    return llama_cpp
+
+
+def _mapped(pattern: str) -> list[str]:
+    """The files this process has mapped whose name matches ``pattern``."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text() if maps.exists() else ""
+    return sorted({line.split(None, 5)[-1] for line in text.splitlines()
+                   if len(line.split(None, 5)) == 6 and re.search(pattern, line.split(None, 5)[-1])})
+
+
+def _load_backend(where: Path) -> None:
+    # The libggml that libllama itself loaded (its soname, e.g. libggml.so.0): the wheel holds libggml.so,
+    # .so.0 and .so.0.x as separate copies, and loading another copy would register the backend in a registry
+    # llama.cpp never reads.
+    mapped = [p for p in _mapped(r"/libggml\.so[.0-9]*$") if Path(p).parent == where] or [str(where / "libggml.so")]
+    ggml = ctypes.CDLL(mapped[0])
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    if ggml.ggml_backend_reg_count() > 0:  # a non-portable build registers its kernels itself
+        return
+    shipped = variants(where)
+    forced = os.environ.get(ENV_FORCE)
+    if forced:
+        if forced not in shipped:
+            raise InvalidInput(f"{ENV_FORCE}={forced} names no CPU variant of this llama.cpp build; "
+                               f"choose from {', '.join(shipped) or 'none (a non-portable build)'}.")
+        if not ggml.ggml_backend_load(str(where / f"{_PREFIX}{forced}.so").encode()):
+            raise InvalidInput(f"llama.cpp's CPU variant {forced} does not load on this CPU; unset {ENV_FORCE}.")
+    else:
+        ggml.ggml_backend_load_all_from_path(str(where).encode())
+    if ggml.ggml_backend_reg_count() == 0:
+        raise InvalidInput(f"no llama.cpp CPU backend loads from {where} (variants: {', '.join(shipped) or 'none'}); "
+                           "run scripts/setup.sh to rebuild llama-cpp-python.")
+
+
+def loaded_variant() -> str:
+    """Which CPU variant this process runs: read from the libraries it has mapped (llama.cpp unloads the
+    variants it scored and did not pick)."""
+    found = sorted({Path(p).name[len(_PREFIX):-3] for p in _mapped(re.escape(_PREFIX) + r"[A-Za-z0-9_.]+\.so$")})
+    return ", ".join(found) if found else "built in (not a portable build)"
+
+
+def describe() -> dict:
+    """What runs here: the CPU variant loaded, the variants shipped, and llama.cpp's system info (features)."""
+    llama_cpp = lib()
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return {
+        "variant": loaded_variant(),
+        "forced": os.environ.get(ENV_FORCE) or None,
+        "variants": variants(),
+        "system_info": info,
+        "features": sorted(m.group(1) for m in re.finditer(r"([A-Z0-9_]+) = 1", info)),
+        "version": getattr(llama_cpp, "__version__", "?"),
+    }
+
+
+def probe(timeout: float = 60.0) -> dict:
+    """``describe()`` in a child process, so that a build that crashes on this CPU is reported, not fatal:
+    returns describe()'s fields, or ``{"error": sentence}``."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    code = "import json, appliance.llama_runtime as r; print(json.dumps(r.describe()))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"loading llama.cpp's CPU backend did not finish in {timeout:.0f} s."}
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode)
+        return {"error": f"loading llama.cpp's CPU backend died of {sig.name} ({signal.strsignal(sig)}); "
+                         "this llama.cpp build does not run on this CPU: rebuild it with scripts/setup.sh."}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"loading llama.cpp's CPU backend failed ({last})."}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def doctor_checks(found: dict | None = None) -> list[dict]:
+    """The doctor's llama.cpp section (from ``probe()``)."""
+    from .airgap import check
+
+    found = found or probe()
+    if "error" in found:
+        return [check("llama_cpu", "llama.cpp CPU backend", "fail", "does not load", found["error"])]
+    portable = bool(found["variants"])
+    return [
+        check("llama_cpu", "llama.cpp CPU backend", "ok" if portable else "warn", found["variant"],
+              (f"chosen at run time from {len(found['variants'])} variants: {', '.join(found['variants'])}"
+               + (f" (forced by {ENV_FORCE})" if found["forced"] else ""))
+              if portable else "a host-specific build: rebuild with scripts/setup.sh for the portable one"),
+        check("llama_features", "llama.cpp CPU features", "info", ", ".join(found["features"]) or "none",
+              found["system_info"]),
+    ]

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The one portable build of llama-cpp-python, shared by scripts/setup.sh and packaging/build-bundle.sh.
+#
+#   packaging/llama-wheel.sh            prints the path of the wheel (building it on a cache miss)
+#   packaging/llama-wheel.sh --flags    prints the CMake flags the wheel is built with
+#
+# Why not `pip install llama-cpp-python`: its default build compiles llama.cpp with -march=native, so a
+# wheel built on one machine carries that machine's instruction set. On an AMX Xeon that build died
+# with SIGILL (`tileloadd` in ggml's AMX matmul, llama.cpp PR #26954); and an offline bundle built on a
+# new Xeon dies on an older workstation. Here llama.cpp is built the upstream portable way:
+#   GGML_NATIVE=OFF            no host instruction set baked in
+#   GGML_BACKEND_DL=ON         the CPU kernels are loadable modules (libggml-cpu-<variant>.so) ...
+#   GGML_CPU_ALL_VARIANTS=ON   ... one per x86 generation (x64 = baseline x86-64, sse42, ..., haswell,
+#                              skylakex, icelake, zen4, alderlake); at run time the best one this CPU
+#                              supports is loaded (appliance/llama_runtime.py; `appliance doctor` names it)
+#   GGML_BACKEND_DIR:STRING    installs those modules beside libllama.so inside the wheel (typed STRING: as
+#                              an untyped PATH CMake would make it absolute, into the source tree)
+#   LLAVA_BUILD=OFF            the multimodal library is not used (and costs build minutes)
+# and one patch to the vendored llama.cpp: the `sapphirerapids` variant (AVX512 + AMX_TILE + AMX_INT8) is
+# dropped, so no AMX tile instruction is compiled at all; `zen4` (AVX512 VBMI VNNI BF16) serves those
+# CPUs instead. Put AMX back only when a test on an AMX machine proves it safe.
+#
+# pip's wheel cache keys on the sdist, not on CMAKE_ARGS, so it could hand back a wheel built with other
+# flags. This script keeps its own cache instead, keyed on everything that goes into the build (version,
+# sdist hash, flags, the patch, BUILD_REVISION, compiler, machine architecture), under
+# ${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-~/.cache}/appliance-build}; a second setup takes seconds.
+# Extra CMake flags (e.g. -DGGML_CUDA=on for a CUDA build) come from LLAMA_EXTRA_CMAKE_ARGS and are
+# part of the key.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
+
+FLAGS='-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib -DCMAKE_INSTALL_RPATH=$ORIGIN -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF'
+FLAGS="$FLAGS${LLAMA_EXTRA_CMAKE_ARGS:+ $LLAMA_EXTRA_CMAKE_ARGS}"
+if [ "${1:-}" = "--flags" ]; then
+  echo "$FLAGS"
+  exit 0
+fi
+
+req="$here/llama-cpp-python.txt"
+spec=$(grep -o '^llama-cpp-python==[^ ]*' "$req")
+version=${spec#*==}
+AMX_LINE='ggml_add_cpu_backend_variant(sapphirerapids'
+BUILD_REVISION=1   # bump when the build steps below change what is built
+
+key=$( {
+  echo "$spec"; grep -o 'sha256:[0-9a-f]*' "$req"; echo "$FLAGS"; echo "$AMX_LINE"
+  echo "$BUILD_REVISION"; "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
+} | sha256sum | cut -c1-16)
+cache=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}/llama-cpp-python/$version-$key
+
+wheel=$(ls "$cache"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -1 || true)
+if [ -n "$wheel" ]; then
+  echo "$wheel"
+  exit 0
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/llama-wheel.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+echo "building llama-cpp-python $version portably (all CPU variants, no AMX; about 7 minutes on 2 cores, once per machine)" >&2
+"$PYTHON" -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$req" -d "$work/sdist" >&2
+tar -xzf "$work"/sdist/llama_cpp_python-"$version".tar.gz -C "$work"
+src="$work/llama_cpp_python-$version"
+cml="$src/vendor/llama.cpp/ggml/src/CMakeLists.txt"
+# The patch: drop the AMX variant. Refuse to build if upstream moved the line (the check must be redone).
+if [ "$(grep -c "$AMX_LINE" "$cml")" != 1 ]; then
+  echo "packaging/llama-wheel.sh: the sapphirerapids (AMX) variant line was not found exactly once in $cml; review the patch for this llama.cpp version." >&2
+  exit 1
+fi
+sed -i "/$AMX_LINE/d" "$cml"
+
+CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+  "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir -w "$work/out" "$src" >&2
+
+built=$(ls "$work"/out/llama_cpp_python-"$version"-*.whl)
+# What was built must be what this script promises: the baseline variant present, no AMX anywhere.
+mkdir "$work/check" && (cd "$work/check" && "$PYTHON" -m zipfile -e "$built" .)
+if [ ! -f "$work/check/llama_cpp/lib/libggml-cpu-x64.so" ]; then
+  echo "packaging/llama-wheel.sh: the wheel lacks llama_cpp/lib/libggml-cpu-x64.so; it holds: $(cd "$work/check" && find . -name '*.so*' | tr '\n' ' ')" >&2
+  exit 1
+fi
+if objdump -d --no-show-raw-insn "$work"/check/llama_cpp/lib/*.so | grep -E $'\t(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilerelease|tilezero|tdp[a-z0-9]+)( |$)' >/dev/null; then
+  echo "packaging/llama-wheel.sh: the built libraries contain AMX tile instructions." >&2
+  exit 1
+fi
+
+mkdir -p "$(dirname "$cache")"
+tmp=$(mktemp -d "$(dirname "$cache")/.partial.XXXXXX")
+cp "$built" "$tmp/"
+echo "$FLAGS" > "$tmp/cmake-flags.txt"
+mv -T "$tmp" "$cache" 2>/dev/null || rm -rf "$tmp"   # another build finished first: keep that one
+ls "$cache"/llama_cpp_python-"$version"-*.whl | head -1
