@@ -310,7 +310,7 @@ def _check_switches(airgap_section: dict) -> None:
 def test_doctor_reports_the_guard_the_switches_and_a_passing_self_test(home):
     doc = cli_json("doctor", home=home)
     assert doc["ok"] is True and doc["failures"] == []
-    assert list(doc["sections"]) == sorted(["environment", "air-gap", "vault and audit", "hardware"])
+    assert list(doc["sections"]) == sorted(["environment", "air-gap", "vault and audit", "hardware", "llama.cpp"])
     ag = doc["sections"]["air-gap"]
     assert ag["guard"]["status"] == "ok" and "addaudithook" in ag["guard"]["detail"]
     _check_switches(ag)
