@@ -4,7 +4,7 @@ Importing this package is cheap: it loads no torch, transformers, peft,
 bitsandbytes or llama_cpp (those load inside the stages that use them), and it
 sets the Hugging Face offline and telemetry switches before any of those
 libraries can be imported by anyone, so nothing reaches for a hub. It also
-installs the egress guard (``appliance.airgap``): from then on this process
+installs the egress guard (``appliance.trust.egress``): from then on this process
 refuses every connection that is not loopback and records the attempt.
 """
 
@@ -38,8 +38,8 @@ _os.environ["HF_DATASETS_CACHE"] = _os.path.join(_home, "cache", "hf", "datasets
 del _home, _key, _value
 
 # The egress guard: from here on this process refuses every connection that is not loopback and records the
-# attempt in the audit log (appliance/airgap.py; standard library only, so this import stays light).
-from . import airgap as _airgap  # noqa: E402
+# attempt in the audit log (appliance/trust/egress.py; standard library only, so this import stays light).
+from .trust import egress as _egress  # noqa: E402
 
-_airgap.install()
-del _airgap
+_egress.install()
+del _egress

@@ -44,10 +44,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import audit, data, events as ev
+from . import data, hardware
+from . import events as ev
 from .chat_format import encode, with_system
 from .errors import ApplianceError, StageFailed
 from .recipes import Recipe
+from .trust import audit
 from .workspace import read_json, write_json
 
 STAGE = "train"
@@ -117,9 +119,11 @@ def main(argv: list[str]) -> int:
 
 
 def _use_keys(handed: dict) -> None:
-    data.use_vault(data.HandedKeys({k: bytes.fromhex(v) for k, v in handed.get("datasets", {}).items()}))
+    from .trust import keys
+
+    keys.use_vault(keys.HandedKeys({k: bytes.fromhex(v) for k, v in handed.get("datasets", {}).items()}))
     if handed.get("signing"):
-        from . import signing
+        from .trust import signing
 
         signing.use(bytes.fromhex(handed["signing"]))
 
@@ -227,7 +231,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     write_json(run / "summary.json", summary)
     # The run's own manifest covers its recipe and outcome (its folder also holds live files: events,
     # checkpoints); the adapter's names the run, so the lineage reads adapter -> run -> dataset + base model.
-    from . import manifest
+    from .trust import manifest
     from .workspace import staging
 
     dataset = recipe.dataset_path()
@@ -235,12 +239,14 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     manifest.write(run, "run", run.name, files=files,
                    parents={"dataset": dataset.name if data.is_encrypted(dataset) else str(dataset.resolve()),
                             "base_model": recipe.base_model},
-                   recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"])
+                   recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"],
+                   hardware=hardware.summary())
     with staging(run / "adapter") as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "adapter", f"{run.name}/adapter",
-                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest())
+                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
+                       hardware=hardware.summary())
     audit.record("train.finish", {"run": run.name, "dataset": dataset.name, "base_model": recipe.base_model},
                  {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume,
                   "oom_recoveries": len(summary["oom_recoveries"]), "processes": world})

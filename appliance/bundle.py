@@ -25,9 +25,10 @@ import json
 import shutil
 from pathlib import Path
 
-from . import manifest, signing
+from . import hardware
 from .errors import CheckFailed, InvalidInput, NotFound
 from .events import Emit, Event, ignore
+from .trust import keys, manifest, signing
 
 STAGE = "bundle"
 SUMS = "SHA256SUMS"
@@ -35,7 +36,8 @@ PUBKEY = "signing-key.pub"
 
 
 def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -> dict:
-    from . import audit, provenance, runs
+    from . import runs
+    from .trust import audit, provenance
     from .workspace import read_json, staging
 
     out = Path(out).expanduser()
@@ -46,7 +48,7 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -
     gguf = gguf_dir / f"model-{quant}.gguf"
     if not gguf.is_file():
         raise NotFound(f"run {run_id} has no {quant} GGUF; make it with `appliance export {run_id} --quant {quant}`.")
-    signing.ensure()
+    keys.ensure_signer()
     emit(Event("stage", STAGE, f"checking {gguf_dir} and its lineage"))
     check = provenance.verify(gguf)
     if not check["ok"]:
@@ -81,7 +83,8 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -
                 shutil.copyfile(src, prov / f"{manifest.sha256_file(src)}.json")
         signing.export_public(signing.workspace_public(), tmp / PUBKEY)
         m = manifest.write(tmp, "bundle", f"{run_id}/bundle-{quant}", parents={"gguf": f"{run_id}/gguf"},
-                           quant=quant, model_file=gguf.name, run=run_id, base_model=recipe.base_model)
+                           quant=quant, model_file=gguf.name, run=run_id, base_model=recipe.base_model,
+                           hardware=hardware.summary())
         _write_sums(tmp, m["files"])
     audit.record("bundle", {"run": run_id}, {"out": str(out.resolve()), "quant": quant,
                                              "manifest_sha256": manifest.sha256_file(out / manifest.NAME)})

@@ -6,10 +6,8 @@ read dataset text. A dataset is a folder: an encrypted vault dataset
 dataset's key) or, for a user's own scratch data, a folder of plain
 ``train.jsonl`` and ``validation.jsonl``.
 
-The key comes from the process's vault: unlocked once on first use (the
-passphrase from ``APPLIANCE_PASSPHRASE_FILE`` or a prompt), or, in a training
-child, handed over by its parent through a pipe (``use_vault``), so the
-passphrase never has to reach a detached process.
+The key comes from the process's vault (``trust.keys``): unlocked once on
+first use, or, in a training child, handed over by its parent.
 
 Canonical record: ``{"messages": [{"role": ..., "content": ...}, ...]}`` with
 roles system/user/assistant, ending with an assistant turn.
@@ -21,49 +19,17 @@ import json
 from pathlib import Path
 
 from .errors import InvalidInput, NotFound
+from .trust.keys import vault
 
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "validation")
-
-
-_vault = None
-
-
-def use_vault(vault) -> None:
-    """Install what decrypts datasets in this process: an unlocked keyring, or keys handed over by a parent."""
-    global _vault
-    _vault = vault
-
-
-def vault():
-    """The process's unlocked vault, unlocking it on first use."""
-    global _vault
-    if _vault is None:
-        from .vault import keyring, passphrase
-
-        keyring.load()  # a missing vault is reported before a passphrase is asked for
-        _vault = keyring.unlock(passphrase.read())
-    return _vault
-
-
-class HandedKeys:
-    """Data keys handed to a child process by its parent; enough for ``store.read``."""
-
-    def __init__(self, keys: dict[str, bytes]):
-        self._keys = keys
-
-    def data_key(self, dataset_id: str) -> bytes:
-        if dataset_id not in self._keys:
-            raise NotFound(f"this process was given no key for dataset {dataset_id!r}.")
-        return self._keys[dataset_id]
 
 
 def show(name: str, split: str, n: int) -> list[dict]:
     """Decrypt the first ``n`` records of a split (or the import report, split "report") for a person to read."""
     import itertools
 
-    from . import audit
-    from .vault import store
+    from .trust import audit, store
 
     records = list(itertools.islice(store.read(vault(), name, split), max(n, 0)))
     audit.record("dataset.show", {"dataset": name}, {"split": split, "records": len(records)})
@@ -72,8 +38,7 @@ def show(name: str, split: str, n: int) -> list[dict]:
 
 def export_plain(name: str, splits: list[str], out: Path) -> int:
     """Write a dataset's records as plaintext JSONL to ``out``, a new file the user named; return the count."""
-    from . import audit
-    from .vault import store
+    from .trust import audit, store
     from .workspace import atomic_writer
 
     out = Path(out).expanduser()
@@ -91,7 +56,7 @@ def export_plain(name: str, splits: list[str], out: Path) -> int:
 
 
 def is_encrypted(dataset: Path) -> bool:
-    from .vault import store
+    from .trust import store
 
     return store.is_encrypted(dataset)
 
@@ -105,7 +70,7 @@ def load_split(dataset: Path, split: str) -> list[dict]:
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     if is_encrypted(dataset):
-        from .vault import store
+        from .trust import store
 
         records = [_check(r, f"dataset {dataset.name}, {split} record {i}")
                    for i, r in enumerate(store.read(vault(), dataset.name, split))]

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from . import hardware
 from .errors import NotFound
 
 MODEL_ID = "smollm2-135m-instruct"
@@ -36,13 +37,13 @@ def recipe_path() -> Path:
 def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
     from rich.console import Console
 
-    from . import data, models, recipes, runs
-    from .vault import store
+    from . import models, recipes, runs
     from .evaluate import evaluate
     from .export import export
     from .infer import ask
     from .merge import merge
     from .render import eval_table, follow_training, reporter
+    from .trust import keys, store
     from .workspace import folder
 
     console = Console(quiet=json_mode, highlight=False)
@@ -55,7 +56,7 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
 
     # The vault first: it holds the demo's data and the key that signs every artifact the demo makes.
     vault = _demo_vault(console)
-    data.use_vault(vault)
+    keys.use_vault(vault)
     t = stage("1/6 import the base model")
     gguf = Path(base) if base else models.default_gguf()
     console.print(f"{gguf.name}: a real pretrained model, dequantized into 16-bit safetensors")
@@ -134,15 +135,14 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
 def import_dataset(vault) -> dict:
     """The demo dataset (generated here, no file needed) encrypted into the vault as ``demo-records``, once;
     returns its record counts per split. What `appliance demo` and the TUI's Data screen (``x``) import."""
-    from . import audit, manifest
     from .demo_data import splits
-    from .vault import store
+    from .trust import audit, manifest, store
     from .workspace import folder
 
     dataset = folder("datasets") / DATASET_ID
     if not store.is_encrypted(dataset):
         parts = splits()
-        with store.create(vault, DATASET_ID) as ds:
+        with store.create(vault, DATASET_ID, hardware=hardware.summary()) as ds:
             for split, records in parts.items():
                 for record in records:
                     ds.add(split, record)
@@ -154,11 +154,10 @@ def import_dataset(vault) -> dict:
 
 def _demo_vault(console):
     """The vault, created on first use: the demo's data goes where a user's would."""
-    from . import data
-    from .vault import keyring, passphrase
+    from .trust import keyring, keys, passphrase
 
     if keyring.exists():
-        return data.vault()
+        return keys.vault()
     console.print(f"creating the encrypted vault at {keyring.path()}: choose its passphrase "
                   f"(or set {passphrase.ENV} to a file holding it)")
     return keyring.init(passphrase.read(prompt="new vault passphrase: ", confirm=True))

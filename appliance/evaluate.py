@@ -28,7 +28,7 @@ STRUCTURED = ("valid_json", "exact_keys", "field_accuracy")
 
 def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = ignore) -> dict:
     from . import infer
-    from .export import base_gguf
+    from .convert import base_gguf
 
     run = runs.run_dir(run_id)
     recipe = runs.load_recipe(run_id)

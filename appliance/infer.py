@@ -40,7 +40,7 @@ def resolve(model: str) -> Path:
                 return candidate
         raise NotFound(f"run {model} has no GGUF yet; run `appliance export {model}` first.")
     if (folder("models") / model / "manifest.json").is_file():
-        from .export import base_gguf
+        from .convert import base_gguf
 
         return base_gguf(model)
     raise NotFound(f"{model!r} is neither a .gguf file, a run id nor a model id; "
@@ -213,7 +213,7 @@ def ask(model: str, prompt: str, system: str | None = None, max_tokens: int = 25
     with load(path, threads=threads) as llm:
         result = generate(llm, tokenize(llm, render(llm, messages, True)), max_tokens, temperature, seed=seed,
                           on_text=on_text, should_stop=should_stop, **sampling)
-    from . import audit
+    from .trust import audit
 
     audit.record("ask", {"model": str(path)}, {k: result[k] for k in ("prompt_tokens", "completion_tokens", "seconds")})
     return {"model": str(path), **result}
@@ -248,7 +248,7 @@ class Chat:
     def __exit__(self, *exc) -> None:
         self._cm.__exit__(*exc)
         self.llm = None
-        from . import audit
+        from .trust import audit
 
         audit.record("chat", {"model": str(self.model_path)}, {"turns": self.turns})
 

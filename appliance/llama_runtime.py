@@ -129,21 +129,3 @@ def probe(timeout: float = 60.0) -> dict:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"loading llama.cpp's CPU backend failed ({last})."}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def doctor_checks(found: dict | None = None) -> list[dict]:
-    """The doctor's llama.cpp section (from ``probe()``)."""
-    from .airgap import check
-
-    found = found or probe()
-    if "error" in found:
-        return [check("llama_cpu", "llama.cpp CPU backend", "fail", "does not load", found["error"])]
-    portable = bool(found["variants"])
-    return [
-        check("llama_cpu", "llama.cpp CPU backend", "ok" if portable else "warn", found["variant"],
-              (f"chosen at run time from {len(found['variants'])} variants: {', '.join(found['variants'])}"
-               + (f" (forced by {ENV_FORCE})" if found["forced"] else ""))
-              if portable else "a host-specific build: rebuild with scripts/setup.sh for the portable one"),
-        check("llama_features", "llama.cpp CPU features", "info", ", ".join(found["features"]) or "none",
-              found["system_info"]),
-    ]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import data, manifest, runs
+from . import data, hardware, runs
 from .chat_format import render, with_system
 from .errors import CheckFailed, NotFound
 from .events import Emit, Event, ignore
+from .trust import manifest
 from .workspace import read_json, staging, write_json
 
 STAGE = "merge"
@@ -26,14 +27,14 @@ def merged_dir(run_id: str) -> Path:
 
 
 def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
-    from . import signing
     from .models import model_dir
+    from .trust import keys
 
     run = runs.run_dir(run_id)
     adapter = run / "adapter"
     if not (adapter / manifest.NAME).is_file():
         raise NotFound(f"run {run_id} has no trained adapter in {adapter}; finish or resume its training first.")
-    signing.ensure()  # before the work: the merged model's manifest is signed
+    keys.ensure_signer()  # before the work: the merged model's manifest is signed
     recipe = runs.load_recipe(run_id)
     base = model_dir(recipe.base_model)
     check_base(run, base)
@@ -61,11 +62,11 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"adapter": f"{run_id}/adapter", "base_model": recipe.base_model},
-                       dtype=save_dtype, max_abs_logit_diff=diff)
+                       dtype=save_dtype, max_abs_logit_diff=diff, hardware=hardware.summary())
     result = {"path": str(out), "dtype": save_dtype, "max_abs_logit_diff": diff, "positions": int(mask.sum()),
               "prompts": batch["input_ids"].shape[0]}
     write_json(run / "merge.json", result)
-    from . import audit
+    from .trust import audit
 
     audit.record("merge", {"run": run_id, "base_model": recipe.base_model},
                  {"dtype": save_dtype, "max_abs_logit_diff": diff})

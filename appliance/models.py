@@ -17,9 +17,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import manifest
+from . import hardware
 from .errors import InvalidInput, NotFound
 from .events import Emit, Event, ignore
+from .trust import manifest
 from .workspace import check_id, folder, slug, staging
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -51,9 +52,9 @@ def list_models() -> list[dict]:
 
 def import_model(path: str | Path, name: str | None = None, dtype: str = "bfloat16", emit: Emit = ignore) -> dict:
     """Import ``path`` (a .gguf file or an HF folder); return the new model's manifest."""
-    from . import audit, signing
+    from .trust import audit, keys
 
-    signing.ensure()  # before the work: the model's manifest is signed
+    keys.ensure_signer()  # before the work: the model's manifest is signed
     m = _import_model(path, name, dtype, emit)
 
     audit.record("model.import", {"model": m["id"]}, {"source": m["details"].get("source"), "files": len(m["files"])})
@@ -78,7 +79,7 @@ def _import_model(path, name, dtype, emit) -> dict:
         with staging(folder("models") / model_id) as tmp:
             details = _import_gguf(src, tmp, dtype)
             return manifest.write(tmp, "model", model_id, source={"path": str(src.resolve()), "sha256": source_digest,
-                                                                  "format": "gguf"}, **details)
+                                                                  "format": "gguf"}, hardware=hardware.summary(), **details)
     _check_hf_folder(src)
     model_id = check_id(name or slug(src.resolve().name), "model name")
     source_digest = _folder_digest(src)
@@ -88,7 +89,7 @@ def _import_model(path, name, dtype, emit) -> dict:
     with staging(folder("models") / model_id) as tmp:
         details = _import_hf(src, tmp)
         return manifest.write(tmp, "model", model_id, source={"path": str(src.resolve()), "sha256": source_digest,
-                                                              "format": "hf"}, **details)
+                                                              "format": "hf"}, hardware=hardware.summary(), **details)
 
 
 def _existing(model_id: str, source_digest: str) -> dict | None:

@@ -420,7 +420,8 @@ PUBLISHED = [
 def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | None = None,
                 limit: float = DEFAULT_LIMIT, allow_shorter: bool = False) -> dict:
     """Plan a recipe on this machine (or a simulated one); recorded in the audit log."""
-    from . import audit, hardware
+    from . import hardware
+    from .trust import audit
 
     hw = hardware.detect(simulate)
     near = Path(recipe.source).parent if recipe.source else None

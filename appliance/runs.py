@@ -88,10 +88,11 @@ def start(run_id: str, resume: bool = False, processes: int | None = None) -> in
     # worker hands them on to its ranks in memory (multiprocessing's spawn pipe).
     import json
 
-    from . import audit, data, signing
+    from . import data
+    from .trust import audit, keys, signing
 
     recipe = load_recipe(run_id)
-    signing.ensure()
+    keys.ensure_signer()
     handed = {"datasets": {k: v.hex() for k, v in data.data_keys(recipe.dataset_path()).items()},
               "signing": signing.private_raw().hex()}
     read_end, write_end = os.pipe()
@@ -240,7 +241,7 @@ def stop(run_id: str) -> bool:
         return False
     pid = read_json(run_dir(run_id) / "run.json")["pid"]
     os.kill(pid, signal.SIGTERM)
-    from . import audit
+    from .trust import audit
 
     audit.record("train.stop", {"run": run_id}, {"pid": pid})
     return True

@@ -109,6 +109,11 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def keyring_file() -> Path:
+    """The vault's keyring: wrapped data keys, KDF parameters, the wrapped signing key and its public half."""
+    return home() / "keyring.json"
+
+
 def fault_point(name: str) -> None:
     """Test-only: ``APPLIANCE_FAULT=kill_at:<name>`` kills this process with SIGKILL here, a crash at a chosen
     point rather than after a guessed delay (e.g. ``kill_at:before_replace:keyring.json``)."""

@@ -17,13 +17,14 @@ def scratch_workspace() -> Path:
     from appliance.cli import quiet_libraries
 
     quiet_libraries()
-    from appliance import data, demo, models
+    from appliance import demo, models
+    from appliance.trust import keys
     from appliance.demo_data import generate
-    from appliance.vault import keyring
+    from appliance.trust import keyring
     from appliance.workspace import folder
 
     # Artifacts are signed with the vault's key: a scratch vault with a throwaway passphrase.
-    data.use_vault(keyring.unlock("bench passphrase") if keyring.exists() else
+    keys.use_vault(keyring.unlock("bench passphrase") if keyring.exists() else
                    keyring.init("bench passphrase", kdf="pbkdf2-sha256"))
     models.import_model(models.default_gguf(), name=demo.MODEL_ID)
     if not (folder("datasets") / demo.DATASET_ID / "train.jsonl").is_file():

@@ -81,7 +81,8 @@ def main() -> None:
         return child(args.child[0], args.child[1], int(args.child[2]))
     home = scratch_workspace()
     from appliance import demo
-    from appliance.export import base_gguf, quantize
+    from appliance.convert import base_gguf
+    from appliance.export import quantize
     from appliance.llama_runtime import ENV_FORCE
 
     f16 = base_gguf(demo.MODEL_ID)

@@ -49,7 +49,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="appliance-bench-vault-"))
     os.environ["APPLIANCE_HOME"] = str(home)
     from appliance.importer import import_dataset
-    from appliance.vault import chunked, keyring
+    from appliance.trust import chunked, keyring
 
     vault = keyring.init("bench passphrase", kdf="argon2id")
     src = home / "source.jsonl"

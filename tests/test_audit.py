@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from appliance import audit, signing
+from appliance.trust import audit, signing
 from appliance.errors import CheckFailed
 from conftest import PASSPHRASE, cli_json, init_vault, run_cli
 
@@ -129,7 +129,7 @@ def test_a_torn_append_verifies_up_to_the_last_whole_entry_and_is_repaired(home)
 
 
 def test_two_processes_appending_at_once_never_corrupt_the_log(home):
-    code = ("import sys; from appliance import audit\n"
+    code = ("import sys; from appliance.trust import audit\n"
             "for i in range(150): audit.record('ask', {'model': sys.argv[1]}, {'i': i})\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, name]) for name in ("a", "b", "c")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
@@ -140,7 +140,7 @@ def test_two_processes_appending_at_once_never_corrupt_the_log(home):
 
 
 def test_kill_9_while_appending_leaves_a_log_that_verifies(home):
-    code = ("from appliance import audit\n"
+    code = ("from appliance.trust import audit\n"
             "while True: audit.record('ask', {'model': 'm'}, {'pad': 'x' * 3000})\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.vault import chunked
+from appliance.trust import chunked
 from conftest import documented_decryptor
 
 VECTORS = json.loads((Path(__file__).parent / "vectors/wycheproof/c2sp_chunked_encryption_aes_256_gcm_test.json").read_text())

@@ -98,7 +98,8 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(tiny_h
     assert abs(s1["final_loss"] - s2["final_loss"]) <= REL_TOLERANCE * abs(s1["final_loss"])
 
     # Rank 0 alone wrote: one stage event saying how it runs, one COMPLETE marker per checkpoint, one finish.
-    from appliance import audit, events
+    from appliance import events
+    from appliance.trust import audit
 
     evs = events.read(home / "runs" / two["id"] / "events.jsonl")
     starts = [e for e in evs if e.type == "stage" and "processes" in e.data]

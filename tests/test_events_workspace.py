@@ -5,7 +5,7 @@ import time
 import pytest
 
 from appliance import events as ev
-from appliance import manifest
+from appliance.trust import manifest
 from appliance.errors import CheckFailed, InvalidInput
 from appliance.workspace import check_id, staging, write_atomic
 
@@ -70,7 +70,7 @@ def test_write_atomic_replaces_whole_file(tmp_path):
 def test_manifest_detects_changed_and_missing_files(vault_home, tmp_path):
     (tmp_path / "w.bin").write_bytes(b"weights")
     (tmp_path / "c.json").write_text("{}")
-    manifest.write(tmp_path, "model", "m")
+    manifest.write(tmp_path, "model", "m", hardware={})
     manifest.verify(tmp_path)
     (tmp_path / "w.bin").write_bytes(b"weightz")
     with pytest.raises(CheckFailed, match="does not match"):

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from appliance.errors import ApplianceError
 from appliance.importer import import_dataset
-from appliance.vault import chunked, keyring, store
+from appliance.trust import chunked, keyring, store
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _names = (f"fuzz{i}" for i in itertools.count())
@@ -140,7 +140,7 @@ def test_store_read_of_a_mutated_file_is_a_clean_error(vault):
     from appliance.errors import CheckFailed
 
     store.write(vault, "d", {"train": [{"messages": [{"role": "user", "content": "q" * 100},
-                                                     {"role": "assistant", "content": "a"}]}] * 300})
+                                                     {"role": "assistant", "content": "a"}]}] * 300}, hardware={})
     path = store.dataset_dir("d") / "train.c2sp"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40

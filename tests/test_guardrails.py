@@ -38,7 +38,7 @@ def test_oom_at_step_5_halves_the_micro_batch_and_finishes(tiny_home, tmp_path, 
     assert all(math.isfinite(d["loss"]) for d in after)
     assert math.isfinite(summary["final_loss"])
 
-    from appliance import audit
+    from appliance.trust import audit
 
     [entry] = audit.entries(event="train.oom_recovery")
     assert entry["subjects"] == {"run": run_id}

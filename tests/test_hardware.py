@@ -69,9 +69,9 @@ def test_import_loads_neither_torch_nor_pynvml():
 
 
 def test_manifest_summary_keeps_its_shape():
-    from appliance.manifest import hardware_summary
+    from appliance.hardware import summary
 
-    s = hardware_summary()
+    s = summary()  # what every stage passes to manifest.write
     assert set(s) == {"machine", "cpu", "cores", "ram_gib", "gpus"}
     assert s["cores"] >= 1 and s["ram_gib"] > 0 and isinstance(s["gpus"], list)
 

@@ -6,7 +6,7 @@ import pytest
 
 from appliance.errors import InvalidInput
 from appliance.importer import import_dataset
-from appliance.vault import keyring, store
+from appliance.trust import keyring, store
 from conftest import run_cli
 
 CANARY = "CANARY-b81d-import-text-never-on-disk"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import audit, infer
+from appliance import infer
+from appliance.trust import audit
 from appliance.errors import InvalidInput
 from tests.conftest import cli_json, run_cli
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InvalidInput, NotFound
-from appliance.vault import keyring
+from appliance.trust import keyring
 from conftest import run_cli
 
 WRAP = json.loads((Path(__file__).parent / "vectors/wycheproof/aes_wrap_test.json").read_text())

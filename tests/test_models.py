@@ -19,7 +19,7 @@ def test_import_hf_folder_writes_manifest_and_lists(home, tiny_model_dir):
     assert m["id"] == "tiny" and m["details"]["architecture"] == "LlamaForCausalLM"
     folder = home / "models" / "tiny"
     assert set(m["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
-    from appliance import manifest
+    from appliance.trust import manifest
     from appliance.workspace import home as _  # noqa: F401  (APPLIANCE_HOME is set by the fixture)
 
     manifest.verify(folder)

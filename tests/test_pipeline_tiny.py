@@ -86,7 +86,7 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     assert lineage["ok"]
     assert {(i["role"], i["status"]) for i in lineage["lineage"]} >= {
         ("artifact", "ok"), ("merged", "ok"), ("adapter", "ok"), ("run", "ok"), ("base_model", "ok"), ("dataset", "absent")}
-    from appliance import audit
+    from appliance.trust import audit
 
     assert {"model.import", "train.start", "train.finish", "merge", "export", "ask", "chat"} <= {
         e["event"] for e in audit.entries()}
@@ -219,7 +219,7 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     import secrets
 
     from appliance.demo_data import splits
-    from appliance.vault import keyring, store
+    from appliance.trust import keyring, store
 
     home = tiny_home
     canary = f"CANARY-{secrets.token_hex(8)}"  # made at run time, so no source file or log of the test holds it
@@ -228,7 +228,7 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     for part in parts.values():
         for r in part:
             r["messages"][0]["content"] += f" ({canary})"
-    store.write(vault, "secret", parts)
+    store.write(vault, "secret", parts, hardware={})
     pw = tmp_path / "pw"
     pw.write_text("correct horse\n")
     tmp, user_home = tmp_path / "tmp", tmp_path / "user-home"

@@ -136,7 +136,7 @@ def test_cli_plan_text_json_and_errors(home, tmp_path):
     assert missing.returncode == 2 and "no model with id 'nosuch'" in missing.stderr and "--model-config" in missing.stderr
     shipped = cli_json("plan", str(ROOT / "recipes" / "demo-cpu.yaml"), home=home)  # recipes/configs/ has SmolLM2's
     assert shipped["config"].endswith("recipes/configs/smollm2-135m-instruct.json")
-    from appliance import audit
+    from appliance.trust import audit
 
     assert [e["details"]["verdict"] for e in audit.entries(event="plan")] == ["fits", "fits", "does_not_fit", "fits",
                                                                               "fits"]

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from appliance import manifest, provenance, signing
+from appliance import hardware
 from appliance.errors import CheckFailed
+from appliance.trust import manifest, provenance, signing
 from appliance.workspace import write_json
 from conftest import cli_json, init_vault, run_cli
 
@@ -20,15 +21,15 @@ def _artifact(root, kind, artifact_id, parents=None, files=None, **details):
     root.mkdir(parents=True, exist_ok=True)
     for name, content in (files or {"weights.bin": b"w" * 100}).items():
         (root / name).write_bytes(content)
-    return manifest.write(root, kind, artifact_id, parents=parents, **details)
+    return manifest.write(root, kind, artifact_id, parents=parents, **details, hardware=hardware.summary())
 
 
 def _lineage(home):
     """A workspace holding base model -> dataset -> run -> adapter -> merged -> gguf, as the pipeline makes them."""
-    from appliance.vault import store
+    from appliance.trust import keys, store
 
-    store.write(__import__("appliance").data.vault(), "claims",
-                {"train": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]})
+    store.write(keys.vault(), "claims",
+                {"train": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]}, hardware=hardware.summary())
     _artifact(home / "models" / "base", "model", "base")
     run = home / "runs" / "r1"
     run.mkdir(parents=True)
@@ -36,7 +37,7 @@ def _lineage(home):
     write_json(run / "summary.json", {"steps": 3})
     (run / "events.jsonl").write_text("{}\n")  # a live file the run's manifest does not cover
     manifest.write(run, "run", "r1", files=["recipe.json", "summary.json"],
-                   parents={"dataset": "claims", "base_model": "base"})
+                   parents={"dataset": "claims", "base_model": "base"}, hardware=hardware.summary())
     _artifact(run / "adapter", "adapter", "r1/adapter", parents={"run": "r1", "base_model": "base"})
     _artifact(run / "merged", "merged-model", "r1/merged", parents={"adapter": "r1/adapter", "base_model": "base"})
     _artifact(run / "gguf", "gguf", "r1/gguf", parents={"run": "r1", "merged": "r1/merged"},

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from appliance.errors import CheckFailed, InvalidInput, NotFound
-from appliance.vault import keyring, store
+from appliance.trust import keyring, store
 from conftest import run_cli
 
 CANARY = "CANARY-7f3a9c-plaintext-must-never-touch-disk"
@@ -28,7 +28,7 @@ def _all_bytes(root):
 
 def test_round_trip_and_no_plaintext_on_disk(vault, home):
     train, val = _records(200, "t"), _records(20, "v")  # ~70 KiB: several chunks
-    m = store.write(vault, "ds", {"train": train, "validation": val}, source="unit test")
+    m = store.write(vault, "ds", {"train": train, "validation": val}, source="unit test", hardware={})
     assert m["details"]["records"] == {"train": 200, "validation": 20}
     assert list(store.read(vault, "ds", "train")) == train
     assert list(store.read(keyring.unlock("correct horse"), "ds", "validation")) == val
@@ -37,8 +37,8 @@ def test_round_trip_and_no_plaintext_on_disk(vault, home):
 
 
 def test_files_are_bound_to_their_dataset_and_split(vault, home):
-    store.write(vault, "a", {"train": _records(3), "validation": _records(2)})
-    store.write(vault, "b", {"train": _records(3), "validation": _records(2)})
+    store.write(vault, "a", {"train": _records(3), "validation": _records(2)}, hardware={})
+    store.write(vault, "b", {"train": _records(3), "validation": _records(2)}, hardware={})
     a, b = store.dataset_dir("a"), store.dataset_dir("b")
     shutil.copy2(a / "train.c2sp", b / "train.c2sp")  # a file replayed from another dataset
     with pytest.raises(CheckFailed, match="does not authenticate"):
@@ -51,9 +51,9 @@ def test_files_are_bound_to_their_dataset_and_split(vault, home):
 
 
 def test_verify_names_every_damage(vault, home, tmp_path):
-    store.write(vault, "good", {"train": _records(5), "validation": _records(2)})
-    store.write(vault, "cut", {"train": _records(100), "validation": _records(2)})
-    store.write(vault, "flipped", {"train": _records(5), "validation": _records(2)})
+    store.write(vault, "good", {"train": _records(5), "validation": _records(2)}, hardware={})
+    store.write(vault, "cut", {"train": _records(100), "validation": _records(2)}, hardware={})
+    store.write(vault, "flipped", {"train": _records(5), "validation": _records(2)}, hardware={})
     p = store.dataset_dir("cut") / "train.c2sp"
     p.write_bytes(p.read_bytes()[:-100])
     q = store.dataset_dir("flipped") / "validation.c2sp"
@@ -77,20 +77,20 @@ def test_a_failed_write_leaves_no_folder_and_no_key(vault, home):
         raise RuntimeError("the source file broke mid-way")
 
     with pytest.raises(RuntimeError):
-        store.write(vault, "half", {"train": records()})
+        store.write(vault, "half", {"train": records()}, hardware={})
     assert not store.dataset_dir("half").exists()
     assert "half" not in keyring.unlock("correct horse").data["keys"]
     assert [p.name for p in store.dataset_dir("x").parent.iterdir()] == []
 
 
 def test_duplicate_name_refused(vault):
-    store.write(vault, "ds", {"train": _records(1)})
+    store.write(vault, "ds", {"train": _records(1)}, hardware={})
     with pytest.raises(InvalidInput, match="already exists"):
-        store.write(vault, "ds", {"train": _records(1)})
+        store.write(vault, "ds", {"train": _records(1)}, hardware={})
 
 
 def test_remove_crypto_shreds(vault, home):
-    store.write(vault, "ds", {"train": _records(2)})
+    store.write(vault, "ds", {"train": _records(2)}, hardware={})
     store.remove(vault, "ds")
     assert not store.dataset_dir("ds").exists()
     assert "ds" not in json.loads(keyring.path().read_text())["keys"]
@@ -127,7 +127,7 @@ def _in_a_terminal(args, home, answer: bytes) -> tuple[int, str]:
 
 
 def test_rm_asks_for_confirmation_in_a_terminal(vault, home):
-    store.write(vault, "keep", {"train": _records(2)})
+    store.write(vault, "keep", {"train": _records(2)}, hardware={})
     code, screen = _in_a_terminal(["data", "rm", "keep"], home, b"n\n")
     assert "crypto-shred dataset 'keep'? its key is destroyed and cannot be recovered [y/N]" in screen
     assert code == 1 and "nothing removed" in screen

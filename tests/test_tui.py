@@ -22,8 +22,9 @@ import pytest
 
 from textual.widgets import DataTable, Input, Sparkline, Static, TabbedContent  # noqa: E402
 
-from appliance import audit, events  # noqa: E402
-from appliance.airgap import check  # noqa: E402
+from appliance import events  # noqa: E402
+from appliance.trust import audit
+from appliance.doctor import check  # noqa: E402
 from appliance.errors import NotFound  # noqa: E402
 from appliance.workspace import folder, write_json  # noqa: E402
 from tui.app import ApplianceApp, HelpScreen  # noqa: E402
@@ -235,7 +236,7 @@ async def test_audit_filters_by_event_and_verifies_then_detects_tampering(vault_
 
 @aio
 async def test_audit_verifies_against_a_trusted_copy_of_the_key(vault_home, tmp_path):
-    from appliance import signing
+    from appliance.trust import signing
 
     audit.record("dataset.import", {"dataset": "claims"}, {"records": 64})
     pinned = signing.export_public(signing.workspace_public(), tmp_path / "pinned.pub")

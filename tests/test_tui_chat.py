@@ -17,7 +17,8 @@ import pytest
 
 from textual.widgets import Input, Select, TabbedContent  # noqa: E402
 
-from appliance import audit, infer  # noqa: E402
+from appliance import infer  # noqa: E402
+from appliance.trust import audit
 from appliance.errors import InvalidInput  # noqa: E402
 from tests.conftest import PASSPHRASE, ROOT, run_cli  # noqa: E402
 from tests.test_tui import SIZE, _colours, aio, text  # noqa: E402

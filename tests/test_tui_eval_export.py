@@ -16,7 +16,8 @@ import pytest
 
 from textual.widgets import DataTable, Input, Log, ProgressBar, Select, SelectionList, Static, TabbedContent  # noqa: E402
 
-from appliance import data, signing  # noqa: E402
+from appliance import data  # noqa: E402
+from appliance.trust import keys, signing  # noqa: E402
 from appliance.workspace import folder, read_json, write_json  # noqa: E402
 from tests.test_tui import RUN, SIZE, _snapshot_app, aio, write_run  # noqa: E402
 from tests.test_tui_screens import error_message, rendered, settle, type_into  # noqa: E402
@@ -230,7 +231,7 @@ async def test_bundle_shows_the_key_and_lineage_verifies(exported_home, tmp_path
 @aio
 async def test_a_locked_vault_and_user_mistakes_are_one_sentence_dialogs(exported_home):
     home, run_id = exported_home
-    data.use_vault(None)
+    keys.use_vault(None)
     signing.use(None)
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:

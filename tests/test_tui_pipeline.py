@@ -34,8 +34,9 @@ async def until(pilot, done, what: str, timeout: float = 300.0, then_settle: boo
 
 @aio
 async def test_the_whole_pipeline_from_the_tui_alone(tiny_home, tmp_path, demo_dataset):
-    from appliance import audit, runs
-    from appliance.vault import keyring
+    from appliance import runs
+    from appliance.trust import audit
+    from appliance.trust import keyring
 
     home = tiny_home
     records = tmp_path / "claims.jsonl"  # a file from removable media: the demo's records

@@ -10,8 +10,10 @@ import pytest
 
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent  # noqa: E402
 
-from appliance import audit, data, models, signing  # noqa: E402
-from appliance.vault import keyring  # noqa: E402
+from appliance import models  # noqa: E402
+from appliance.trust import keys
+from appliance.trust import audit, signing
+from appliance.trust import keyring  # noqa: E402
 from tests.test_tui import SIZE, aio, click, text  # noqa: E402
 from tui.app import ApplianceApp  # noqa: E402
 from tui.errors import ErrorDialog  # noqa: E402
@@ -207,7 +209,7 @@ async def test_models_import_of_a_pickle_only_folder_is_the_dialog(vault_home, t
 async def test_models_import_with_a_locked_vault_says_where_to_unlock(home, tmp_path):
     keyring.init("correct horse", "pbkdf2-sha256")
     signing.use(None)
-    data.use_vault(None)
+    keys.use_vault(None)
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("3")

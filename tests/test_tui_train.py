@@ -13,8 +13,10 @@ import textual_plotext  # noqa: E402,F401  (the Train screen's chart; pinned: a 
 
 from textual.widgets import DataTable, Input, Markdown, ProgressBar, RichLog, Static  # noqa: E402
 
-from appliance import audit, data, events  # noqa: E402
-from appliance.vault import keyring, store  # noqa: E402
+from appliance import events  # noqa: E402
+from appliance.trust import keys
+from appliance.trust import audit
+from appliance.trust import keyring, store  # noqa: E402
 from tests.conftest import PASSPHRASE, cli_json, write_recipe  # noqa: E402
 from tests.test_tui import GiB, RUN, SIZE, T0, aio, click, text, write_run  # noqa: E402
 from tests.test_tui_screens import error_message, rendered, settle, type_into  # noqa: E402
@@ -253,11 +255,11 @@ async def test_a_run_resumed_after_a_failure_is_followed_past_the_old_failure(ho
 
 @aio
 async def test_resume_with_a_locked_vault_says_where_to_unlock(home):
-    from appliance import signing
+    from appliance.trust import signing
 
     keyring.init(PASSPHRASE, "pbkdf2-sha256")
     signing.use(None)
-    data.use_vault(None)
+    keys.use_vault(None)
     write_run(finished=False)  # no worker: interrupted
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -348,7 +350,7 @@ async def test_audit_filters_by_time_and_writes_the_report(vault_home, tmp_path)
 def _demo_vault() -> None:
     from appliance.demo_data import splits
 
-    store.write(data.vault(), "demo", splits(train=20, validation=4))
+    store.write(keys.vault(), "demo", splits(train=20, validation=4), hardware={})
 
 
 @aio
@@ -448,7 +450,7 @@ async def test_data_rekey_then_only_the_new_passphrase_unlocks(vault_home):
         # This session's vault is the rewrapped one: an import now writes a keyring the new passphrase opens.
         from appliance.demo_data import splits
 
-        store.write(data.vault(), "more", splits(train=4, validation=2, seed=1))
+        store.write(keys.vault(), "more", splits(train=4, validation=2, seed=1), hardware={})
 
         # Lock; the old passphrase no longer opens it, the new one does.
         app.query_one("#dataset-table", DataTable).focus()

@@ -11,7 +11,7 @@ import json
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from appliance.vault import keyring, store
+from appliance.trust import keyring, store
 from conftest import documented_decryptor
 
 def _aes_kw_unwrap(kek: bytes, wrapped: bytes) -> bytes:
@@ -33,7 +33,7 @@ def test_an_independent_implementation_decrypts_a_dataset_from_the_document(home
     records = {"train": [{"messages": [{"role": "user", "content": f"question {i} \u00e9\u4e2d"},
                                        {"role": "assistant", "content": "answer " * 500}]} for i in range(50)]}
     vault = keyring.init("the auditor's passphrase", kdf="scrypt")
-    store.write(vault, "audit-me", records)
+    store.write(vault, "audit-me", records, hardware={})
 
     ring = json.loads((home / "keyring.json").read_text())
     kdf = ring["kdf"]

@@ -28,9 +28,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .. import hardware
 from ..errors import InvalidInput
-from ..manifest import sha256_file
 from ..events import Emit, Event, ignore
+from ..trust.manifest import sha256_file
 from . import formats, minhash, readers
 
 STAGE = "import"
@@ -46,7 +47,7 @@ def count_tokens(text: str) -> int:
 def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_dup: float = 0.9,
                    min_tokens: int = 10, val_ratio: float = 0.1, seed: int = 0, salvage: bool = False,
                    emit: Emit = ignore) -> dict:
-    from ..vault import store
+    from ..trust import store
     from ..workspace import check_id
 
     path = Path(path).expanduser()
@@ -140,7 +141,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
                      salvage_info if salvage_info.cut_at_byte is not None else None,
                      near_dup=near_dup, min_tokens=min_tokens, val_ratio=val_ratio, seed=seed)
     examples = _examples(path, fmt, salvage, rejected, where)
-    with store.create(vault, name) as ds:
+    with store.create(vault, name, hardware=hardware.summary()) as ds:
         for i, record, _ in _accepted(path, fmt, salvage, rejected, clock):
             started = time.perf_counter()
             ds.add("validation" if i in validation else "train", record)
@@ -149,7 +150,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
         ds.details.update(source=path.name, source_sha256=sha256_file(path), record_format=fmt,
                           records_kind="preference" if formats.is_preference(fmt) else "conversation")
     report["seconds"] = clock.seconds  # stored with the dataset before this line, so only returned
-    from .. import audit
+    from ..trust import audit
 
     audit.record("dataset.import", {"dataset": name},
                  {"source": path.name, "source_sha256": ds.details["source_sha256"], "format": fmt,

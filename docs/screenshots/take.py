@@ -33,12 +33,12 @@ async def settle(pilot, seconds: float = 60) -> None:
 
 
 async def take(out: Path) -> None:
-    from appliance import data
-    from appliance.vault import keyring
+    from appliance.trust import keys
+    from appliance.trust import keyring
     from tui.app import ApplianceApp
 
     passphrase = Path(os.environ["APPLIANCE_PASSPHRASE_FILE"]).read_text().strip()
-    data.use_vault(keyring.unlock(passphrase))
+    keys.use_vault(keyring.unlock(passphrase))
     app = ApplianceApp(simulate="2x-rtx4090", sample_interval=0.1)
     async with app.run_test(size=SIZE) as pilot:
         async def shot(name: str) -> None:

@@ -18,7 +18,7 @@ from .base import Pane
 def verify(public: bytes | None = None) -> tuple[bool, str]:
     """``audit.verify``, against ``public`` (a trusted copy of the signing key, `audit verify --pubkey`) or the
     keyring's key: (True, a summary) or (False, the one-sentence failure); either is recorded in the log."""
-    from appliance import audit
+    from appliance.trust import audit
     from appliance.errors import CheckFailed
 
     try:
@@ -34,7 +34,7 @@ def verify(public: bytes | None = None) -> tuple[bool, str]:
 def check_time(field: str, value: str) -> str | None:
     """``value`` (an ISO time or a span back from now) checked by ``audit.parse_since``; None if empty. A bad one
     is the library's sentence, led by the field's name."""
-    from appliance import audit
+    from appliance.trust import audit
     from appliance.errors import InvalidInput
 
     if not value.strip():
@@ -47,14 +47,14 @@ def check_time(field: str, value: str) -> str | None:
 
 
 def report_text(since: str, until: str, fmt: str = "md") -> str:
-    from appliance import audit
+    from appliance.trust import audit
 
     return audit.report(since=check_time("since", since), until=check_time("until", until), fmt=fmt)
 
 
 def save_report(path: str, since: str, until: str) -> tuple[Path, str]:
     """Write the report to ``path``, a new file (HTML for .html/.htm, else Markdown), whole or not at all."""
-    from appliance import audit
+    from appliance.trust import audit
     from appliance.errors import InvalidInput
 
     if not path.strip():
@@ -195,7 +195,7 @@ class AuditScreen(Pane):
         since = self.query_one("#since", Input).value
 
         def load():
-            from appliance import audit
+            from appliance.trust import audit
             from appliance.errors import InvalidInput
 
             try:
@@ -236,7 +236,7 @@ class AuditScreen(Pane):
             self.action_report()
 
     def action_verify(self) -> None:
-        from appliance import signing
+        from appliance.trust import signing
 
         pubkey = self.query_one("#pubkey", Input).value.strip()
         public = signing.load_public(Path(pubkey).expanduser()) if pubkey else None  # a bad file: the dialog

@@ -46,7 +46,7 @@ class Pane(Vertical):
 
 def unlocked() -> bool:
     """Whether this process holds the vault's keys (its signing key is installed by init and unlock alike)."""
-    from appliance import signing
+    from appliance.trust import signing
 
     return signing.private_raw() is not None
 
@@ -55,7 +55,7 @@ def require_unlocked() -> None:
     """Raise the one sentence a locked vault means in the TUI; never fall back to a passphrase prompt (a worker
     thread has no terminal to ask on)."""
     from appliance.errors import InvalidInput, NotFound
-    from appliance.vault import keyring
+    from appliance.trust import keyring
 
     if not keyring.exists():
         raise NotFound(f"no vault at {keyring.path()}: the appliance signs every artifact with the key its vault "

@@ -74,7 +74,7 @@ def catalog() -> list[Choice]:
 
 
 def needs_conversion(model_id: str) -> bool:
-    """Whether the base model's GGUF is still to be made (appliance.export.base_gguf keeps it there)."""
+    """Whether the base model's GGUF is still to be made (appliance.convert.base_gguf keeps it there)."""
     from appliance.workspace import folder
 
     return not (folder("models") / f".gguf-{model_id}" / "model-f16.gguf").is_file()

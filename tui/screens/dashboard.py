@@ -27,8 +27,9 @@ class Summary:
 
 def summarize() -> Summary:
     """Read the workspace through the public API (runs in a worker: it touches the disk and every run's pid)."""
-    from appliance import airgap, audit, models, runs
-    from appliance.vault import keyring
+    from appliance import models, runs
+    from appliance.trust import audit, egress
+    from appliance.trust import keyring
 
     vault = keyring.exists()
     rs = runs.list_runs()
@@ -43,7 +44,7 @@ def summarize() -> Summary:
         finished=[r["id"] for r in rs if r["state"] == "finished"],
         exported=[r["id"] for r in rs if r["state"] == "finished" and (Path(r["path"]) / "export.json").is_file()],
         audit_entries=len(audit.entries()),
-        guard=airgap.installed(),
+        guard=egress.installed(),
     )
 
 

@@ -25,7 +25,7 @@ HINT = ("i import · x the demo dataset · b browse the selected dataset · e ex
 
 
 def vault_state() -> str:
-    from appliance.vault import keyring
+    from appliance.trust import keyring
 
     if not keyring.exists():
         return "none"
@@ -34,7 +34,7 @@ def vault_state() -> str:
 
 def list_datasets() -> list[dict]:
     """The vault's datasets, as `appliance data list` reads them (their manifests)."""
-    from appliance import manifest
+    from appliance.trust import manifest
     from appliance.workspace import folder
 
     rows = []
@@ -144,7 +144,7 @@ class DatasetsScreen(Pane):
 
     def compose(self) -> ComposeResult:
         from appliance.importer.formats import FORMATS
-        from appliance.vault.keyring import KDFS
+        from appliance.trust.keyring import KDFS
 
         with ContentSwitcher(initial="loading"):
             yield Static("reading the vault…", id="loading")
@@ -259,11 +259,11 @@ class DatasetsScreen(Pane):
         kdf = self.kdf
 
         def job():
-            from appliance import data
-            from appliance.vault import keyring
+            from appliance.trust import keys
+            from appliance.trust import keyring
 
             vault = keyring.init(first, kdf) if kdf else keyring.init(first)
-            data.use_vault(vault)
+            keys.use_vault(vault)
             return "open"
 
         self.call(job, self.opened, group="vault")
@@ -272,10 +272,10 @@ class DatasetsScreen(Pane):
         (passphrase,) = self._take("pass")
 
         def job():
-            from appliance import data
-            from appliance.vault import keyring
+            from appliance.trust import keys
+            from appliance.trust import keyring
 
-            data.use_vault(keyring.unlock(passphrase))
+            keys.use_vault(keyring.unlock(passphrase))
             return "open"
 
         self.call(job, self.opened, group="vault")
@@ -287,9 +287,10 @@ class DatasetsScreen(Pane):
     def action_lock(self) -> None:
         if self.state != "open":
             return
-        from appliance import data, signing
+        from appliance.trust import keys
+        from appliance.trust import signing
 
-        data.use_vault(None)
+        keys.use_vault(None)
         signing.use(None)
         self.hide_forms()
         self.rows, self.report, self.browsed = [], None, []
@@ -335,7 +336,7 @@ class DatasetsScreen(Pane):
         self.report = None
 
         def job():
-            from appliance import data
+            from appliance.trust import keys
             from appliance.importer import import_dataset
 
             src = Path(path).expanduser()
@@ -344,7 +345,7 @@ class DatasetsScreen(Pane):
                 with open(src, "rb") as f:  # a line per record: the bar's length, read before the import
                     total = sum(1 for line in f if line.strip())
             self.app.call_from_thread(bar.update, total=total, progress=0)
-            return import_dataset(data.vault(), src, name, fmt=fmt,
+            return import_dataset(keys.vault(), src, name, fmt=fmt,
                                   emit=lambda e: self.app.call_from_thread(self.import_event, e))
 
         self.call(job, self.imported, group="import")
@@ -386,10 +387,10 @@ class DatasetsScreen(Pane):
             return
 
         def job() -> dict:
-            from appliance import data
+            from appliance.trust import keys
             from appliance.demo import import_dataset
 
-            return import_dataset(data.vault())
+            return import_dataset(keys.vault())
 
         def done(counts: dict) -> None:
             self.report = None
@@ -444,10 +445,10 @@ class DatasetsScreen(Pane):
 
     def delete(self, name: str) -> None:
         def job():
-            from appliance import data
-            from appliance.vault import store
+            from appliance.trust import keys
+            from appliance.trust import store
 
-            store.remove(data.vault(), name)
+            store.remove(keys.vault(), name)
             return name
 
         def done(name: str) -> None:
@@ -515,10 +516,10 @@ class DatasetsScreen(Pane):
         self.query_one("#ds-output", Static).update("authenticating every dataset file…")
 
         def job():
-            from appliance import data
-            from appliance.vault import store
+            from appliance.trust import keys
+            from appliance.trust import store
 
-            return store.verify(data.vault())
+            return store.verify(keys.vault())
 
         self.call(job, self.show_verified, group="verify")
 
@@ -566,12 +567,12 @@ class DatasetsScreen(Pane):
         kdf = None if choice == "same" else choice
 
         def job():
-            from appliance import data
-            from appliance.vault import keyring
+            from appliance.trust import keys
+            from appliance.trust import keyring
 
             # The keyring now opens with the new passphrase only: this session's vault becomes the rewrapped one
             # (the old one would write its stale copy of the keyring back on the next import).
-            data.use_vault(keyring.rekey(old, new, kdf=kdf))
+            keys.use_vault(keyring.rekey(old, new, kdf=kdf))
             return keyring.status()
 
         def done(status: dict) -> None:

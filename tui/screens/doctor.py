@@ -15,12 +15,9 @@ STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": ""}
 
 def default_sections(simulate: str | None) -> Callable[[], list]:
     def sections() -> list[tuple[str, list[dict]]]:
-        from appliance import airgap, hardware, llama_runtime
+        from appliance import doctor, hardware
 
-        out = airgap.doctor_sections()
-        out.append(("hardware", hardware.doctor_checks(hardware.detect(simulate, check_bitsandbytes=False))))
-        out.append(("llama.cpp", llama_runtime.doctor_checks()))
-        return out
+        return doctor.sections(hardware.detect(simulate, check_bitsandbytes=False))
     return sections
 
 

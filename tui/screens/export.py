@@ -63,7 +63,8 @@ def params(n: int) -> str:
 
 def load_runs() -> list[dict]:
     """The finished runs, each with its recipe's quantizations, its base model's shape and its saved results."""
-    from appliance import manifest, plan, runs
+    from appliance import plan, runs
+    from appliance.trust import manifest
     from appliance.errors import ApplianceError
 
     out = []
@@ -469,7 +470,8 @@ class ExportScreen(Pane):
         self.query_one("#ex-tabs", TabbedContent).active = "ex-lineage-tab"
 
         def job():
-            from appliance import bundle, provenance, signing
+            from appliance import bundle
+            from appliance.trust import provenance, signing
             from appliance.errors import CheckFailed
 
             # The trusted key as `verify --pubkey` and `bundle verify --pubkey/--fingerprint` take it.

@@ -113,7 +113,7 @@ def recipe_defaults(path: str) -> dict:
 def choices() -> tuple[list[str], list[str]]:
     """Imported model ids, and dataset ids in the vault (read without the passphrase)."""
     from appliance import models
-    from appliance.vault import keyring
+    from appliance.trust import keyring
 
     return ([m["id"] for m in models.list_models()],
             keyring.status()["datasets"] if keyring.exists() else [])

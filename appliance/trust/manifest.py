@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, signing
-from .errors import CheckFailed, InvalidInput
-from .workspace import read_json, write_json
+from .. import __version__
+from ..errors import CheckFailed, InvalidInput
+from ..workspace import home, read_json, write_json
+from . import keys, signing
 
 NAME = "manifest.json"
 DOMAIN = "appliance-manifest/1"
@@ -43,12 +44,25 @@ def file_hashes(root: Path, names: list[str] | None = None) -> dict[str, str]:
     return {n: sha256_file(root / n) for n in names}
 
 
-def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | None = None,
-          files: list[str] | None = None, **details: Any) -> dict:
-    """Write and sign ``root/manifest.json``; unlocks the vault first if this process cannot sign yet."""
-    from .provenance import locate
+# Which folder a parent of each role lives in. Sub-artifacts of a run are named "<run>/<part>".
+_ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models", "run": "runs",
+                 "adapter": "runs", "merged": "runs", "gguf": "runs", "bundle": "bundles"}
 
-    signing.ensure()
+
+def locate(role: str, artifact_id: str) -> Path | None:
+    """The workspace folder of a parent artifact, or None if it is not an id of this workspace."""
+    sub = _ROLE_FOLDERS.get(role)
+    if sub is None or not artifact_id or artifact_id.startswith("/") or ".." in artifact_id.split("/"):
+        return None
+    path = home() / sub / artifact_id
+    return path if path.is_dir() else None
+
+
+def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | None = None,
+          files: list[str] | None = None, *, hardware: dict, **details: Any) -> dict:
+    """Write and sign ``root/manifest.json``; unlocks the vault first if this process cannot sign yet.
+    ``hardware``: what made the artifact (``hardware.summary()``, passed in by the stage that made it)."""
+    keys.ensure_signer()
     parents = parents or {}
     bound = {}
     for role, pid in parents.items():
@@ -61,7 +75,7 @@ def write(root: Path, kind: str, artifact_id: str, parents: dict[str, str] | Non
         "id": artifact_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "appliance_version": __version__,
-        "hardware": hardware_summary(),
+        "hardware": hardware,
         "parents": parents,
         "parent_manifests": bound,
         "files": file_hashes(root, files),
@@ -114,12 +128,3 @@ def check_signature(manifest: object, public_raw: bytes, path: Path) -> None:
 
 # Kinds whose manifest covers every file of their folder (a run's folder also holds live files: events, checkpoints).
 WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "merged-model", "gguf", "bundle")
-
-
-def hardware_summary() -> dict:
-    """What the artifact was made on, cheaply: machine, CPU, cores, RAM (GiB) and NVIDIA GPU names if NVML answers.
-
-    Read through ``appliance.hardware`` without loading bitsandbytes or torch; never a simulated profile."""
-    from . import hardware
-
-    return hardware.summary()

@@ -12,22 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CheckFailed, InvalidInput
 from . import manifest, signing
-from .errors import CheckFailed, InvalidInput
-from .workspace import home
-
-# Which folder a parent of each role lives in. Sub-artifacts of a run are named "<run>/<part>".
-_ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models", "run": "runs",
-                 "adapter": "runs", "merged": "runs", "gguf": "runs", "bundle": "bundles"}
-
-
-def locate(role: str, artifact_id: str) -> Path | None:
-    """The workspace folder of a parent artifact, or None if it is not an id of this workspace."""
-    sub = _ROLE_FOLDERS.get(role)
-    if sub is None or not artifact_id or artifact_id.startswith("/") or ".." in artifact_id.split("/"):
-        return None
-    path = home() / sub / artifact_id
-    return path if path.is_dir() else None
 
 
 def artifact_root(path: Path) -> Path:
@@ -67,7 +53,7 @@ def verify(path: Path, public_raw: bytes | None = None) -> dict:
             continue
         m = node["manifest"]
         for role, pid in sorted(m.get("parents", {}).items()):
-            where = locate(role, pid)
+            where = manifest.locate(role, pid)
             if where is None or not (where / manifest.NAME).is_file():
                 lineage.append({"role": role, "id": pid, "path": None, "kind": None, "status": "absent",
                                 "problem": f"{role} {pid} is not in this workspace; the lineage stops here."})

@@ -20,8 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from .errors import CheckFailed, InvalidInput, NotFound
-from .workspace import home, write_atomic
+from ..errors import CheckFailed, InvalidInput
+from ..workspace import home, write_atomic
 
 _signer = None  # the unlocked private key of this process, if any
 
@@ -51,18 +51,6 @@ def use(private_raw: bytes | None) -> None:
 
 def available() -> bool:
     return _signer is not None
-
-
-def ensure() -> None:
-    """Make sure this process can sign: unlock the vault (passphrase file or prompt) if it has not yet."""
-    if _signer is None:
-        from .data import vault
-        from .vault import keyring
-
-        if not keyring.exists():
-            raise NotFound(f"no vault at {keyring.path()}: the appliance signs every artifact with the key its vault "
-                           "keeps; create the vault first with `appliance vault init`.")
-        vault()  # unlocking installs the signing key
 
 
 def private_raw() -> bytes | None:
@@ -148,12 +136,19 @@ def load_public(path: Path) -> bytes:
 
 
 def workspace_public() -> bytes | None:
-    """The workspace's public key, from the keyring (no passphrase needed), or None without a vault."""
-    from .vault import keyring
+    """The workspace's public key, read from the keyring file's clear ``signing.public`` field (no passphrase, and
+    without the keyring module, which records its events in the audit log that this key verifies), or None."""
+    import json
 
-    if not keyring.exists():
+    from ..workspace import keyring_file
+
+    path = keyring_file()
+    if not path.is_file():
         return None
-    signing = keyring.load().get("signing")
+    try:
+        signing = json.loads(path.read_text()).get("signing")
+    except ValueError:
+        raise InvalidInput(f"{path} is not valid JSON; the keyring is damaged, restore it from a backup.") from None
     return base64.b64decode(signing["public"]) if signing else None
 
 

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import audit, signing
 from ..errors import ApplianceError, InvalidInput, NotFound
-from ..workspace import home, read_json, write_json
+from ..workspace import keyring_file, read_json, write_json
+from . import audit, signing
 
 FORMAT = "appliance-keyring/1"
 KDFS = ("scrypt", "pbkdf2-sha256", "argon2id")
@@ -83,7 +83,7 @@ class Unlocked:
 
 
 def path() -> Path:
-    return home() / "keyring.json"
+    return keyring_file()
 
 
 def exists() -> bool:

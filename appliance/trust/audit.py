@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from ..errors import CheckFailed, InvalidInput
+from ..workspace import home
 from . import signing
-from .errors import CheckFailed, InvalidInput
-from .workspace import home
 
 GENESIS = "0" * 64
 CHECKPOINT_DOMAIN = "appliance-audit-checkpoint/1"
@@ -151,7 +151,7 @@ def report(since: str | None = None, until: str | None = None, fmt: str = "md") 
 
 def write_report(out: Path, since: str | None = None, until: str | None = None, fmt: str = "md") -> Path:
     """The report written to ``out``, a new file (never over an existing one), whole or not at all."""
-    from .workspace import atomic_writer
+    from ..workspace import atomic_writer
 
     out = Path(out).expanduser()
     if out.exists():

@@ -1,0 +1,120 @@
+"""`appliance doctor` and `appliance hw`: the machine and its guarantees."""
+
+from __future__ import annotations
+
+from .common import command, rich_console, print_json
+
+
+def parsers(add) -> None:
+    doc = add("doctor", "environment, air-gap and hardware self-check: egress guard, offline switches, interfaces, "
+                        "routes, CPU, RAM, GPUs")
+    doc.add_argument("--simulate", metavar="PROFILE", help="report the hardware of a named profile (see `appliance hw "
+                                                           "--list-profiles`) instead of this machine's")
+
+    from ..hardware import PROFILES
+
+    hw = add("hw", "detected hardware: CPU, cores, RAM, free disk, NVIDIA GPUs (NVML: VRAM, compute capability, "
+                   "driver, CUDA, temperature, power, PCIe, NVLink/P2P), bf16 and bitsandbytes")
+    hw.add_argument("--simulate", metavar="PROFILE",
+                    help=f"a named profile instead of this machine: {', '.join(PROFILES)}")
+    hw.add_argument("--list-profiles", action="store_true", help="list the profiles --simulate accepts")
+
+
+@command("doctor")
+def _doctor(args) -> int:
+    from .. import doctor, hardware
+    from ..errors import CheckFailed
+
+    # A check's status is ok, warn, fail or info; only a fail (the guard, its self-test, an offline switch, a
+    # llama.cpp that does not load) fails the command: an interface that is up or a default route is a warning
+    # (CI machines have a network).
+    hw = hardware.detect(getattr(args, "simulate", None))  # an unknown profile stops here, before any check runs
+    sections = doctor.sections(hw)
+    failed = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "fail"]
+    warned = [f"{name}: {c['label']}" for name, checks in sections for c in checks if c["status"] == "warn"]
+    if args.json:
+        print_json({"ok": not failed, "failures": failed, "warnings": warned,
+                     "sections": {name: {c["id"]: c for c in checks} for name, checks in sections}})
+    else:
+        from rich.markup import escape
+        from rich.table import Table
+
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red bold]FAIL[/]", "info": ""}
+        console = rich_console()
+        for name, checks in sections:
+            table = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 1))
+            table.add_column(no_wrap=True)
+            table.add_column(no_wrap=True)
+            table.add_column(overflow="fold")
+            for c in checks:
+                value = ", ".join(map(str, c["value"])) if isinstance(c["value"], list) else str(c["value"])
+                detail = f"\n[dim]{escape(c['detail'])}[/]" if c["detail"] else ""
+                table.add_row(marks[c["status"]], c["label"], escape(value) + detail)
+            console.print(table)
+            console.print()
+        console.print(f"{len(failed)} failed, {len(warned)} warnings" if failed or warned else "all checks passed")
+    if failed:
+        raise CheckFailed(f"appliance doctor: {len(failed)} check(s) failed: {'; '.join(failed)}.")
+    return 0
+
+
+@command("hw")
+def _hw(args) -> int:
+    from .. import hardware
+
+    if args.list_profiles:
+        if args.json:
+            print_json({"profiles": hardware.PROFILES})
+        else:
+            width = max(map(len, hardware.PROFILES))
+            print("\n".join(f"{name:<{width}}  {text}" for name, text in hardware.PROFILES.items()))
+        return 0
+    hw = hardware.detect(args.simulate)
+    if args.json:
+        print_json(hw.to_dict())
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..workspace import home
+
+    console = rich_console()
+    gib = hardware.GiB
+    facts = Table(title=f"hardware (simulated: {hw.simulated})" if hw.simulated else "hardware", title_justify="left",
+                  show_header=False, box=None, padding=(0, 1))
+    facts.add_column(no_wrap=True, style="bold")
+    facts.add_column(overflow="fold")
+    facts.add_row("CPU", escape(f"{hw.cpu}, {hw.cores} logical CPUs usable"))
+    facts.add_row("RAM", f"{hw.ram_total / gib:.1f} GiB total, {hw.ram_available / gib:.1f} GiB available")
+    facts.add_row("disk", escape(f"{hw.disk_free / gib:.1f} GiB free at {home()}"))
+    facts.add_row("GPUs", f"{len(hw.gpus)} NVIDIA, {hw.vram_total / gib:.1f} GiB VRAM in all" if hw.gpus
+                  else "none: plans are for the CPU")
+    if hw.gpus:
+        facts.add_row("driver", f"{hw.driver or '?'}, CUDA {hw.cuda or '?'}")
+        facts.add_row("bf16", "usable on every GPU" if hw.bf16 else "not on every GPU (compute capability < 8.0)")
+        facts.add_row("bitsandbytes", {True: "CUDA kernels usable", False: "CUDA kernels not usable",
+                                       None: "not checked"}[hw.bitsandbytes_cuda])
+    console.print(facts)
+    if hw.gpus:
+        from rich import box
+
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+        for header, width in (("#", 0), ("name", 0), ("GiB", 5), ("free", 5), ("cc", 3), ("bf16", 4), ("PCIe", 8),
+                              ("°C", 3), ("W", 7), ("util", 4)):
+            if width:
+                table.add_column(header, no_wrap=True, min_width=width)
+            else:
+                table.add_column(header, no_wrap=True, overflow="ellipsis")
+        for g in hw.gpus:
+            power = "-" if g.power_w is None else f"{g.power_w:.0f}" + (
+                f"/{g.power_limit_w:.0f}" if g.power_limit_w else "")
+            table.add_row(str(g.index), escape(g.name), f"{g.memory_total / gib:.1f}", f"{g.memory_free / gib:.1f}",
+                          "{}.{}".format(*g.compute_capability), "yes" if g.bf16 else "no", g.pcie or "-",
+                          "-" if g.temperature_c is None else str(g.temperature_c), power,
+                          "-" if g.utilization is None else f"{g.utilization}%")
+        console.print(table)
+    if hw.links:
+        console.print("links: " + ", ".join(f"GPU {k}: {v}" for k, v in hw.links.items()))
+    for note in hw.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")
+    return 0
