@@ -12,7 +12,7 @@ A run lives in ``runs/<id>/``::
     overrides.json    what the worker changed at run time: the smaller micro-batch (and larger gradient
                       accumulation) after an out-of-memory recovery, kept for a later resume
 
-Training runs in a child process (``appliance._train_worker``) started in its
+Training runs in a child process (``appliance.train.worker``) started in its
 own session: closing the terminal or the TUI does not stop it, and a crash of
 the child (an OOM kill, a CUDA fault) never takes the caller down. Its state is
 derived from the events and whether the worker is alive, never stored twice.
@@ -77,7 +77,7 @@ def start(run_id: str, resume: bool = False, processes: int | None = None) -> in
     path = run_dir(run_id)
     info = read_json(path / "run.json")
     n = _processes(path, info, processes)
-    cmd = [sys.executable, "-m", "appliance._train_worker", str(path)]
+    cmd = [sys.executable, "-m", "appliance.train.worker", str(path)]
     if resume:
         cmd.append("--resume")
     if n > 1:

@@ -79,7 +79,7 @@ def test_out_of_memory_at_micro_batch_1_fails_with_one_sentence(tiny_home, tmp_p
 def test_oom_detection_and_the_smaller_batch():
     import torch
 
-    from appliance._train_worker import is_oom
+    from appliance.train.callbacks import is_oom
 
     assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom(MemoryError())

@@ -177,7 +177,7 @@ def test_the_estimate_is_within_15_percent_of_real_cpu_runs(home, tmp_path, smol
 
 
 def test_a_split_plan_gives_the_worker_per_gpu_limits(tmp_path):
-    from appliance._train_worker import _split_memory
+    from appliance.train.callbacks import split_memory as _split_memory
     from appliance.workspace import write_json
 
     k = plan.Knobs(micro_batch=1, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit")

@@ -40,6 +40,16 @@ def ensure_signer() -> None:
         vault()  # unlocking installs the signing key
 
 
+def use_handed(handed: dict) -> None:
+    """Install the keys a parent handed over (``{"datasets": {id: hex}, "signing": hex}``, read from a pipe or
+    passed in memory): the training child and its ranks decrypt and sign with them, never with a passphrase."""
+    from . import signing
+
+    use_vault(HandedKeys({k: bytes.fromhex(v) for k, v in handed.get("datasets", {}).items()}))
+    if handed.get("signing"):
+        signing.use(bytes.fromhex(handed["signing"]))
+
+
 class HandedKeys:
     """Data keys handed to a child process by its parent; enough for ``store.read``."""
 

@@ -1,0 +1,234 @@
+"""Set-up and fit: from a recipe to a trained adapter, in this process (one rank, or the only one).
+
+Contract: ``train(run, recipe, resume, emit)`` tokenizes the vault dataset (in memory), loads the base model
+(NF4 with double quantization for QLoRA, or 16-bit), wraps it in PEFT LoRA, fits it with TRL's SFTTrainer (loss
+on assistant tokens only, the tokenizer's own chat template), recovers from out-of-memory errors by halving the
+micro-batch, and on rank 0 writes ``summary.json``, the adapter and their signed manifests and the
+``train.finish`` audit entry. It prints nothing; everything goes to ``emit``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .. import data, hardware
+from .. import events as ev
+from ..chat_format import encode, with_system
+from ..errors import StageFailed
+from ..recipes import Recipe
+from ..trust import audit
+from ..workspace import write_json
+from . import proc
+from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, is_oom, peak_rss, recover,
+                        release_memory, split_memory)
+
+
+def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
+    from ..models import model_dir
+    from ..runs import batch_settings, last_checkpoint
+
+    rank, world = proc.world()
+    t = recipe.training
+    threads = t.threads or os.cpu_count() or 1
+    if world > 1:
+        threads = max(1, threads // world)  # the ranks share the machine's cores
+    import torch
+
+    torch.set_num_threads(threads)
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_caching()  # keep tokenized dataset text in memory, never in an on-disk cache
+    base = model_dir(recipe.base_model)
+    cuda = torch.cuda.is_available()
+    if cuda and world > 1 and rank >= torch.cuda.device_count():
+        raise StageFailed(f"{world} data-parallel processes need {world} GPUs but {torch.cuda.device_count()} are "
+                          "visible; start the run with fewer processes.")
+    where = "cuda" if cuda else "cpu"
+    parallel = f", {world} data-parallel processes ({'NCCL' if cuda else 'gloo'} on loopback)" if world > 1 else ""
+    emit(ev.Event("stage", proc.STAGE, f"{'resuming' if resume else 'starting'} on {where} with {threads} threads"
+                  f"{' per process' if world > 1 else ''}{parallel}",
+                  {"resume": resume, "device": where, "processes": world}))
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Padding with the end-of-turn token would blur where a turn ends; pad with another special token.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
+
+    def tokenized(split: str):
+        rows = [encode(tokenizer, with_system(r["messages"], recipe.system_prompt), t.max_seq_length)
+                for r in data.load_split(recipe.dataset_path(), split)]
+        kept = [r for r in rows if any(r["assistant_masks"])]
+        if len(kept) < len(rows):
+            emit(ev.Event("warning", proc.STAGE, f"{len(rows) - len(kept)} {split} examples have no assistant tokens "
+                          f"within max_seq_length={t.max_seq_length} and were skipped"))
+        return datasets.Dataset.from_list(kept)
+
+    train_ds, eval_ds = tokenized("train"), tokenized("validation")
+    micro, accum = batch_settings(run.name, recipe)  # the recipe's, or smaller after an out-of-memory recovery
+
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(run.name)
+        emit(ev.Event("stage", proc.STAGE, f"resuming from {checkpoint.name if checkpoint else 'the start (no complete checkpoint)'}",
+                      {"checkpoint": checkpoint.name if checkpoint else None}))
+    watch = MemoryWatch(emit, run, cuda)
+    started = time.time()
+    while True:
+        error = None
+        try:
+            trainer, result = _fit(run, recipe, base, tokenizer, train_ds, eval_ds, micro, accum, checkpoint, emit,
+                                   watch, cuda)
+            break
+        except Exception as e:
+            if world > 1 or not is_oom(e):
+                raise  # a rank reports an out-of-memory error to its supervisor, which restarts every rank
+            error = describe_oom(e)
+        # Out here the exception, its traceback and the frames holding the model, the optimizer and the
+        # activations are gone: collect them and give the memory back before building everything again.
+        release_memory()
+        micro, accum, checkpoint = recover(run, emit, error, proc.progress["step"] + 1, micro, accum)
+    if proc.stop_requested:
+        emit(ev.Event("warning", proc.STAGE, f"stopped on request at step {trainer.state.global_step} with a checkpoint; "
+                      "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
+        return
+    if rank != 0:
+        return  # rank 0 writes the summary, the adapter and their manifests
+
+    from ..runs import overrides
+
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    summary = {
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "train_runtime_s": round(time.time() - started, 2),
+        "train_loss_mean": result.training_loss,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "quantization": recipe.quantization.method,
+        "linear_4bit": linear_4bit(trainer.model),  # what was really quantized, not what the recipe asked
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": accum,
+        "processes": world,
+        "effective_batch": micro * accum * world,
+        "oom_recoveries": overrides(run.name).get("oom_recoveries", []),
+        "peak_rss_bytes": peak_rss(),
+        **({"peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated()} if cuda else {}),
+    }
+    write_json(run / "summary.json", summary)
+    # The run's own manifest covers its recipe and outcome (its folder also holds live files: events,
+    # checkpoints); the adapter's names the run, so the lineage reads adapter -> run -> dataset + base model.
+    from ..trust import manifest
+    from ..workspace import staging
+
+    dataset = recipe.dataset_path()
+    files = ["recipe.json", "summary.json"] + (["overrides.json"] if (run / "overrides.json").is_file() else [])
+    manifest.write(run, "run", run.name, files=files,
+                   parents={"dataset": dataset.name if data.is_encrypted(dataset) else str(dataset.resolve()),
+                            "base_model": recipe.base_model},
+                   recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"],
+                   hardware=hardware.summary())
+    with staging(run / "adapter") as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        manifest.write(tmp, "adapter", f"{run.name}/adapter",
+                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
+                       hardware=hardware.summary())
+    audit.record("train.finish", {"run": run.name, "dataset": dataset.name, "base_model": recipe.base_model},
+                 {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume,
+                  "oom_recoveries": len(summary["oom_recoveries"]), "processes": world})
+    emit(ev.Event("finished", proc.STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}", summary))
+
+
+def linear_4bit(model) -> int:
+    """How many layers hold 4-bit weights: bitsandbytes' Params4bit with a quantization state (a LoRA wrapper,
+    which exposes its base layer's weight, is not counted twice)."""
+    return sum(1 for m in model.modules()
+               if not hasattr(m, "base_layer") and type(getattr(m, "weight", None)).__name__ == "Params4bit"
+               and getattr(m.weight, "quant_state", None) is not None)
+
+
+def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, micro: int, accum: int, checkpoint,
+         emit: ev.Emit, watch: "MemoryWatch", cuda: bool):
+    """Build the model and the trainer for this micro-batch and train (from ``checkpoint`` if given).
+
+    Everything heavy lives in this frame, so an exception leaving it leaves nothing behind once handled."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    rank, world = proc.world()
+    t = recipe.training
+    set_seed(recipe.seed)
+    compute_dtype = getattr(torch, recipe.quantization.compute_dtype)
+    load_kwargs: dict = {"dtype": compute_dtype}
+    if recipe.quantization.method == "nf4":
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quantization.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype)
+        load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if cuda else "cpu"}
+    split = split_memory(run) if cuda and world == 1 else None
+    if split:
+        # The plan found that one replica does not fit a GPU: its layers go over several GPUs, each filled up to
+        # the plan's per-GPU limit (accelerate places them; the GPUs then run one after the other).
+        load_kwargs["device_map"] = "auto"
+        load_kwargs["max_memory"] = split
+    model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
+    if recipe.quantization.method == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    model = get_peft_model(model, LoraConfig(
+        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM"))
+
+    distributed = {}
+    if world > 1:
+        # Every adapter weight takes part in every step: no search for unused parameters. gloo on the CPU.
+        distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"})}
+    args = SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        max_length=t.max_seq_length,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=cuda and compute_dtype == torch.bfloat16,
+        fp16=cuda and compute_dtype == torch.float16,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        **distributed,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[event_callback(emit, run, watch)])
+    # TRL casts QLoRA adapter weights to bf16 when it builds the trainer, but a resume loads them from the
+    # checkpoint in fp32, so a resumed run would compute differently from an uninterrupted one. Keep the
+    # trainable weights in fp32 from the start (PEFT's own default): tiny in memory, identical across resumes.
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    inject_oom(run, trainer.model)
+    proc.training_started = True
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer, result
