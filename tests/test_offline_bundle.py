@@ -474,7 +474,7 @@ def test_real_bundle_contents(real_bundle):
     # How llama.cpp was built is on record: portable, runtime CPU variants, the AMX variant removed.
     flags = meta["llama_cpp"]["cmake_flags"]
     assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_CPU_ALL_VARIANTS=ON" in flags and "AMX" in meta["llama_cpp"]["patch"]
-    llama = next(c for c in comps if c["name"] == "llama-cpp-python")
+    llama = next(c for c in comps if c["name"].lower().replace("_", "-") == "llama-cpp-python")
     assert {"name": "appliance:build:cmake_flags", "value": flags} in llama["properties"]
     torch = next(p for p in wheels if p.name.startswith("torch-"))  # one changed byte in the biggest wheel
     with open(torch, "r+b") as f:

@@ -181,8 +181,8 @@ class ApplianceApp(App):
             self._tabs_ready = True
             pending, self._pending_tab = self._pending_tab, None
             if pending is not None and pending != event.pane.id:
-                self.query_one(TabbedContent).active = pending  # announced in its turn, handled below
-                self.focus_pane()
+                # Shown as if its key were pressed now: the same path, after this activation is handled.
+                self.call_later(self.run_action, f"show('{pending}')")
         # The dashboard's counts change when the user acts elsewhere (a CLI in another terminal): re-read on show.
         if event.pane.id == "dashboard":
             self.call_after_refresh(self.query_one(Dashboard).refresh_data)  # (also sent as the app starts)
