@@ -47,6 +47,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def unlocked():
-    from ..data import vault
+    """This process's vault, unlocked (the passphrase file or a prompt) on first use."""
+    from ..trust.keys import vault
 
     return vault()
