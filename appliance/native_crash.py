@@ -146,6 +146,8 @@ def _restore_terminal(state) -> None:
 
     with contextlib.suppress(OSError, ValueError):
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, state)
-    if sys.stdout.isatty():
-        sys.stdout.write("\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?25h\x1b[?1049l")
+    if sys.stdout.isatty():  # what Textual's driver undoes when it stops (textual/drivers/linux_driver.py)
+        sys.stdout.write("\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?1016l"  # mouse off
+                         "\x1b[?2004l\x1b[?1004l\x1b[?2048l"  # bracketed paste, focus events, resize reports
+                         "\x1b[?7h\x1b[<u\x1b[?25h\x1b[?1049l")  # line wrap on, keyboard protocol off, cursor
         sys.stdout.flush()
