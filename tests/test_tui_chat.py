@@ -159,7 +159,8 @@ async def test_compare_streams_both_models_greedy_repeats_and_closing_records_au
             p = panel(app, slot)
             # streamed: the first piece at once, then batches at most every 50 ms, fewer than the tokens
             tokens = first[slot]["completion_tokens"]
-            assert tokens >= 10 and p.updates == batches(tokens) and 3 <= p.updates < tokens, (slot, p.updates)
+            # (at most: a token that ends inside a UTF-8 character streams no piece, and reads no clock)
+            assert tokens >= 10 and 3 <= p.updates <= batches(tokens) and p.updates < tokens, (slot, p.updates)
             lines = shown(p)
             assert lines[0] == "you: hello there" and lines[1].strip() == first[slot]["text"].strip()
             assert f"32 prompt + {first[slot]['completion_tokens']} tokens" in lines[-1]
