@@ -173,7 +173,8 @@ async def test_train_screen_honours_no_color(home, monkeypatch):
 async def test_train_follows_a_cli_run_live_stops_it_and_resumes_it_to_the_end(tiny_home, tmp_path, demo_dataset):
     home = tiny_home
     recipe = write_recipe(tmp_path / "tiny.yaml", demo_dataset, max_steps=14, save_steps=100, eval_steps=7)
-    # The worker waits at step 5 until it is stopped, so the stop lands there whatever the machine's speed.
+    # The worker holds at the end of step 5 until it is stopped: with step 4 seen before stopping, the stop lands at
+    # step 5 whatever the machine's speed.
     run_id = cli_json("train", str(recipe), "--detach", home=home, env={"APPLIANCE_FAULT": "wait_for_stop_at_step:5"})["run"]
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -194,7 +195,9 @@ async def test_train_follows_a_cli_run_live_stops_it_and_resumes_it_to_the_end(t
         assert not app.query_one("#stop").disabled and app.query_one("#resume").disabled
         assert "starting on cpu" in log_text(app)
 
-        # Stop: the worker saves a checkpoint and the run becomes resumable.
+        # Stop: the worker saves a checkpoint and the run becomes resumable. Step 4 logged means step 4's stop check
+        # is past: the worker is in step 5 or held at its end, so the stop lands at step 5.
+        await wait_for(pilot, lambda: len(screen.view.train) >= 4, "four logged steps")
         app.query_one("#runs", DataTable).focus()
         await pilot.press("s")
         # (The run's state flips when its process ends; its last events may reach the screen a poll later.)
