@@ -121,6 +121,7 @@ class ApplianceApp(App):
         # first activation waits for it (see on_tabbed_content_tab_activated).
         self._tabs_ready = False
         self._pending_tab: str | None = None
+        self._last_shown: str | None = None
         if simulate:
             self.sub_title = f"offline fine-tuning · hardware simulated: {simulate}"
 
@@ -156,6 +157,15 @@ class ApplianceApp(App):
             return
         self.query_one(TabbedContent).active = tab
         self.focus_pane()
+        self._last_shown = tab
+        # A start-up activation of the first tab that Textual delivers late would undo the switch: hold it.
+        self.call_after_refresh(self._hold, tab)
+
+    def _hold(self, tab: str) -> None:
+        tabs = self.query_one(TabbedContent)
+        if self._last_shown == tab and tabs.active == "dashboard" != tab:
+            tabs.active = tab
+            self.focus_pane()
 
     def focus_pane(self) -> None:
         pane = self.current_pane()
