@@ -45,8 +45,8 @@ def lib():
 
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    if not _loaded:
+    if not _loaded:  # once: lib() is called on hot paths (every generated token's end-of-generation check)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         _load_backend(lib_dir())
         _loaded = True
     return llama_cpp
@@ -55,9 +55,8 @@ def lib():
 def _mapped(pattern: str) -> list[str]:
     """The files this process has mapped whose name matches ``pattern``."""
     maps = Path("/proc/self/maps")
-    text = maps.read_text() if maps.exists() else ""
-    return sorted({line.split(None, 5)[-1] for line in text.splitlines()
-                   if len(line.split(None, 5)) == 6 and re.search(pattern, line.split(None, 5)[-1])})
+    fields = (line.split(None, 5) for line in (maps.read_text() if maps.exists() else "").splitlines())
+    return sorted({f[5] for f in fields if len(f) == 6 and re.search(pattern, f[5])})
 
 
 def _load_backend(where: Path) -> None:
@@ -112,9 +111,10 @@ def probe(timeout: float = 60.0) -> dict:
     """``describe()`` in a child process, so that a build that crashes on this CPU is reported, not fatal:
     returns describe()'s fields, or ``{"error": sentence}``."""
     import json
-    import signal
     import subprocess
     import sys
+
+    from .native_crash import signal_text
 
     code = "import json, appliance.llama_runtime as r; print(json.dumps(r.describe()))"
     try:
@@ -122,8 +122,7 @@ def probe(timeout: float = 60.0) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"loading llama.cpp's CPU backend did not finish in {timeout:.0f} s."}
     if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode)
-        return {"error": f"loading llama.cpp's CPU backend died of {sig.name} ({signal.strsignal(sig)}); "
+        return {"error": f"loading llama.cpp's CPU backend died of {signal_text(-proc.returncode)}; "
                          "this llama.cpp build does not run on this CPU: rebuild it with scripts/setup.sh."}
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

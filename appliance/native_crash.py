@@ -95,13 +95,18 @@ def supervise(command: str, run: Callable[[], int]) -> int:
     return 128 + sig
 
 
-def report(command: str, sig: int, where: str) -> str:
-    """The one sentence for a command that died of signal ``sig`` during step ``where`` ("" if none named)."""
+def signal_text(sig: int) -> str:
+    """``SIGILL (illegal instruction)``: a signal's name and what it means."""
     try:
         name = signal.Signals(sig).name
     except ValueError:
         name = f"signal {sig}"
-    what = f"appliance {command} died of {name} ({(signal.strsignal(sig) or 'unknown signal').lower()})"
+    return f"{name} ({(signal.strsignal(sig) or 'unknown signal').lower()})"
+
+
+def report(command: str, sig: int, where: str) -> str:
+    """The one sentence for a command that died of signal ``sig`` during step ``where`` ("" if none named)."""
+    what = f"appliance {command} died of {signal_text(sig)}"
     what += f" while {where}" if where else ""
     if sig == signal.SIGILL:
         advice = ("the native code used an instruction this CPU lacks: `appliance doctor` names the llama.cpp CPU "

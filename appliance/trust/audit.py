@@ -9,7 +9,7 @@ docs/audit-format.md)::
 
 ``audit/checkpoints.jsonl`` holds Ed25519-signed checkpoints: ``{seq, hash,
 time}`` of the chain's head, signed with the appliance's key (see
-``appliance.signing``), written after every entry appended by a process that
+``trust.signing``), written after every entry appended by a process that
 holds the key. An edit, deletion or reordering breaks the chain; a truncation
 or a rewritten chain no longer matches a signed checkpoint.
 

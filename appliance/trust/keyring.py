@@ -16,7 +16,7 @@ verifier. Rekeying derives a new KEK with a fresh salt, rewraps every key and
 replaces the file atomically: a crash at any point leaves a keyring that opens
 with the old passphrase or with the new one, and no dataset is re-encrypted.
 Deleting a dataset's wrapped key is what makes its ciphertext unreadable.
-The appliance's Ed25519 signing key (``appliance.signing``) is wrapped the
+The appliance's Ed25519 signing key (``trust.signing``) is wrapped the
 same way; unlocking installs it in the process.
 """
 

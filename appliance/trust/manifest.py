@@ -5,7 +5,7 @@ every file of the artifact (all files of its folder but itself, or the files
 named when it is written), the ids of the artifacts it was made from and the
 sha256 of their manifests (so a parent cannot be swapped afterwards), the
 appliance version, a hardware summary and the kind's own details; it is signed
-with the appliance's Ed25519 key (``appliance.signing``). ``appliance.provenance``
+with the appliance's Ed25519 key (``trust.signing``). ``trust.provenance``
 checks a manifest and walks its lineage.
 """
 
