@@ -6,29 +6,44 @@ the base model's config.json alone (no weights needed):
 - weights at their precision: NF4 (0.5 byte a parameter, plus one absmax per
   64-value block: fp32, or 8-bit with a second fp32 level per 256 blocks under
   double quantization), 8-bit, 16-bit or 32-bit; embeddings, norms and an
-  untied LM head stay in the compute dtype (bitsandbytes quantizes linear
-  layers only, and transformers keeps ``lm_head`` out of it);
+  untied LM head (``weights_other``) stay out of quantization, and for QLoRA
+  in fp32: PEFT's ``prepare_model_for_kbit_training`` upcasts them;
 - LoRA parameters, their gradients (fp32: the worker trains adapters in fp32)
   and the optimizer's states (AdamW 8 bytes a parameter, 8-bit AdamW 2, SGD 0);
 - activations, per token and layer, as a function of micro-batch, sequence
   length, hidden size, MLP size and layers: without gradient checkpointing a
   Llama-style layer with LoRA keeps ~``ACT_H`` hidden-sized and ~``ACT_I``
   MLP-sized tensors for the backward pass; with it, only each layer's input is
-  kept, plus one layer's full working set while it is recomputed;
-- the LM head and loss: the worker uses TRL's fused, chunked LM head (the logits
-  are never materialized), so only its tiles count; ``lm_head="full"`` models a
-  trainer that materializes them (16-bit logits plus an fp32 copy for the loss);
-- a fixed runtime: the CUDA context and the libraries' kernels on a GPU, the
-  Python process with torch, transformers, PEFT and TRL on a CPU (measured);
-- an allocator margin (fragmentation): a share of what the tensors need.
+  kept (in the residual stream's dtype: fp32 under QLoRA, as the embeddings
+  are), plus one layer's full working set while it is recomputed; with
+  activation offloading, the saved tensors wait in host memory;
+- the LM head and loss as the worker runs them: on CUDA TRL's fused, chunked
+  head (the logits are never materialized), so only its tiles count; on a CPU
+  the native head and cross-entropy in the compute dtype (the full logits, the
+  saved log-probabilities and their gradient); ``lm_head="full"`` models a
+  trainer that materializes fp32 logits;
+- a fixed runtime: on a GPU the process's memory outside torch's allocator (the
+  CUDA context, cuBLAS workspaces and kernels, which is what an out-of-memory
+  error is decided on together with the allocator's reservation), on a CPU the
+  Python process with torch, transformers, PEFT and TRL (measured);
+- an allocator margin: what the caching allocator reserves beyond live tensors.
+
+Packing (the default) does not change the peak: a micro-batch is at most
+micro-batch x max_seq_length tokens either way; on a CPU it drops the attention
+scores SDPA's masked path keeps, since each document runs its own causal kernel.
 
 ``make_plan`` compares the estimate with each device's limit (90% of its
-memory by default), and if it does not fit, applies the adjustments in order:
-gradient checkpointing on; micro-batch down with gradient accumulation up (the
-effective batch kept); an 8-bit optimizer; shorter sequences only with the
-user's consent. When nothing fits it says what would: QLoRA instead of LoRA, a
-smaller model, more GPUs. With two or more GPUs it chooses data parallelism
-when one replica fits a GPU, else splitting the model across them.
+memory by default). Knobs the recipe leaves to it (``micro_batch_size: auto``,
+``gradient_checkpointing: auto``) it sets to the fastest that fits: checkpointing
+off when a micro-batch of at least ``BUSY_TOKENS`` tokens (or the whole batch)
+fits without it, and the largest micro-batch that fits, gradient accumulation
+making up the effective batch. Knobs the recipe states are kept unless the run
+would not fit; then it applies the adjustments in order: gradient checkpointing
+on; micro-batch down with gradient accumulation up (the effective batch kept);
+an 8-bit optimizer; shorter sequences only with the user's consent. When nothing
+fits it says what would: QLoRA instead of LoRA, a smaller model, more GPUs. With
+two or more GPUs it chooses data parallelism when one replica fits a GPU, else
+splitting the model across them.
 
 The constants are checked against measurements: peak RSS of real CPU runs here
 (tests/test_plan.py, bench/plan_accuracy.py) and published GPU figures
@@ -47,17 +62,25 @@ GiB = 2**30
 MiB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0}
-# Saved for backward per token and layer, in units of the hidden size and of the MLP size (Llama-style layer,
-# frozen base, LoRA on every linear layer): norms' inputs and outputs, q/k/v/o inputs and outputs, attention
-# output; gate, up, their activation and product. Checked against measured runs (see the module docstring).
-ACT_H = 10.0
-ACT_I = 4.0
-CUDA_RUNTIME = 600 * MiB   # CUDA context + cuBLAS/cuDNN workspaces, as nvidia-smi reports for a fresh torch process
-CPU_RUNTIME = 760 * MiB    # RSS of the training process here once torch, transformers, PEFT, TRL and bnb are loaded
-ALLOCATOR_MARGIN = 0.08    # fragmentation on top of live tensors (caching allocator / glibc malloc)
-# TRL's fused LM head on a CPU (torch ops, no Triton): peak of forward + backward, in fp32 tiles of
-# min(tokens, 4096) x min(vocab, 32768). Measured here: +4.4 GiB at 4096 tokens, +1.2 GiB at 1024 (hidden 512).
-CPU_HEAD_TILES = 8.5
+# Saved for backward per token and layer, in units of the hidden size and of the MLP size, times the activations'
+# bytes (Llama-style layer, frozen base, LoRA on every linear layer): norms' inputs and outputs, q/k/v/o inputs and
+# outputs, attention output; gate, up, their activation and product; LoRA's dropout and casts.
+# CPU: fitted to peak RSS of real runs here (bench/plan_accuracy.py, part 1). CUDA: fitted to the H200 rows of
+# bench/gpu_measured.json (Llama-3.1-8B shape, QLoRA, bf16 autocast, LoRA dropout 0.05): 348 kB a token and layer
+# without checkpointing, where bf16 casts of an fp32 residual stream double what a pure-bf16 layer keeps.
+ACT_H = 14.5
+ACT_I = 5.8
+CPU_CKPT_KEPT = 0.4        # with checkpointing a CPU run keeps 40% of a layer's working set per layer (measured: the
+                           # reentrant checkpoint should keep only its input; not yet understood), one layer's in full
+CUDA_ACT_H = 20.0
+CUDA_ACT_I = 6.4
+CKPT_KEPT = 1.2            # with checkpointing, a layer's input plus RoPE tables and norms' statistics (CUDA rows)
+CUDA_RUNTIME = 1536 * MiB  # outside the allocator on an H200, torch 2.11 + CUDA 13: context, cuBLAS, bnb kernels
+CPU_RUNTIME = 720 * MiB    # RSS of the training process here once torch, transformers, PEFT, TRL and bnb are loaded
+ALLOCATOR_MARGIN = 0.08    # the caching allocator's reservation beyond live tensors (H200 rows: 2-8%)
+CPU_ALLOCATOR_MARGIN = 0.12  # glibc's arenas on a CPU (peak RSS of the same run varies 10-20% run to run)
+BUSY_TOKENS = 2048         # a micro-batch this big keeps a GPU's matmuls busy: below it, checkpointing on and a
+                           # bigger micro-batch is the faster way to the same effective batch
 DEFAULT_LIMIT = 0.90
 
 
@@ -114,17 +137,24 @@ class Knobs:
     seq_len: int = 512
     grad_ckpt: bool = False
     optimizer: str = "adamw_torch"
-    lm_head: str = "fused"           # fused (ours: TRL's chunked head) | chunked | full
+    lm_head: str = "auto"            # auto: as the worker runs it (CUDA: TRL's fused head; CPU: native) | chunked | full
+    packing: bool = False
+    offload: bool = False            # activation offloading
+    auto: tuple = ()                 # knobs left to the plan: "micro_batch", "grad_ckpt"
 
     @classmethod
     def from_recipe(cls, recipe) -> "Knobs":
         t = recipe.training
         targets = recipe.lora.target_modules
+        auto = tuple(k for k, key in (("micro_batch", "micro_batch_size"), ("grad_ckpt", "gradient_checkpointing"))
+                     if getattr(t, key) == "auto")
+        micro = t.effective_batch if "micro_batch" in auto else t.micro_batch_size
         return cls(quant=recipe.quantization.method, double_quant=recipe.quantization.double_quant,
                    compute_dtype=recipe.quantization.compute_dtype, lora_r=recipe.lora.r,
                    lora_targets=targets if isinstance(targets, str) else tuple(targets),
-                   micro_batch=t.micro_batch_size, grad_accum=t.gradient_accumulation_steps, seq_len=t.max_seq_length,
-                   grad_ckpt=t.gradient_checkpointing, optimizer=t.optimizer)
+                   micro_batch=micro, grad_accum=1 if "micro_batch" in auto else t.gradient_accumulation_steps,
+                   seq_len=t.max_seq_length, grad_ckpt=t.gradient_checkpointing is True, optimizer=t.optimizer,
+                   packing=t.packing, offload=t.activation_offloading, auto=auto)
 
 
 def shape_from_config(config: dict, name: str = "model") -> Shape:
@@ -180,36 +210,47 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     lora = shape.lora_params(k.lora_r, k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets))
     tokens = k.micro_batch * k.seq_len
     h, i = shape.hidden, shape.intermediate
-    # On a CPU there is no autocast: prepare_model_for_kbit_training keeps embeddings and norms in fp32, so the
-    # residual stream and what the backward pass keeps are fp32; and attention takes SDPA's math path (a padding
-    # mask), which keeps the scores and the probabilities (heads x seq per token). On a GPU, autocast keeps
-    # 16-bit activations and SDPA's memory-efficient kernels keep no scores.
-    act = 4 if device == "cpu" else dtype
-    attention = 2 * shape.heads * k.seq_len * act if device == "cpu" else 0
-    per_token_layer = (ACT_H * h + ACT_I * i) * act + attention
-    if k.grad_ckpt:
-        activations = tokens * (shape.layers * h * act + per_token_layer)
+    # QLoRA: prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32, so the residual
+    # stream (each layer's input) is fp32 too; the layers' matmuls run in the compute dtype (autocast on CUDA).
+    other = 4 if k.quant == "nf4" else dtype
+    lm_head = k.lm_head if k.lm_head != "auto" else ("fused" if device == "cuda" else "native")
+    if device == "cpu":
+        # No autocast on a CPU: the residual stream and what the backward pass keeps are fp32; a padded batch takes
+        # SDPA's math path, which keeps the scores and the probabilities (heads x seq per token); packed documents
+        # each run a causal flash-style kernel, which keeps none.
+        act = 4
+        attention = 0 if k.packing else 2 * shape.heads * k.seq_len * act
+        per_token_layer = (ACT_H * h + ACT_I * i) * act + attention
+        kept = CPU_CKPT_KEPT * per_token_layer
+    else:
+        per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * dtype
+        kept = CKPT_KEPT * h * other
+    if k.offload:  # the saved tensors wait in host memory; two layers' worth are in flight on the GPU
+        activations = tokens * 2 * (kept if k.grad_ckpt else per_token_layer) + tokens * per_token_layer
+    elif k.grad_ckpt:
+        activations = tokens * (shape.layers * kept + per_token_layer)
     else:
         activations = tokens * shape.layers * per_token_layer
     tile = min(tokens, 4096) * min(shape.vocab, 32768)  # TRL's fused LM head: token x vocab tiles
-    if k.lm_head == "full":
-        head = tokens * shape.vocab * (dtype + 4 + 4)  # logits, their fp32 copy, and its gradient
-    elif k.lm_head == "chunked":
+    if lm_head == "full":
+        head = tokens * shape.vocab * (2 * dtype + 8)  # logits, their fp32 copy, its gradient, the 16-bit gradient
+    elif lm_head == "chunked":
         head = tokens * shape.vocab * dtype + tokens * shape.vocab * 4 // 8  # 16-bit logits, one fp32 chunk of 8
-    elif device == "cpu":
-        head = int(CPU_HEAD_TILES * tile * 4)  # without Triton, the tile's fp32 temporaries (measured)
+    elif lm_head == "native":
+        head = 3 * tokens * shape.vocab * dtype  # the logits, the saved log-probabilities, their gradient
     else:
         head = 2 * tile * dtype + tokens * 32  # a tile and its gradient in place; per-token statistics
     parts = {
         "weights": int(shape.linear_params * per_param / shards),
-        "weights_16bit": int(shape.other_params * dtype / shards),
+        "weights_other": int(shape.other_params * other / shards),
         "lora": lora * 4 // shards,
         "gradients": lora * 4 // shards,
         "optimizer": lora * OPTIMIZER_BYTES[k.optimizer] // shards,
         "activations": int(activations / shards),
         "logits": int(head),
     }
-    parts["allocator_margin"] = int(ALLOCATOR_MARGIN * sum(parts.values()))
+    margin = CPU_ALLOCATOR_MARGIN if device == "cpu" else ALLOCATOR_MARGIN
+    parts["allocator_margin"] = int(margin * sum(parts.values()))
     parts["runtime"] = CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME
     return parts
 
@@ -241,7 +282,7 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
     def total(k: Knobs, shards: int = 1) -> int:
         return sum(estimate(shape, k, kind, shards).values())
 
-    k = knobs
+    k, choices = _fastest(knobs, total, smallest, kind) if knobs.auto else (knobs, [])
     if total(k) > smallest and not k.grad_ckpt:
         k = replace(k, grad_ckpt=True)
         steps.append({"change": "gradient checkpointing on",
@@ -283,7 +324,10 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         "limit_fraction": limit,
         "verdict": verdict,
         "knobs": _knobs_dict(k),
-        "requested": _knobs_dict(knobs),
+        # the plan sets what the recipe left to it (and with an auto micro-batch, the accumulation too)
+        "requested": _knobs_dict(knobs) | {a: "auto" for a in knobs.auto}
+                     | ({"grad_accum": "auto"} if "micro_batch" in knobs.auto else {}),
+        "choices": choices,
         "adjustments": steps if fits else [],
         "strategy": strategy,
         "devices": per_device,
@@ -291,6 +335,39 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
     if not fits:
         plan["would_fit"] = _alternatives(shape, k, devs, kind, shorter_needed, total)
     return plan
+
+
+def _fastest(k: Knobs, total, limit: int, kind: str) -> tuple[Knobs, list[dict]]:
+    """The fastest settings that fit for the knobs left to the plan: checkpointing off if it fits with a
+    micro-batch big enough to keep a GPU busy (any on a CPU, where recomputation is pure cost), and the largest
+    micro-batch dividing the effective batch. Nothing fits: the smallest, for the adjustments to go on from."""
+    batch = k.micro_batch * k.grad_accum
+    micros = [m for m in range(batch, 0, -1) if batch % m == 0] if "micro_batch" in k.auto else [k.micro_batch]
+    ckpts = [False, True] if "grad_ckpt" in k.auto else [k.grad_ckpt]
+    busy = min(BUSY_TOKENS, batch * k.seq_len) if kind == "cuda" else 0
+
+    def candidate(m: int, ckpt: bool) -> Knobs:
+        accum = batch // m if "micro_batch" in k.auto else k.grad_accum
+        return replace(k, micro_batch=m, grad_accum=accum, grad_ckpt=ckpt)
+
+    for ckpt in ckpts:
+        m = next((m for m in micros if total(candidate(m, ckpt)) <= limit), None)
+        if m is None or (not ckpt and len(ckpts) > 1 and m * k.seq_len < busy):
+            continue
+        c = candidate(m, ckpt)
+        out = []
+        if "grad_ckpt" in k.auto:
+            out.append({"change": f"gradient checkpointing {'on' if ckpt else 'off'}",
+                        "why": ("every activation fits: no recomputation, ~25% faster steps" if not ckpt else
+                                f"without it no micro-batch of {busy} tokens or more fits")})
+        if "micro_batch" in k.auto:
+            out.append({"change": f"micro-batch {m} x gradient accumulation {c.grad_accum}",
+                        "why": f"the largest micro-batch that fits; the effective batch stays {batch}"})
+        return c, out
+    smallest = candidate(micros[-1], ckpts[-1])
+    return smallest, [{"change": f"micro-batch {smallest.micro_batch} x gradient accumulation {smallest.grad_accum}"
+                                 f"{', gradient checkpointing on' if 'grad_ckpt' in k.auto else ''}",
+                       "why": "the smallest footprint the recipe allows; it still needs more than one device holds"}]
 
 
 def recipe_changes(plan: dict) -> dict[str, object]:
@@ -374,6 +451,10 @@ def render_text(plan: dict) -> str:
             bar = "#" * max(0, round(40 * value / scale)) if scale else ""
             lines.append(f"  {part:<17}{value / GiB:>8.2f} GiB  {bar}")
         lines.append(f"  {'limit':<17}{d['limit'] / GiB:>8.2f} GiB  {'-' * round(40 * d['limit'] / scale)}|")
+    if plan.get("choices"):
+        lines.append("")
+        lines.append("chosen by the plan (the recipe left them to it):")
+        lines += [f"  - {c['change']} ({c['why']})" for c in plan["choices"]]
     if plan["adjustments"]:
         lines.append("")
         lines.append("adjustments, in order:")

@@ -34,20 +34,58 @@ class Lora(_Strict):
 
 class Training(_Strict):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
-    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    micro_batch_size: int | Literal["auto"] = Field(
+        4, description="sequences (packed: bins of max_seq_length) per forward pass; auto: the plan picks the "
+                       "largest that fits, with gradient accumulation making up batch_size")
     gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="effective batch (sequences per optimizer step) that "
+                                   "micro_batch_size: auto keeps; default micro_batch_size x gradient_accumulation_steps")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_seq_length: int = Field(512, ge=16, le=131072)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False, description="recompute activations in the backward pass; auto: off when the plan finds it fits")
+    packing: bool = Field(True, description="pack examples into bins of max_seq_length, padding-free, with "
+                                            "attention kept inside each example")
+    kernels: Literal["auto", "none"] = Field("auto", description="auto: Liger's fused RMSNorm, RoPE and SwiGLU "
+                                             "kernels on CUDA when installed; none: transformers' own")
+    activation_offloading: bool = Field(False, description="keep saved activations in host memory (slower; "
+                                        "the planner counts them off the GPU)")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
     save_steps: int = Field(25, ge=1, description="checkpoint every N steps")
     eval_steps: int = Field(25, ge=1, description="validation loss every N steps")
     logging_steps: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 1 or more, or auto")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value, info):
+        micro, accum = info.data.get("micro_batch_size"), info.data.get("gradient_accumulation_steps")
+        if value is not None and isinstance(micro, int) and isinstance(accum, int) and value != micro * accum:
+            raise ValueError(f"{value} is not micro_batch_size x gradient_accumulation_steps ({micro} x {accum}); "
+                             "set micro_batch_size: auto to let the plan choose, or drop batch_size")
+        return value
+
+    @property
+    def effective_batch(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return (4 if self.micro_batch_size == "auto" else self.micro_batch_size) * self.gradient_accumulation_steps
+
+    @property
+    def auto(self) -> list[str]:
+        """The knobs this recipe leaves to the plan."""
+        return [k for k in ("micro_batch_size", "gradient_checkpointing") if getattr(self, k) == "auto"]
 
 
 class Quantization(_Strict):

@@ -79,7 +79,7 @@ def tokenizer_dir(out: Path) -> Path:
 
 
 def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
-            compute_dtype: str = "float32", steps: int = 2, r: int = 16) -> dict:
+            compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True) -> dict:
     """Train ``steps`` steps for real and return the run's summary (with peak_rss_bytes) and the recipe used."""
     import yaml
 
@@ -88,9 +88,10 @@ def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len:
               "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0},
               "training": {"max_steps": steps, "micro_batch_size": micro_batch, "max_seq_length": seq_len,
                            "gradient_checkpointing": grad_ckpt, "save_steps": 1000, "eval_steps": 1000,
+                           "packing": packing,
                            "learning_rate": 1e-4},
               "export": {"quant": ["f16"]}}
-    path = home.parent / f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}.yaml"
+    path = home.parent / f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}-{int(packing)}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = cli(home, "train", str(path))
     if run["state"] != "finished":

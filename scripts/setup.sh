@@ -30,7 +30,10 @@ fi
 # replaces a build of other flags (pip alone would keep any llama-cpp-python of the pinned version).
 llama_wheel=$(PYTHON="$PY" packaging/llama-wheel.sh)
 "$PY" -m pip install --force-reinstall --no-deps "$llama_wheel"
-"$PY" -m pip install -e ".[test]"
+# On a CUDA workstation also Liger's Triton kernels (training.kernels: auto); Triton comes with CUDA torch.
+extras=test
+if [ -n "${APPLIANCE_TORCH_INDEX:-}" ]; then extras=test,cuda; fi
+"$PY" -m pip install -e ".[$extras]"
 
 # The embedded default model, hash-checked.
 mkdir -p .cache/wheels

@@ -240,6 +240,9 @@ async def test_plan_draws_the_memory_bars_on_a_profile(home):
         shown = text(app, "#plan-bars")
         assert "RTX 4090" in shown and "█" in shown and "limit" in shown and "ok" in shown
         assert "strategy:" in text(app, "#plan-details")
+        # the recipe leaves checkpointing and the micro-batch to the plan, which says what it chose and why
+        assert "chosen by the plan" in text(app, "#plan-details") and "gradient checkpointing on" in text(
+            app, "#plan-details")
 
 
 @aio

@@ -67,7 +67,8 @@ def summary(plan: dict) -> str:
              f"(limit {plan['limit_fraction']:.0%} of each device)",
              f"{escape(m['name'])}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers · {k['quant']}, "
              f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
-             f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"]
+             f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"
+             f"{', packed' if k.get('packing') else ''}"]
     if plan.get("config"):
         lines.append(f"[dim]model shape from {escape(str(plan['config']))}[/]")
     return "\n".join(lines)
@@ -75,6 +76,9 @@ def summary(plan: dict) -> str:
 
 def details(plan: dict) -> str:
     lines = []
+    if plan.get("choices"):
+        lines.append("[b]chosen by the plan (the recipe left them to it):[/]")
+        lines += [f"  - {escape(c['change'])} ({escape(c['why'])})" for c in plan["choices"]]
     if plan["adjustments"]:
         lines.append("[b]adjustments, in order:[/]")
         lines += [f"  - {escape(a['change'])} ({escape(a['why'])})" for a in plan["adjustments"]]
@@ -85,10 +89,14 @@ def details(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def int_or_auto(raw: str):
+    return "auto" if raw.lower() == "auto" else int(raw)
+
+
 # The knobs the form edits: (input id, recipe key, label, type).
 KNOBS = (
     ("k-steps", "training.max_steps", "steps", int),
-    ("k-batch", "training.micro_batch_size", "micro-batch", int),
+    ("k-batch", "training.micro_batch_size", "micro-batch", int_or_auto),
     ("k-accum", "training.gradient_accumulation_steps", "accumulate", int),
     ("k-seq", "training.max_seq_length", "seq length", int),
     ("k-rank", "lora.r", "LoRA rank", int),
@@ -248,7 +256,7 @@ class PlanScreen(Pane):
             for input_id, key, _, _ in KNOBS:
                 self.query_one(f"#{input_id}", Input).placeholder = str(defaults[key])
             self.update_selects()
-            self.query_one("#k-ckpt", Checkbox).value = bool(defaults["training.gradient_checkpointing"])
+            self.query_one("#k-ckpt", Checkbox).value = defaults["training.gradient_checkpointing"] is True
 
         self.call(job, shown, group="defaults")
 
@@ -268,10 +276,12 @@ class PlanScreen(Pane):
             try:
                 out[key] = kind(raw)
             except ValueError:
-                raise InvalidInput(f"Plan: {label} must be {'a whole number' if kind is int else 'a number'}, not "
+                what = {int: "a whole number", int_or_auto: "a whole number or auto"}.get(kind, "a number")
+                raise InvalidInput(f"Plan: {label} must be {what}, not "
                                    f"{raw!r}; fix the field or clear it to keep the recipe's value.") from None
         ckpt = self.query_one("#k-ckpt", Checkbox).value
-        if ckpt != getattr(self, "defaults", {}).get("training.gradient_checkpointing", False):
+        recipes_ckpt = getattr(self, "defaults", {}).get("training.gradient_checkpointing", False)
+        if ckpt != (recipes_ckpt is True):  # toggled: on, or off (an unticked box keeps a recipe's auto)
             out["training.gradient_checkpointing"] = ckpt
         return out
 
