@@ -225,7 +225,7 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     else:
         per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * dtype
         kept = CKPT_KEPT * h * other
-    if k.offload:  # the saved tensors wait in host memory; two layers' worth are in flight on the GPU
+    if k.offload and device == "cuda":  # the saved tensors wait in host memory; two layers' worth are in flight
         activations = tokens * 2 * (kept if k.grad_ckpt else per_token_layer) + tokens * per_token_layer
     elif k.grad_ckpt:
         activations = tokens * (shape.layers * kept + per_token_layer)

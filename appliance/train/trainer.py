@@ -208,7 +208,8 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     emit(ev.Event("stage", proc.STAGE, f"attention {load_kwargs['attn_implementation']}"
                       f"{', packed bins of ' + str(t.max_seq_length) + ' tokens' if t.packing else ''}, kernels "
                       f"{kernels or 'transformers'}, loss {'TRL chunked LM head' if cuda else 'native'}",
-                      {"attention": load_kwargs["attn_implementation"], "packing": t.packing, "kernels": kernels}))
+                      {"attention": load_kwargs["attn_implementation"], "packing": t.packing, "kernels": kernels,
+                       "activation_offloading": t.activation_offloading and cuda}))
     if recipe.quantization.method == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(
@@ -246,7 +247,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         max_length=t.max_seq_length,
         packing=t.packing,
         packing_strategy="bfd",  # best fit decreasing: whole examples in bins, none split across two
-        activation_offloading=t.activation_offloading,
+        activation_offloading=t.activation_offloading and cuda,  # host memory is where a CPU run keeps them anyway
         report_to=[],
         disable_tqdm=True,
         use_cpu=not cuda,
