@@ -101,3 +101,75 @@ def test_packed_gradients_match_padded():
         model(**batch).loss.backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-3)
+
+
+def test_the_cpu_native_loss_equals_trls_fused_loss(tiny_model_dir, demo_dataset, tmp_path):
+    """On a CPU the worker computes the loss from the model's own logits (appliance.train.trainer.trainer_class);
+    on CUDA it keeps TRL's chunked head. Same batch, same model: the same loss (and, with the head in bf16, within
+    bf16's rounding)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from appliance import data
+    from appliance.chat_format import encode
+    from appliance.train.trainer import low_precision_head, trainer_class
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.pad_token = tok.unk_token or tok.bos_token
+    rows = [encode(tok, r["messages"], 96) for r in data.load_split(demo_dataset, "train")[:12]]
+    ds = datasets.Dataset.from_list(rows)
+    losses = {}
+    for name, cuda, head in (("native", False, None), ("fused", True, None), ("bf16", False, torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                     attn_implementation=attention_name())
+        if head is not None:
+            model.lm_head = low_precision_head(model.lm_head, head)
+        args = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_length=96, packing=True,
+                         packing_strategy="bfd", report_to=[], use_cpu=True, disable_tqdm=True, seed=1)
+        trainer = trainer_class(cuda)(model=model, args=args, train_dataset=ds, processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        with torch.no_grad():
+            losses[name] = trainer.compute_loss(model, dict(batch)).item()
+    assert abs(losses["native"] - losses["fused"]) < 1e-4, losses
+    assert abs(losses["bf16"] - losses["native"]) < 2e-2 * losses["native"], losses
+    assert trainer._metrics["train"]["num_tokens"][0] == batch["input_ids"].numel()  # what tokens/s is made of
+
+
+def attention_name():
+    from appliance.train import attention
+
+    return attention.register()
+
+
+def test_train_with_auto_knobs_packed_and_unpacked(tiny_home, tmp_path, demo_dataset):
+    """`appliance train` on a recipe that leaves the micro-batch and checkpointing to the plan: the run's recipe holds
+    what the plan chose (the effective batch kept), the first event says how the step is made, and a run with
+    packing off trains too."""
+    import json
+
+    from conftest import cli_json, run_events, write_recipe
+
+    home = tiny_home
+    recipe = write_recipe(tmp_path / "auto.yaml", demo_dataset, max_steps=2, save_steps=100, eval_steps=100,
+                          micro_batch_size="auto", batch_size=4, gradient_checkpointing="auto")
+    st = cli_json("train", str(recipe), home=home)
+    assert st["state"] == "finished", st
+    run = home / "runs" / st["id"]
+    kept = json.loads((run / "recipe.json").read_text())["training"]
+    assert kept["micro_batch_size"] == 4 and kept["gradient_accumulation_steps"] == 1 and kept["batch_size"] == 4
+    assert kept["gradient_checkpointing"] is False and kept["packing"] is True
+    chosen = json.loads((run / "plan.json").read_text())["choices"]
+    assert [c["change"] for c in chosen] == ["gradient checkpointing off", "micro-batch 4 x gradient accumulation 1"]
+    how = next(e for e in run_events(home, st["id"]) if e.type == "stage" and "attention" in e.data)
+    assert how.data["attention"] == "appliance_documents" and how.data["packing"] is True
+    assert how.data["kernels"] is None  # no CUDA here: transformers' own layers
+    assert "loss native" in how.message
+
+    plain = write_recipe(tmp_path / "unpacked.yaml", demo_dataset, max_steps=2, save_steps=100, eval_steps=100,
+                         packing=False)
+    st = cli_json("train", str(plain), home=home)
+    assert st["state"] == "finished", st
+    how = next(e for e in run_events(home, st["id"]) if e.type == "stage" and "attention" in e.data)
+    assert how.data["attention"] == "sdpa" and how.data["packing"] is False

@@ -47,6 +47,22 @@ def test_unknown_quantization_rejected(tmp_path):
     assert "unknown quantization 'q3_xx'" in str(pytest.raises(InvalidInput, recipes.load, p).value)
 
 
+def test_auto_knobs_and_the_effective_batch(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nbase_model: m\ndataset: d\ntraining:\n  micro_batch_size: auto\n  batch_size: 16\n"
+                 "  gradient_checkpointing: auto\n")
+    t = recipes.load(p).training
+    assert t.auto == ["micro_batch_size", "gradient_checkpointing"] and t.effective_batch == 16 and t.packing is True
+    p.write_text("name: x\nbase_model: m\ndataset: d\ntraining:\n  micro_batch_size: 4\n  batch_size: 6\n")
+    msg = str(pytest.raises(InvalidInput, recipes.load, p).value)
+    assert f"{p}:6" in msg and "training.batch_size" in msg and "micro_batch_size: auto" in msg
+    p.write_text("name: x\nbase_model: m\ndataset: d\ntraining:\n  micro_batch_size: 0\n"
+                 "  gradient_checkpointing: sometimes\n  kernels: liger\n")
+    msg = str(pytest.raises(InvalidInput, recipes.load, p).value)
+    assert f"{p}:5" in msg and "1 or more, or auto" in msg
+    assert "training.gradient_checkpointing" in msg and "training.kernels" in msg and f"{p}:7" in msg
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(NotFound):
         recipes.load(tmp_path / "nope.yaml")
