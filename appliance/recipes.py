@@ -166,10 +166,35 @@ def from_dict(raw: dict, source: Path | None = None, lines: dict[tuple, int] | N
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err, source, lines or {}) for err in e.errors()]
+        problems = [_describe(err, source, lines or {}) for err in _merge_unions(e.errors())]
         raise InvalidInput("; ".join(problems) + ".") from None
     recipe.source = str(source) if source else None
     return recipe
+
+
+_MEMBERS = {"bool": "true, false", "int": "a whole number", "float": "a number", "str": "text"}
+
+
+def _merge_unions(errors: list[dict]) -> list[dict]:
+    """A value that fits no member of a union (``true | false | auto``) gets one message, not one per member."""
+    out: list[dict] = []
+    merged: dict[tuple, dict] = {}
+    for err in errors:
+        *loc, member = err["loc"] or ("",)
+        if isinstance(member, str) and (member in _MEMBERS or member.startswith("literal[")):
+            what = _MEMBERS.get(member) or member[len("literal["):-1].replace("'", "")
+            key = tuple(loc)
+            if key in merged:
+                merged[key]["choices"].append(what)
+                continue
+            merged[key] = {"loc": key, "type": "union", "input": err.get("input"), "choices": [what]}
+            out.append(merged[key])
+        else:
+            out.append(err)
+    for err in merged.values():
+        *first, last = err["choices"]
+        err["msg"] = f"{err['input']!r} is not {', '.join(first) + ' or ' if first else ''}{last}"
+    return out
 
 
 def _describe(err: dict, source: Path | None, lines: dict[tuple, int]) -> str:

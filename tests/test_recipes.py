@@ -60,7 +60,8 @@ def test_auto_knobs_and_the_effective_batch(tmp_path):
                  "  gradient_checkpointing: sometimes\n  kernels: liger\n")
     msg = str(pytest.raises(InvalidInput, recipes.load, p).value)
     assert f"{p}:5" in msg and "1 or more, or auto" in msg
-    assert "training.gradient_checkpointing" in msg and "training.kernels" in msg and f"{p}:7" in msg
+    assert "training.gradient_checkpointing: 'sometimes' is not true, false or auto" in msg
+    assert "training.kernels" in msg and f"{p}:7" in msg
 
 
 def test_missing_recipe_file(tmp_path):
