@@ -48,9 +48,15 @@ def list_runs() -> list[dict]:
 
 
 def create(recipe: Recipe, plan: dict | None = None) -> str:
-    """Validate what the recipe points at and make the run's folder (with its memory plan); start nothing."""
+    """Validate what the recipe points at and make the run's folder (with its memory plan); start nothing. A recipe
+    that leaves knobs to the plan (``auto``) is planned here if the caller did not."""
     from . import data
     from .models import model_dir
+
+    if plan is None and recipe.training.auto:
+        from .plan import fitted
+
+        recipe, plan = fitted(recipe)
 
     model_dir(recipe.base_model)
     dataset = recipe.dataset_path()

@@ -152,6 +152,9 @@ def main() -> None:
         overrides |= {"dataset": str(mix_dataset(home / "length-mix")), "training.max_seq_length": 512,
                       "training.micro_batch_size": 4}
     recipe = recipes.load(demo.recipe_path(), **overrides)
+    from appliance import plan
+
+    recipe, _ = plan.fitted(recipe)  # what `appliance train` runs: the plan's choices for the auto knobs; both sides
     recipe_file = home / "bench-recipe.yaml"
     import yaml
 
