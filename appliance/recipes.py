@@ -14,7 +14,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInput, NotFound
 
@@ -37,7 +37,8 @@ class Training(_Strict):
     micro_batch_size: int | Literal["auto"] = Field(
         4, description="sequences (packed: bins of max_seq_length) per forward pass; auto: the plan picks the "
                        "largest that fits, with gradient accumulation making up batch_size")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="micro-batches per optimizer step; default batch_size / micro_batch_size, else 1")
     batch_size: int | None = Field(None, ge=1, description="effective batch (sequences per optimizer step) that "
                                    "micro_batch_size: auto keeps; default micro_batch_size x gradient_accumulation_steps")
     learning_rate: float = Field(2e-4, gt=0, lt=1)
@@ -71,10 +72,22 @@ class Training(_Strict):
     @classmethod
     def _batch(cls, value, info):
         micro, accum = info.data.get("micro_batch_size"), info.data.get("gradient_accumulation_steps")
-        if value is not None and isinstance(micro, int) and isinstance(accum, int) and value != micro * accum:
+        if value is None or not isinstance(micro, int):
+            return value
+        if isinstance(accum, int) and value != micro * accum:
             raise ValueError(f"{value} is not micro_batch_size x gradient_accumulation_steps ({micro} x {accum}); "
-                             "set micro_batch_size: auto to let the plan choose, or drop batch_size")
+                             "drop gradient_accumulation_steps to derive it, or set micro_batch_size: auto")
+        if value % micro:
+            raise ValueError(f"{value} is not a multiple of micro_batch_size {micro}; choose a micro-batch that "
+                             "divides it, or micro_batch_size: auto")
         return value
+
+    @model_validator(mode="after")
+    def _accumulation(self):
+        if self.gradient_accumulation_steps is None:
+            derive = self.batch_size is not None and self.micro_batch_size != "auto"
+            self.gradient_accumulation_steps = self.batch_size // self.micro_batch_size if derive else 1
+        return self
 
     @property
     def effective_batch(self) -> int:

@@ -385,6 +385,20 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         await click(pilot, "#plan-go")
         await settle(pilot)
         assert screen.plan["knobs"]["lora_r"] == 64
+        # the demo recipe leaves the micro-batch to the plan; a stated one keeps the batch with accumulation
+        assert app.query_one("#k-batch", Input).placeholder == "auto"
+        await type_into(pilot, "#k-batch", "2")
+        await click(pilot, "#k-packing")
+        assert screen.overrides() == {"lora.r": 64, "training.learning_rate": 0.0005,
+                                      "training.micro_batch_size": 2, "training.packing": False}
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        k = screen.plan["knobs"]
+        assert (k["micro_batch"], k["grad_accum"], k["packing"]) == (2, 4, False)
+        await type_into(pilot, "#k-batch", "auto")
+        await click(pilot, "#k-packing")
+        assert "training.packing" not in screen.overrides()
+        assert screen.overrides()["training.micro_batch_size"] == "auto"
         await type_into(pilot, "#k-limit", "0.5")
         app.query_one("#plan-view").focus()
         await pilot.press("p")

@@ -115,7 +115,8 @@ def recipe_defaults(path: str) -> dict:
             "training.gradient_accumulation_steps": r.training.gradient_accumulation_steps,
             "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r,
             "training.learning_rate": r.training.learning_rate,
-            "training.gradient_checkpointing": r.training.gradient_checkpointing}
+            "training.gradient_checkpointing": r.training.gradient_checkpointing,
+            "training.packing": r.training.packing}
 
 
 def choices() -> tuple[list[str], list[str]]:
@@ -154,7 +155,7 @@ class PlanScreen(Pane):
     PlanScreen #knobs Contents { padding: 0 0 0 1; }
     PlanScreen #knobs Horizontal { height: auto; }
     PlanScreen #knobs Select { width: 1fr; }
-    PlanScreen #k-ckpt { width: auto; }
+    PlanScreen #k-ckpt, PlanScreen #k-packing { width: auto; }
     PlanScreen #k-shorter { width: auto; margin: 1 0 0 0; }
     PlanScreen #k-model { width: 3fr; }
     PlanScreen #k-config-box { width: 2fr; }
@@ -185,6 +186,8 @@ class PlanScreen(Pane):
                 yield Select([], prompt=f"model {RECIPES}", id="k-model")
                 yield Select([], prompt=f"dataset {RECIPES}", id="k-dataset")
                 yield Checkbox("grad ckpt", id="k-ckpt")
+                yield Checkbox("packing", True, id="k-packing",
+                               tooltip="examples packed into bins of max_seq_length, attention kept inside each")
             with Horizontal(id="k-run"):
                 with Vertical(classes="knob"):
                     yield Label("memory share")
@@ -257,6 +260,7 @@ class PlanScreen(Pane):
                 self.query_one(f"#{input_id}", Input).placeholder = str(defaults[key])
             self.update_selects()
             self.query_one("#k-ckpt", Checkbox).value = defaults["training.gradient_checkpointing"] is True
+            self.query_one("#k-packing", Checkbox).value = defaults["training.packing"]
 
         self.call(job, shown, group="defaults")
 
@@ -283,6 +287,9 @@ class PlanScreen(Pane):
         recipes_ckpt = getattr(self, "defaults", {}).get("training.gradient_checkpointing", False)
         if ckpt != (recipes_ckpt is True):  # toggled: on, or off (an unticked box keeps a recipe's auto)
             out["training.gradient_checkpointing"] = ckpt
+        packing = self.query_one("#k-packing", Checkbox).value
+        if packing != getattr(self, "defaults", {}).get("training.packing", True):
+            out["training.packing"] = packing
         return out
 
     def options(self) -> dict:
