@@ -67,8 +67,11 @@ def _train(args) -> int:
     recipe = recipes.load(args.recipe, **parse_overrides(args.set))
     # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
     recipe, plan = planner.fitted(recipe, allow_shorter=args.allow_shorter)
-    if plan["recipe_changes"] and not args.json:
-        print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
+    if not args.json:
+        if plan["choices"]:
+            print("the plan chose: " + "; ".join(c["change"] for c in plan["choices"]))
+        if plan["adjustments"]:
+            print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
     run_id = runs.create(recipe, plan)
     runs.start(run_id, processes=args.processes)
     return after_start(run_id, args.detach, args.json)
