@@ -68,8 +68,9 @@ OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "sg
 # CPU: fitted to peak RSS of real runs here (bench/plan_accuracy.py, part 1). CUDA: fitted to the H200 rows of
 # bench/gpu_measured.json (Llama-3.1-8B shape, QLoRA, bf16 autocast, LoRA dropout 0.05): 348 kB a token and layer
 # without checkpointing, where bf16 casts of an fp32 residual stream double what a pure-bf16 layer keeps.
-ACT_H = 14.5
+ACT_H = 14.5              # bf16 compute on a CPU: the quantized layers' inputs and outputs are bf16 copies
 ACT_I = 5.8
+CPU_FP32_ACT = 1.28       # fp32 compute on a CPU: every saved tensor is fp32 (fitted to the rows of a random Llama)
 CPU_CKPT_KEPT = 0.4        # with checkpointing a CPU run keeps 40% of a layer's working set per layer (measured: the
                            # reentrant checkpoint should keep only its input; not yet understood), one layer's in full
 CUDA_ACT_H = 20.0
@@ -220,7 +221,8 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         # each run a causal flash-style kernel, which keeps none.
         act = 4
         attention = 0 if k.packing else 2 * shape.heads * k.seq_len * act
-        per_token_layer = (ACT_H * h + ACT_I * i) * act + attention
+        scale = CPU_FP32_ACT if k.compute_dtype == "float32" else 1.0
+        per_token_layer = scale * (ACT_H * h + ACT_I * i) * act + attention
         kept = CPU_CKPT_KEPT * per_token_layer
     else:
         per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * dtype
