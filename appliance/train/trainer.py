@@ -322,12 +322,17 @@ def trainer_class(cuda: bool):
             valid = target != -100
             count = valid.sum()
             loss = loss / (count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)).clamp(min=1)
+            # As TRL's own: num_items_in_batch counts every rank's tokens, and DDP averages the ranks' gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            gather = self.accelerator.gather_for_metrics
             with torch.no_grad():
-                correct = (outputs.logits.argmax(-1) == target) & valid
-                self._metrics[mode]["mean_token_accuracy"].append((correct.sum() / count.clamp(min=1)).item())
-            if mode == "train":
+                correct = gather(((outputs.logits.argmax(-1) == target) & valid).sum()).sum()
+                self._metrics[mode]["mean_token_accuracy"].append((correct / gather(count).sum().clamp(min=1)).item())
+            if mode == "train":  # TRL's running count of non-padding tokens over all ranks: what tokens/s is made of
                 mask = inputs.get("attention_mask")
-                self._total_train_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+                local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                self._total_train_tokens += int(gather(local.to(loss.device)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, outputs) if return_outputs else loss
 
