@@ -8,7 +8,7 @@ import json
 import pytest
 
 
-from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent  # noqa: E402
+from textual.widgets import Checkbox, DataTable, Input, ProgressBar, Static, TabbedContent  # noqa: E402
 
 from appliance import models  # noqa: E402
 from appliance.trust import keys
@@ -369,6 +369,19 @@ async def test_plan_form_plans_from_a_model_config_before_the_weights_are_here(h
                                       "model's config.json (or its folder).")
 
 
+async def toggle(pilot, selector: str) -> None:
+    """Tick or untick a checkbox from the keyboard (space), and wait until it has flipped."""
+    box = pilot.app.query_one(selector, Checkbox)
+    before = box.value
+    box.focus()
+    await pilot.press("space")
+    for _ in range(250):
+        if box.value != before:
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"{selector} did not flip")
+
+
 @aio
 async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(home):
     app = ApplianceApp()
@@ -388,7 +401,7 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         # the demo recipe leaves the micro-batch to the plan; a stated one keeps the batch with accumulation
         assert app.query_one("#k-batch", Input).placeholder == "auto"
         await type_into(pilot, "#k-batch", "2")
-        await click(pilot, "#k-packing")
+        await toggle(pilot, "#k-packing")
         assert screen.overrides() == {"lora.r": 64, "training.learning_rate": 0.0005,
                                       "training.micro_batch_size": 2, "training.packing": False}
         await click(pilot, "#plan-go")
@@ -396,7 +409,7 @@ async def test_plan_form_overrides_the_recipe_and_a_bad_number_names_its_field(h
         k = screen.plan["knobs"]
         assert (k["micro_batch"], k["grad_accum"], k["packing"]) == (2, 4, False)
         await type_into(pilot, "#k-batch", "auto")
-        await click(pilot, "#k-packing")
+        await toggle(pilot, "#k-packing")
         assert "training.packing" not in screen.overrides()
         assert screen.overrides()["training.micro_batch_size"] == "auto"
         await type_into(pilot, "#k-limit", "0.5")
