@@ -123,6 +123,18 @@ class Shape:
         names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
         return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
 
+    def dora_params(self, targets: str | list[str]) -> tuple[int, int, int]:
+        """DoRA on top of LoRA: (magnitude parameters, one output per target; output features per token and
+        layer, which DoRA keeps for its backward pass; the largest target weight, which it rebuilds in the
+        compute dtype to take its norm)."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        q_out = self.heads * self.head_dim
+        dims = {"q_proj": (h, q_out), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q_out, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
+        outs = sum(dims[n][1] for n in names)
+        return self.layers * outs, outs, max((dims[n][0] * dims[n][1] for n in names), default=0)
+
 
 @dataclass(frozen=True)
 class Knobs:
@@ -142,6 +154,7 @@ class Knobs:
     packing: bool = False
     offload: bool = False            # activation offloading
     auto: tuple = ()                 # knobs left to the plan: "micro_batch", "grad_ckpt"
+    dora: bool = False
 
     @classmethod
     def from_recipe(cls, recipe) -> "Knobs":
@@ -155,7 +168,7 @@ class Knobs:
                    lora_targets=targets if isinstance(targets, str) else tuple(targets),
                    micro_batch=micro, grad_accum=1 if "micro_batch" in auto else t.gradient_accumulation_steps,
                    seq_len=t.max_seq_length, grad_ckpt=t.gradient_checkpointing is True, optimizer=t.optimizer,
-                   packing=t.packing, offload=t.activation_offloading, auto=auto)
+                   packing=t.packing, offload=t.activation_offloading, auto=auto, dora=recipe.lora.use_dora)
 
 
 def shape_from_config(config: dict, name: str = "model") -> Shape:
@@ -208,7 +221,10 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         per_param = 1.0 + 4 / 4096  # one fp32 scale per row of a 4096-wide matrix
     else:
         per_param = dtype if device == "cpu" else 2  # LoRA on a 16-bit base
-    lora = shape.lora_params(k.lora_r, k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets))
+    targets = k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets)
+    lora = shape.lora_params(k.lora_r, targets)
+    magnitudes, dora_outs, dora_weight = shape.dora_params(targets) if k.dora else (0, 0, 0)
+    lora += magnitudes
     tokens = k.micro_batch * k.seq_len
     h, i = shape.hidden, shape.intermediate
     # QLoRA: prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32, so the residual
@@ -227,6 +243,8 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     else:
         per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * dtype
         kept = CKPT_KEPT * h * other
+    if k.dora:  # each target's base output, kept for the magnitude's gradient (compute dtype)
+        per_token_layer += dora_outs * (act if device == "cpu" else dtype)
     if k.offload and device == "cuda":  # the saved tensors wait in host memory; two layers' worth are in flight
         activations = tokens * 2 * (kept if k.grad_ckpt else per_token_layer) + tokens * per_token_layer
     elif k.grad_ckpt:
@@ -251,6 +269,8 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         "activations": int(activations / shards),
         "logits": int(head),
     }
+    if k.dora:  # the rebuilt weight whose norm DoRA takes, one target at a time
+        parts["dora_weight"] = int(dora_weight * 4 / shards)
     margin = CPU_ALLOCATOR_MARGIN if device == "cpu" else ALLOCATOR_MARGIN
     parts["allocator_margin"] = int(margin * sum(parts.values()))
     parts["runtime"] = CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME
@@ -441,7 +461,7 @@ def render_text(plan: dict) -> str:
                  f"vocab {m['vocab']}")
     lines.append(f"on {plan['hardware']}: {verdict[plan['verdict']]} (limit {plan['limit_fraction']:.0%} of each device)")
     lines.append(f"settings: {k['quant']}{' + double quant' if k['double_quant'] and k['quant'] == 'nf4' else ''}, "
-                 f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x accumulation {k['grad_accum']} "
+                 f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}, micro-batch {k['micro_batch']} x accumulation {k['grad_accum']} "
                  f"(effective {k['effective_batch']}), sequences {k['seq_len']}, gradient checkpointing "
                  f"{'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}, {k['compute_dtype']}")
     for d in plan["devices"]:

@@ -30,6 +30,8 @@ class Lora(_Strict):
     alpha: int = Field(32, ge=1, description="scaling: the update is multiplied by alpha / r")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
+    use_dora: bool = Field(False, description="DoRA: the update split into a direction (LoRA) and a trained "
+                                              "magnitude per output; slower steps, closer to full fine-tuning")
 
 
 class Training(_Strict):

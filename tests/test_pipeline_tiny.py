@@ -248,3 +248,32 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     scanned = [p for root in (home, tmp, user_home) for p in root.rglob("*") if p.is_file()]
     assert len(scanned) > 20  # the run's checkpoints, events, logs, merged model and GGUF are all in there
     assert [p for p in scanned if canary.encode() in p.read_bytes()] == []
+
+
+def test_dora_trains_merges_and_exports(tiny_home, tmp_path, demo_dataset):
+    """`lora.use_dora: true` on the 4-bit base: the adapter is DoRA (a trained magnitude per output), the plan
+    counts it, and merge and export work on it as on any run."""
+    import yaml
+
+    home = tiny_home
+    path = write_recipe(tmp_path / "dora.yaml", demo_dataset, max_steps=3, save_steps=100, eval_steps=100)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["lora"]["use_dora"] = True
+    path.write_text(yaml.safe_dump(recipe))
+    plain = cli_json("plan", str(path), "--set", "lora.use_dora=false", home=home)["devices"][0]["breakdown"]
+    dora = cli_json("plan", str(path), home=home)
+    assert "DoRA r=8" in run_cli("plan", str(path), home=home).stdout
+    parts = dora["devices"][0]["breakdown"]
+    assert parts["lora"] > plain["lora"] and parts["activations"] > plain["activations"] and parts["dora_weight"] > 0
+    st = cli_json("train", str(path), home=home)
+    assert st["state"] == "finished", st
+    run = home / "runs" / st["id"]
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any("lora_magnitude_vector" in name for name in f.keys())
+    assert cli_json("merge", st["id"], home=home)["max_abs_logit_diff"] < 1e-3
+    exported = cli_json("export", st["id"], "--quant", "f16", home=home)
+    assert exported["parity"]["top1_agreement"] >= 0.99

@@ -214,7 +214,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(
         r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM"))
+        target_modules=recipe.lora.target_modules, use_dora=recipe.lora.use_dora, task_type="CAUSAL_LM"))
 
     if not cuda and compute_dtype != torch.float32:
         base_model = model.get_base_model()

@@ -66,7 +66,7 @@ def summary(plan: dict) -> str:
     lines = [f"[{style}]{word.upper()}[/] on {escape(str(plan['hardware']))} "
              f"(limit {plan['limit_fraction']:.0%} of each device)",
              f"{escape(m['name'])}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers · {k['quant']}, "
-             f"LoRA r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
+             f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
              f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"
              f"{', packed' if k.get('packing') else ''}"]
     if plan.get("config"):
