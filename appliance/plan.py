@@ -115,25 +115,24 @@ class Shape:
     def total_params(self) -> int:
         return self.linear_params + self.other_params
 
-    def lora_params(self, r: int, targets: str | list[str]) -> int:
+    def targets(self, targets: str | list[str]) -> list[tuple[int, int]]:
+        """(in, out) features of each adapted linear layer of a block."""
         h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
         q_out = self.heads * self.head_dim
         dims = {"q_proj": (h, q_out), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q_out, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
-        return self.layers * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+        return [dims[n] for n in (list(dims) if targets == "all-linear" else [t for t in targets if t in dims])]
+
+    def lora_params(self, r: int, targets: str | list[str]) -> int:
+        return self.layers * sum(r * (d_in + d_out) for d_in, d_out in self.targets(targets))
 
     def dora_params(self, targets: str | list[str]) -> tuple[int, int, int]:
         """DoRA on top of LoRA: (magnitude parameters, one output per target; output features per token and
         layer, which DoRA keeps for its backward pass; the largest target weight, which it rebuilds in the
         compute dtype to take its norm)."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
-        q_out = self.heads * self.head_dim
-        dims = {"q_proj": (h, q_out), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q_out, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        names = list(dims) if targets == "all-linear" else [t for t in targets if t in dims]
-        outs = sum(dims[n][1] for n in names)
-        return self.layers * outs, outs, max((dims[n][0] * dims[n][1] for n in names), default=0)
+        dims = self.targets(targets)
+        outs = sum(d_out for _, d_out in dims)
+        return self.layers * outs, outs, max((d_in * d_out for d_in, d_out in dims), default=0)
 
 
 @dataclass(frozen=True)
