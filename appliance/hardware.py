@@ -491,6 +491,14 @@ def sample(nvml: Any = None) -> dict:
         finally:
             _optional(nvml.nvmlShutdown)
         return out
+    lib = _live_nvml()
+    if lib is not None:
+        out["gpus"] = _sample_gpus(lib)
+    return out
+
+
+def _live_nvml():
+    """pynvml, initialised once per process (a failure is remembered too), or None."""
     if "lib" not in _nvml_state and "error" not in _nvml_state:
         try:
             lib = _real_nvml()
@@ -498,9 +506,21 @@ def sample(nvml: Any = None) -> dict:
             _nvml_state["lib"] = lib
         except Exception as e:
             _nvml_state["error"] = str(e)
-    if "lib" in _nvml_state:
-        out["gpus"] = _sample_gpus(_nvml_state["lib"])
-    return out
+    return _nvml_state.get("lib")
+
+
+def process_gpu_memory(nvml_index: int, pid: int) -> int | None:
+    """The memory process ``pid`` holds on GPU ``nvml_index`` as NVML counts it (its CUDA context included), or
+    None where NVML cannot say (no driver; a container that hides other PIDs)."""
+    lib = _live_nvml()
+    if lib is None:
+        return None
+    try:
+        handle = lib.nvmlDeviceGetHandleByIndex(nvml_index)
+        return next((int(p.usedGpuMemory) for p in lib.nvmlDeviceGetComputeRunningProcesses(handle)
+                     if p.pid == pid and p.usedGpuMemory), None)
+    except Exception:  # noqa: BLE001 - NVML errors and drivers without per-process accounting alike
+        return None
 
 
 def _sample_gpus(nvml) -> list[dict]:

@@ -159,8 +159,7 @@ class Knobs:
     def from_recipe(cls, recipe) -> "Knobs":
         t = recipe.training
         targets = recipe.lora.target_modules
-        auto = tuple(k for k, key in (("micro_batch", "micro_batch_size"), ("grad_ckpt", "gradient_checkpointing"))
-                     if getattr(t, key) == "auto")
+        auto = tuple({"micro_batch_size": "micro_batch", "gradient_checkpointing": "grad_ckpt"}[key] for key in t.auto)
         micro = t.effective_batch if "micro_batch" in auto else t.micro_batch_size
         return cls(quant=recipe.quantization.method, double_quant=recipe.quantization.double_quant,
                    compute_dtype=recipe.quantization.compute_dtype, lora_r=recipe.lora.r,
@@ -230,20 +229,20 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     # stream (each layer's input) is fp32 too; the layers' matmuls run in the compute dtype (autocast on CUDA).
     other = 4 if k.quant == "nf4" else dtype
     lm_head = k.lm_head if k.lm_head != "auto" else ("fused" if device == "cuda" else "native")
+    # No autocast on a CPU: the residual stream and what the backward pass keeps are fp32; a padded batch takes
+    # SDPA's math path, which keeps the scores and the probabilities (heads x seq per token); packed documents
+    # each run a causal flash-style kernel, which keeps none.
+    act = 4 if device == "cpu" else dtype
     if device == "cpu":
-        # No autocast on a CPU: the residual stream and what the backward pass keeps are fp32; a padded batch takes
-        # SDPA's math path, which keeps the scores and the probabilities (heads x seq per token); packed documents
-        # each run a causal flash-style kernel, which keeps none.
-        act = 4
         attention = 0 if k.packing else 2 * shape.heads * k.seq_len * act
         scale = CPU_FP32_ACT if k.compute_dtype == "float32" else 1.0
         per_token_layer = scale * (ACT_H * h + ACT_I * i) * act + attention
         kept = CPU_CKPT_KEPT * per_token_layer
     else:
-        per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * dtype
+        per_token_layer = (CUDA_ACT_H * h + CUDA_ACT_I * i) * act
         kept = CKPT_KEPT * h * other
-    if k.dora:  # each target's base output, kept for the magnitude's gradient (compute dtype)
-        per_token_layer += dora_outs * (act if device == "cpu" else dtype)
+    if k.dora:  # each target's base output, kept for the magnitude's gradient
+        per_token_layer += dora_outs * act
     if k.offload and device == "cuda":  # the saved tensors wait in host memory; two layers' worth are in flight
         activations = tokens * 2 * (kept if k.grad_ckpt else per_token_layer) + tokens * per_token_layer
     elif k.grad_ckpt:

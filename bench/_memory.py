@@ -38,15 +38,24 @@ def workspace(home: Path) -> Path:
     if not (home / "keyring.json").exists():
         cli(home, "vault", "init", "--kdf", "pbkdf2-sha256")
     data = home.parent / "long-examples"
-    if not data.is_dir():
-        data.mkdir()
-        for split, n in (("train", 48), ("validation", 4)):
-            with open(data / f"{split}.jsonl", "w") as f:
-                for i in range(n):
-                    text = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(1500))
-                    f.write(json.dumps({"messages": [{"role": "user", "content": f"write up case {i}"},
-                                                     {"role": "assistant", "content": text}]}) + "\n")
-    return data
+    return data if data.is_dir() else long_examples(data, words=1500, train=48)
+
+
+def long_examples(folder: Path, words: int, train: int) -> Path:
+    """A dataset folder whose every answer is ``words`` words long (longer than any max_seq_length probed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("validation", 4)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                text = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(words))
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"write up case {i}"},
+                                                 {"role": "assistant", "content": text}]}) + "\n")
+    return folder
+
+
+# The small random Llama the CPU rows and the GPU probe's sanity row measure (its config.json values).
+TINY_LLAMA = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "tie_word_embeddings": True}
 
 
 def random_llama(out: Path, tokenizer_dir: Path, hidden: int, intermediate: int, layers: int, heads: int) -> Path:
@@ -78,21 +87,29 @@ def tokenizer_dir(out: Path) -> Path:
     return out
 
 
-def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
-            compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True) -> dict:
-    """Train ``steps`` steps for real and return the run's summary (with peak_rss_bytes) and the recipe used."""
+def probe_recipe(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
+                 compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True,
+                 dropout: float = 0.0, optimizer: str = "adamw_torch") -> Path:
+    """A QLoRA recipe file for one measured configuration (fixed micro-batch, no accumulation)."""
     import yaml
 
     recipe = {"name": "probe", "base_model": model_id, "dataset": str(dataset), "seed": 1,
-              "quantization": {"method": "nf4", "compute_dtype": compute_dtype},
-              "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0},
-              "training": {"max_steps": steps, "micro_batch_size": micro_batch, "max_seq_length": seq_len,
-                           "gradient_checkpointing": grad_ckpt, "save_steps": 1000, "eval_steps": 1000,
-                           "packing": packing,
-                           "learning_rate": 1e-4},
+              "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": compute_dtype},
+              "lora": {"r": r, "alpha": 2 * r, "dropout": dropout},
+              "training": {"max_steps": steps, "micro_batch_size": micro_batch, "gradient_accumulation_steps": 1,
+                           "max_seq_length": seq_len, "gradient_checkpointing": grad_ckpt, "packing": packing,
+                           "optimizer": optimizer, "save_steps": 1000, "eval_steps": 1000, "learning_rate": 1e-4},
               "export": {"quant": ["f16"]}}
-    path = home.parent / f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}-{int(packing)}.yaml"
+    path = home.parent / (f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}-{int(packing)}-"
+                          f"{optimizer}.yaml")
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
+            compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True) -> dict:
+    """Train ``steps`` steps for real and return the run's summary (with peak_rss_bytes) and the recipe used."""
+    path = probe_recipe(home, model_id, dataset, micro_batch, seq_len, grad_ckpt, compute_dtype, steps, r, packing)
     run = cli(home, "train", str(path))
     if run["state"] != "finished":
         raise RuntimeError(f"probe run {run['id']} ended {run['state']}: {run.get('error')}")

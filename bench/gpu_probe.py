@@ -35,9 +35,7 @@ sys.path.insert(0, str(ROOT))
 import _memory  # noqa: E402  the project's own helpers: cli, workspace, long examples
 
 T0 = time.time()
-TINY = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 8, "tie_word_embeddings": True}
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LORA_R, LORA_DROPOUT = 16, 0.05  # the H200 rows' adapter: r=16, alpha 32, dropout 0.05, all linear layers
 
 
 def log(msg: str) -> None:
@@ -46,7 +44,7 @@ def log(msg: str) -> None:
 
 def shape_config(shape: str, vocab: int) -> dict:
     if shape == "tiny":
-        return {**TINY, "vocab_size": vocab}
+        return {**_memory.TINY_LLAMA, "vocab_size": vocab}
     path = ROOT / "recipes" / "configs" / f"{shape}.json"
     if not path.is_file():
         known = sorted(p.stem for p in (ROOT / "recipes" / "configs").glob("*.json"))
@@ -81,35 +79,13 @@ def build_model(out: Path, tok_dir: Path, shape: str) -> tuple[Path, dict]:
     return out, cfg
 
 
-def long_data(folder: Path, words: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 64), ("validation", 4)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                text = " ".join(_memory.WORDS[(i * 7 + j * 13) % len(_memory.WORDS)] for j in range(words))
-                f.write(json.dumps({"messages": [{"role": "user", "content": f"write up case {i}"},
-                                                 {"role": "assistant", "content": text}]}) + "\n")
-    return folder
-
-
 def recipe(home: Path, model_id: str, dataset: Path, mb: int, seq: int, ckpt: bool, cuda: bool) -> Path:
-    import yaml
-
-    r = {"name": "probe", "base_model": model_id, "dataset": str(dataset), "seed": 1,
-         "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-         "lora": LORA,
-         "training": {"max_steps": 6, "micro_batch_size": mb, "gradient_accumulation_steps": 1,
-                      "max_seq_length": seq, "gradient_checkpointing": ckpt,
-                      "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch",
-                      "save_steps": 1000, "eval_steps": 1000, "learning_rate": 2e-4, "warmup_steps": 1},
-         "export": {"quant": ["f16"]}}
-    path = home.parent / f"probe-{model_id}-{mb}-{seq}-{int(ckpt)}.yaml"
-    path.write_text(yaml.safe_dump(r))
-    return path
+    return _memory.probe_recipe(home, model_id, dataset, mb, seq, ckpt, "bfloat16", steps=6, r=LORA_R,
+                                dropout=LORA_DROPOUT, optimizer="paged_adamw_8bit" if cuda else "adamw_torch")
 
 
 def knobs(mb: int, seq: int, ckpt: bool, cuda: bool, lm_head: str = "auto") -> dict:
-    return {"quant": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "lora_r": LORA["r"],
+    return {"quant": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "lora_r": LORA_R,
             "lora_targets": "all-linear", "micro_batch": mb, "grad_accum": 1, "seq_len": seq, "grad_ckpt": ckpt,
             "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch", "packing": True, "lm_head": lm_head}
 
@@ -179,7 +155,7 @@ def main() -> None:
     work = Path(args.work)
     home = work / "home"
     _memory.workspace(home)
-    data = long_data(work / "long", 3000)
+    data = _memory.long_examples(work / "long", words=3000, train=64)
     src, cfg = build_model(work / f"{shape}-src", Path(args.tokenizer), shape)
     _memory.cli(home, "models", "import", str(src), "--name", shape)
     import shutil

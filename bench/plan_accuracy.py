@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _memory
 from _common import machine
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +35,7 @@ CONFIGS = {
     "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": False},
-    "tiny-512x4": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
-                   "vocab_size": 49152, "tie_word_embeddings": True},
+    "tiny-512x4": {**_memory.TINY_LLAMA, "vocab_size": 49152},
 }
 CPU_RUNS = [
     # (model, micro_batch, seq_len, gradient checkpointing, compute dtype, packing)
@@ -51,8 +51,6 @@ CPU_RUNS = [
 
 
 def cpu_rows(quick: bool) -> list[dict]:
-    import _memory
-
     root = Path(tempfile.mkdtemp(prefix="appliance-plan-accuracy-"))
     home = root / "home"
     dataset = _memory.workspace(home)

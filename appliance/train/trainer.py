@@ -21,8 +21,8 @@ from ..recipes import Recipe
 from ..trust import audit
 from ..workspace import write_json
 from . import attention, proc
-from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, is_oom, peak_rss, recover,
-                        release_memory, split_memory)
+from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, is_oom, nvml_index, peak_rss,
+                        recover, release_memory, split_memory)
 
 
 def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
@@ -153,18 +153,9 @@ def cuda_peaks() -> dict:
 
     out = {"peak_cuda_allocated_bytes": torch.cuda.max_memory_allocated(),
            "peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved()}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        index = torch.cuda.current_device()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        used = next((p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                     if p.pid == os.getpid() and p.usedGpuMemory), None)
-        if used:
-            out["cuda_context_bytes"] = max(0, int(used) - torch.cuda.memory_reserved())
-    except Exception:  # noqa: BLE001 - NVML missing or not answering per process (containers): figure left out
-        pass
+    used = hardware.process_gpu_memory(nvml_index(torch.cuda.current_device()), os.getpid())
+    if used:  # NVML missing or not answering per process (containers): the figure is left out
+        out["cuda_context_bytes"] = max(0, used - torch.cuda.memory_reserved())
     return out
 
 
