@@ -35,7 +35,7 @@ SUMS = "SHA256SUMS"
 PUBKEY = "signing-key.pub"
 
 
-def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -> dict:
+def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, checkpoint: str = "best") -> dict:
     from . import runs
     from .trust import audit, provenance
     from .workspace import read_json, staging
@@ -48,6 +48,12 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore) -
     gguf = gguf_dir / f"model-{quant}.gguf"
     if not gguf.is_file():
         raise NotFound(f"run {run_id} has no {quant} GGUF; make it with `appliance export {run_id} --quant {quant}`.")
+    source = runs.adapter(run_id, checkpoint)
+    exported = read_json(run / "export.json") if (run / "export.json").is_file() else {}
+    if exported.get("step", source["step"]) != source["step"]:
+        raise InvalidInput(f"run {run_id}'s GGUF was exported from step {exported['step']}, not the requested "
+                           f"{source['label']}; run `appliance export {run_id} --checkpoint {checkpoint}` first, or "
+                           f"bundle with --checkpoint {exported['step']}.")
     keys.ensure_signer()
     emit(Event("stage", STAGE, f"checking {gguf_dir} and its lineage"))
     check = provenance.verify(gguf)
@@ -268,7 +274,7 @@ def _model_card(run_id, recipe, gguf_manifest, check, generation, evaluation) ->
 
     out = [f"# {recipe.name}: fine-tuned {recipe.base_model}", "",
            f"Made by the offline fine-tuning appliance from run `{run_id}`.", "", "## Lineage", ""]
-    for kind in ("model", "dataset", "run", "adapter", "merged-model", "gguf"):
+    for kind in ("model", "dataset", "run", "adapter", "checkpoint", "merged-model", "gguf"):
         found = item(kind)
         if found:
             m = manifest.read(Path(found["path"]))

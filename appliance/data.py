@@ -66,6 +66,54 @@ def data_keys(dataset: Path) -> dict[str, bytes]:
     return {dataset.name: vault().data_key(dataset.name)} if is_encrypted(dataset) else {}
 
 
+def mixed_train(mix: list[tuple[Path, float]], seed: int) -> tuple[list[dict], list[dict]]:
+    """The training examples of a mix, and how many came from each dataset.
+
+    The first dataset (the domain data) is used once, whole; each other one adds ``weight`` of the total, drawn
+    without replacement (whole passes first when it has fewer records than its share), seeded. datasets'
+    ``interleave_datasets`` stops at the first or at the last exhausted dataset, which either cuts the domain data
+    short or repeats it many times over when the general set is large."""
+    import random
+
+    first, w0 = mix[0]
+    out = load_split(first, "train")
+    counts = [{"dataset": first.name, "weight": round(w0, 6), "examples": len(out)}]
+    total = round(len(out) / w0)
+    rng = random.Random(seed)
+    for path, weight in mix[1:]:
+        records = load_split(path, "train")
+        whole, rest = divmod(round(total * weight), len(records))
+        picked = records * whole + rng.sample(records, rest)
+        counts.append({"dataset": path.name, "weight": round(weight, 6), "examples": len(picked)})
+        out += picked
+    if len(mix) > 1:
+        rng.shuffle(out)
+    return out, counts
+
+
+def stats(dataset: Path) -> dict[str, dict[str, int]]:
+    """Per split, {records, bytes} without decrypting anything (no passphrase needed): what the plan's checks and
+    duration estimate use. An encrypted dataset's counts are in its signed manifest, and its ciphertext is the
+    plaintext's size to within 0.1% (a 16-byte tag per 16 KiB chunk); a plain folder's lines are counted."""
+    from .trust import manifest, store
+
+    out = {}
+    if is_encrypted(dataset):
+        records = manifest.read(dataset)["details"].get("records", {})
+        for split in SPLITS:
+            path = dataset / f"{split}{store.SUFFIX}"
+            out[split] = {"records": int(records.get(split, 0)), "bytes": path.stat().st_size if path.is_file() else 0}
+        return out
+    for split in SPLITS:
+        path = dataset / f"{split}.jsonl"
+        n = 0
+        if path.is_file():
+            with open(path, "rb") as f:
+                n = sum(1 for line in f if line.strip())
+        out[split] = {"records": n, "bytes": path.stat().st_size if path.is_file() else 0}
+    return out
+
+
 def load_split(dataset: Path, split: str) -> list[dict]:
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")

@@ -81,8 +81,13 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     from . import plan as planner
 
     recipe, memory = planner.fitted(recipe)  # the demo fits any machine that runs it; the plan is kept with the run
+    from .duration import text
+
     console.print(f"plan: {memory['verdict'].replace('_', ' ')}, about "
-                  f"{memory['devices'][0]['estimate'] / 2**30:.1f} GiB of {memory['devices'][0]['device']}")
+                  f"{memory['devices'][0]['estimate'] / 2**30:.1f} GiB of {memory['devices'][0]['device']}, "
+                  f"{text(memory['duration']['seconds'])} of training (an estimate)")
+    for c in memory["checks"]:
+        console.print(f"[yellow]warning:[/] {c['message']}")
     run_id = runs.create(recipe, memory)
     console.print(f"run {run_id}: {recipe.training.max_steps} steps, micro-batch {recipe.training.micro_batch_size}, "
                   f"lr {recipe.training.learning_rate}, in a child process (events in runs/{run_id}/events.jsonl)")

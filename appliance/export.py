@@ -47,8 +47,11 @@ _FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "
            "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
-def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) -> dict:
+def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, checkpoint: str = "best") -> dict:
+    """Export the run's adapter at ``checkpoint`` (best, last or a step), merging it first unless the merged model
+    already is that checkpoint's."""
     from .merge import merge, merged_dir
+    from .workspace import read_json
     from .trust import keys
 
     run = runs.run_dir(run_id)
@@ -60,9 +63,11 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
             raise InvalidInput(f"unknown quantization {q!r}; choose from {', '.join(QUANTS)}.")
     if "f16" not in quants:
         quants = ["f16", *quants]  # the parity check needs the f16 reference
+    source = runs.adapter(run_id, checkpoint)
     merged = merged_dir(run_id)
-    if not (merged / manifest.NAME).is_file():
-        merge(run_id, emit=emit)
+    done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
+    if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
+        merge(run_id, emit=emit, checkpoint=str(source["step"]))
     records = data.load_split(recipe.dataset_path(), "validation")[: recipe.export.parity_samples]
     conversations = [with_system(r["messages"], recipe.system_prompt) for r in records]
 
@@ -89,8 +94,10 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
         agreement = {q: parity["top1_agreement"] if q == "f16" else top1_agreement(p, reference)["rate"]
                      for q, p in files.items()}
         manifest.write(tmp, "gguf", f"{run_id}/gguf", parents={"run": run_id, "merged": f"{run_id}/merged"},
-                       parity=parity, top1_agreement=agreement, hardware=hardware.summary())
+                       parity=parity, top1_agreement=agreement, checkpoint=source["name"], step=source["step"],
+                       hardware=hardware.summary())
     result = {
+        "checkpoint": source["name"], "step": source["step"], "label": source["label"],
         "files": {q: {"path": str(out / p.name), "bytes": (out / p.name).stat().st_size,
                       "top1_agreement": agreement[q], **notes.get(q, {})} for q, p in files.items()},
         "parity": parity,
@@ -99,6 +106,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore) ->
     from .trust import audit
 
     audit.record("export", {"run": run_id}, {"quants": list(files), "top1_agreement": agreement,
+                                             "checkpoint": source["name"],
                                              "template_conversations": parity["template_conversations"]})
     emit(Event("finished", STAGE, f"exported {', '.join(files)}", result))
     return result

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import data, hardware, runs
 from .chat_format import render, with_system
-from .errors import CheckFailed, NotFound
+from .errors import CheckFailed
 from .events import Emit, Event, ignore
 from .trust import manifest
 from .workspace import read_json, staging, write_json
@@ -26,25 +26,31 @@ def merged_dir(run_id: str) -> Path:
     return runs.run_dir(run_id) / "merged"
 
 
-def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
+def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = "best") -> dict:
+    """Merge the run's adapter at ``checkpoint`` (best, last or a step; see ``runs.adapter``)."""
     from .models import model_dir
     from .trust import keys
 
     run = runs.run_dir(run_id)
-    adapter = run / "adapter"
-    if not (adapter / manifest.NAME).is_file():
-        raise NotFound(f"run {run_id} has no trained adapter in {adapter}; finish or resume its training first.")
+    source = runs.adapter(run_id, checkpoint)
+    adapter = source["path"]
+    try:
+        manifest.verify(adapter)
+    except CheckFailed as e:
+        raise CheckFailed(f"the adapter at {source['label']} does not match its signed manifest "
+                          f"({str(e).rstrip('.')}); train the run again.") from None
     keys.ensure_signer()  # before the work: the merged model's manifest is signed
     recipe = runs.load_recipe(run_id)
     base = model_dir(recipe.base_model)
     check_base(run, base)
     save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
-    emit(Event("stage", STAGE, f"merging the adapter into {recipe.base_model} (float32, saved as {save_dtype})"))
+    emit(Event("stage", STAGE, f"merging the adapter of {source['label']} into {recipe.base_model} (float32, "
+                               f"saved as {save_dtype})"))
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "adapter"))  # the same tokenizer at every step
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     batch = _heldout_batch(tokenizer, recipe, samples)
@@ -61,15 +67,18 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore) -> dict:
     with staging(out, replace=True) as tmp:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        manifest.write(tmp, "merged-model", f"{run_id}/merged", parents={"adapter": f"{run_id}/adapter", "base_model": recipe.base_model},
-                       dtype=save_dtype, max_abs_logit_diff=diff, hardware=hardware.summary())
+        manifest.write(tmp, "merged-model", f"{run_id}/merged",
+                       parents={"adapter": source["id"], "base_model": recipe.base_model}, dtype=save_dtype,
+                       max_abs_logit_diff=diff, checkpoint=source["name"], step=source["step"],
+                       hardware=hardware.summary())
     result = {"path": str(out), "dtype": save_dtype, "max_abs_logit_diff": diff, "positions": int(mask.sum()),
-              "prompts": batch["input_ids"].shape[0]}
+              "prompts": batch["input_ids"].shape[0], "checkpoint": source["name"], "step": source["step"],
+              "label": source["label"]}
     write_json(run / "merge.json", result)
     from .trust import audit
 
     audit.record("merge", {"run": run_id, "base_model": recipe.base_model},
-                 {"dtype": save_dtype, "max_abs_logit_diff": diff})
+                 {"dtype": save_dtype, "max_abs_logit_diff": diff, "checkpoint": source["name"]})
     emit(Event("finished", STAGE, f"merged; max |logit diff| vs base+adapter {diff:.2e}", result))
     return result
 

@@ -56,6 +56,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import checks, duration
 from .errors import InvalidInput, NotFound
 
 GiB = 2**30
@@ -481,6 +482,11 @@ def render_text(plan: dict) -> str:
         lines += [f"  - {a['change']} ({a['why']})" for a in plan["adjustments"]]
     lines.append("")
     lines.append(f"strategy: {plan['strategy']['mode']}: {plan['strategy']['why']}")
+    if plan.get("duration"):
+        d = plan["duration"]
+        lines.append(f"time: {duration.text(d['seconds'])} (an estimate: {d['basis']})")
+    for c in plan.get("checks", []):
+        lines.append(f"warning: {c['message']}")
     if plan.get("would_fit"):
         lines.append("what would fit:")
         lines += [f"  - {w}" for w in plan["would_fit"]]
@@ -531,11 +537,36 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
     plan["config"] = config_source
     plan["recipe"] = recipe.source
     plan["recipe_changes"] = recipe_changes(plan)
+    train, validation = _split_sizes(recipe)
+    plan["checks"] = checks.recipe_checks(recipe, train["records"] if train else None)
+    if plan["checks"] and recipe.training.strict_checks:
+        where = recipe.source or "the recipe"
+        raise InvalidInput(f"{where}: training.strict_checks is on and the recipe breaks {len(plan['checks'])} of "
+                           "the guides' rules: " + "; ".join(c["message"] for c in plan["checks"]) +
+                           "; fix them, or set training.strict_checks: false to have them as warnings.")
+    knobs = Knobs(**{k: v for k, v in plan["knobs"].items() if k != "effective_batch"})
+    replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] == "ddp" else 1
+    plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas)
     audit.record("plan", {"model": recipe.base_model},
                  {"recipe": recipe.name, "hardware": plan["hardware"], "verdict": plan["verdict"],
                   "estimate_gib": round(max(d["estimate"] for d in plan["devices"]) / GiB, 2),
                   "changes": plan["recipe_changes"]})
     return plan
+
+
+def _split_sizes(recipe) -> tuple[dict | None, dict | None]:
+    """{records, bytes} of the training examples (a mix's whole, as data.mixed_train makes it) and of the held-out
+    split, read without decrypting; (None, None) when a dataset is not here yet."""
+    from . import data
+    from .errors import NotFound
+
+    try:
+        (first, weight), *_ = recipe.mix()
+        sizes = data.stats(first)
+    except NotFound:
+        return None, None
+    train = {k: round(v / weight) for k, v in sizes["train"].items()}
+    return train, sizes["validation"]
 
 
 def fitted(recipe, allow_shorter: bool = False):

@@ -34,8 +34,18 @@ class Lora(_Strict):
                                               "magnitude per output; slower steps, closer to full fine-tuning")
 
 
+class EarlyStopping(_Strict):
+    patience: int = Field(3, ge=1, description="evaluations without improvement before the run stops")
+    min_delta: float = Field(0.0, ge=0.0, description="how much lower the validation loss must be to count as better")
+
+
 class Training(_Strict):
-    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default 100 unless num_epochs is set)")
+    num_epochs: float | None = Field(None, gt=0, le=1000, description="passes over the training split, instead of "
+                                     "max_steps")
+    early_stopping: EarlyStopping | None = Field(None, description="stop when the validation loss has not improved "
+                                                 "for `patience` evaluations; the best checkpoint is kept either way")
+    strict_checks: bool = Field(False, description="the guides' hyperparameter checks are errors, not warnings")
     micro_batch_size: int | Literal["auto"] = Field(
         4, description="sequences (packed: bins of max_seq_length) per forward pass; auto: the plan picks the "
                        "largest that fits, with gradient accumulation making up batch_size")
@@ -85,6 +95,14 @@ class Training(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise ValueError("max_steps and num_epochs are both set; keep one of them")
+        if self.max_steps is None and self.num_epochs is None:
+            self.max_steps = 100
+        return self
+
+    @model_validator(mode="after")
     def _accumulation(self):
         if self.gradient_accumulation_steps is None:
             derive = self.batch_size is not None and self.micro_batch_size != "auto"
@@ -122,10 +140,18 @@ class Export(_Strict):
         return value
 
 
+class Share(_Strict):
+    id: str = Field(description="a dataset id in the workspace, or a folder")
+    weight: float = Field(gt=0, description="its share of the training examples (the weights are normalised)")
+
+
 class Recipe(_Strict):
     name: str
     base_model: str = Field(description="a model id from `appliance models list`")
-    dataset: str = Field(description="a dataset id in the workspace, or a folder holding train.jsonl and validation.jsonl")
+    dataset: str | list[Share] = Field(
+        description="a dataset id in the workspace, or a folder holding train.jsonl and validation.jsonl; or a mix, "
+                    "[{id: domain, weight: 0.9}, {id: general, weight: 0.1}], whose first entry is the domain data "
+                    "(its training split is used once, whole; its validation split is the held-out one)")
     seed: int = 42
     system_prompt: str | None = None
     quantization: Quantization = Field(default_factory=Quantization)
@@ -136,19 +162,40 @@ class Recipe(_Strict):
     # Where the recipe was read from, so relative paths resolve against it.
     source: str | None = Field(None, exclude=True)
 
+    @field_validator("dataset")
+    @classmethod
+    def _mix(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list; name a dataset, or a mix of at least one")
+            ids = [s.id for s in value]
+            if len(set(ids)) < len(ids):
+                raise ValueError(f"{next(i for i in ids if ids.count(i) > 1)!r} is listed twice; list each once")
+        return value
+
+    def mix(self) -> list[tuple[Path, float]]:
+        """(folder, normalised weight) of each dataset; one dataset is a mix of one, with weight 1."""
+        shares = [Share(id=self.dataset, weight=1.0)] if isinstance(self.dataset, str) else self.dataset
+        total = sum(s.weight for s in shares)
+        return [(self._folder(s.id), s.weight / total) for s in shares]
+
     def dataset_path(self) -> Path:
-        """The dataset's folder: a workspace dataset id first, else a path (relative to the recipe's file)."""
+        """The (first, domain) dataset's folder: its validation split is the run's held-out split."""
+        return self._folder(self.dataset if isinstance(self.dataset, str) else self.dataset[0].id)
+
+    def _folder(self, name: str) -> Path:
+        """A workspace dataset id first, else a path (relative to the recipe's file)."""
         from .workspace import folder
 
-        by_id = folder("datasets") / self.dataset
-        if "/" not in self.dataset and by_id.is_dir():
+        by_id = folder("datasets") / name
+        if "/" not in name and by_id.is_dir():
             return by_id
-        p = Path(self.dataset).expanduser()
+        p = Path(name).expanduser()
         if not p.is_absolute() and self.source:
             p = Path(self.source).parent / p
         if not p.is_dir():
             where = f"{self.source}: " if self.source else ""
-            raise NotFound(f"{where}dataset {self.dataset!r} is neither a dataset in {folder('datasets')} nor a folder; "
+            raise NotFound(f"{where}dataset {name!r} is neither a dataset in {folder('datasets')} nor a folder; "
                            "fix the recipe's 'dataset' key.")
         return p
 
@@ -174,6 +221,9 @@ def load(path: str | Path, **overrides: Any) -> Recipe:
         raise InvalidInput(f"{path}: a recipe must be a mapping of keys to values.")
     for dotted, value in overrides.items():
         _set_dotted(raw, dotted, value)
+        other = {"training.max_steps": "training.num_epochs", "training.num_epochs": "training.max_steps"}.get(dotted)
+        if other and value is not None:  # an override of the length replaces the recipe's other way of saying it
+            _set_dotted(raw, other, None)
     return from_dict(raw, source=path, lines=_key_lines(node))
 
 
@@ -190,22 +240,48 @@ def from_dict(raw: dict, source: Path | None = None, lines: dict[tuple, int] | N
 _MEMBERS = {"bool": "true, false", "int": "a whole number", "float": "a number", "str": "text"}
 
 
+def _member(part) -> str | None:
+    """What a union member pydantic names in an error's location stands for, in the recipe's words."""
+    if not isinstance(part, str):
+        return None
+    if part in _MEMBERS:
+        return _MEMBERS[part]
+    if part.startswith("literal["):
+        return part[len("literal["):-1].replace("'", "")
+    if part.startswith("list["):
+        return "a list"
+    return None
+
+
 def _merge_unions(errors: list[dict]) -> list[dict]:
-    """A value that fits no member of a union (``true | false | auto``) gets one message, not one per member."""
+    """A value that fits no member of a union (``true | false | auto``) gets one message, not one per member; an
+    error inside a member (an item of a dataset mix) is reported at its own key, without the member's."""
+    deep = {}
+    for err in errors:
+        loc = err["loc"]
+        at = next((i for i, part in enumerate(loc) if _member(part) and i < len(loc) - 1), None)
+        if at is not None:
+            deep[tuple(loc[:at])] = True
     out: list[dict] = []
     merged: dict[tuple, dict] = {}
     for err in errors:
-        *loc, member = err["loc"] or ("",)
-        if isinstance(member, str) and (member in _MEMBERS or member.startswith("literal[")):
-            what = _MEMBERS.get(member) or member[len("literal["):-1].replace("'", "")
-            key = tuple(loc)
-            if key in merged:
-                merged[key]["choices"].append(what)
-                continue
-            merged[key] = {"loc": key, "type": "union", "input": err.get("input"), "choices": [what]}
-            out.append(merged[key])
-        else:
+        loc = tuple(err["loc"]) or ("",)
+        at = next((i for i, part in enumerate(loc) if _member(part) and i < len(loc) - 1), None)
+        if at is not None:  # inside a member: drop the member's name from the key
+            out.append({**err, "loc": loc[:at] + loc[at + 1:]})
+            continue
+        *key, member = loc
+        what = _member(member)
+        if what is None:
             out.append(err)
+            continue
+        if tuple(key) in deep:
+            continue  # the value is of the member with the deeper error; "not text" would only confuse
+        if tuple(key) in merged:
+            merged[tuple(key)]["choices"].append(what)
+            continue
+        merged[tuple(key)] = {"loc": tuple(key), "type": "union", "input": err.get("input"), "choices": [what]}
+        out.append(merged[tuple(key)])
     for err in merged.values():
         *first, last = err["choices"]
         err["msg"] = f"{err['input']!r} is not {', '.join(first) + ' or ' if first else ''}{last}"
@@ -224,7 +300,7 @@ def _describe(err: dict, source: Path | None, lines: dict[tuple, int]) -> str:
         return f"{where}: unknown key {field!r}{hint}"
     if err["type"] == "missing":
         return f"{where}: required key {field!r} is missing"
-    return f"{where}: {field}: {err['msg']}"
+    return f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def _did_you_mean(word: str, known: list[str], section: str) -> str | None:
@@ -238,9 +314,18 @@ def _did_you_mean(word: str, known: list[str], section: str) -> str | None:
 
 
 def _fields_at(loc: tuple) -> list[str]:
+    import typing
+
+    def model_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next((m for a in typing.get_args(annotation) if (m := model_in(a))), None)
+
     model: type[BaseModel] = Recipe
     for part in loc:
-        model = model.model_fields[part].annotation  # type: ignore[assignment]
+        if str(part).isdigit():
+            continue  # an item of a list: the same model
+        model = model_in(model.model_fields[part].annotation)
     return [name for name in model.model_fields if name != "source"]
 
 
@@ -253,6 +338,10 @@ def _key_lines(node: Any, prefix: tuple = ()) -> dict[tuple, int]:
             path = prefix + (str(key.value),)
             out[path] = key.start_mark.line + 1
             out.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (str(i),)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (str(i),)))
     return out
 
 

@@ -60,8 +60,9 @@ def create(recipe: Recipe, plan: dict | None = None) -> str:
 
     model_dir(recipe.base_model)
     dataset = recipe.dataset_path()
-    for split in data.SPLITS:
-        data.load_split(dataset, split)  # fail here, in the caller, with a clear message
+    for path, _ in recipe.mix():
+        for split in data.SPLITS:
+            data.load_split(path, split)  # fail here, in the caller, with a clear message
     run_id = new_id(recipe.name)
     path = folder("runs") / run_id
     path.mkdir(parents=True)
@@ -99,7 +100,7 @@ def start(run_id: str, resume: bool = False, processes: int | None = None) -> in
 
     recipe = load_recipe(run_id)
     keys.ensure_signer()
-    handed = {"datasets": {k: v.hex() for k, v in data.data_keys(recipe.dataset_path()).items()},
+    handed = {"datasets": {k: v.hex() for path, _ in recipe.mix() for k, v in data.data_keys(path).items()},
               "signing": signing.private_raw().hex()}
     read_end, write_end = os.pipe()
     cmd += ["--keys-fd", str(read_end)]
@@ -225,11 +226,61 @@ def reports(run_id: str) -> dict[str, dict | None]:
     return {name: read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None for name in REPORTS}
 
 
-def last_checkpoint(run_id: str) -> Path | None:
-    """The newest checkpoint that was written completely (a kill during a save leaves one without COMPLETE)."""
+def checkpoints(run_id: str) -> list[Path]:
+    """The checkpoints that were written completely (a kill during a save leaves one without COMPLETE), by step."""
     root = folder("runs") / run_id / "checkpoints"
-    done = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[1].isdigit()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def last_checkpoint(run_id: str) -> Path | None:
+    done = checkpoints(run_id)
+    return done[-1] if done else None
+
+
+CHECKPOINT_CHOICES = "best, last or a step number"
+
+
+def adapter(run_id: str, which: str = "best") -> dict:
+    """The trained adapter that merge, export and bundle take: ``best`` (the checkpoint with the lowest validation
+    loss, the default), ``last`` (the adapter the run ended with) or a step with a complete checkpoint.
+
+    Returns {path, id (for manifests' lineage), name ("adapter" or "checkpoint-N"), step, label}."""
+    from .trust import manifest
+
+    path = run_dir(run_id)
+    final = path / "adapter"
+    if not (final / manifest.NAME).is_file():
+        raise NotFound(f"run {run_id} has no trained adapter in {final}; finish or resume its training first.")
+    summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    steps = int(summary.get("steps") or 0)
+    which = str(which or "best").strip().lower()
+    if which == "best":
+        best = summary.get("best_checkpoint")
+        step = int(best.split("-")[1]) if best else steps
+        why = f"best: validation loss {summary['best_eval_loss']:.4f}" if best else "best: no evaluation, so the last"
+    elif which == "last":
+        step, why = steps, "last"
+    elif which.removeprefix("checkpoint-").isdigit():
+        step, why = int(which.removeprefix("checkpoint-")), "chosen"
+    else:
+        raise InvalidInput(f"--checkpoint {which!r} is not {CHECKPOINT_CHOICES}; run {run_id} has "
+                           f"{_steps_text(run_id, steps)}.")
+    if step == steps:
+        return {"path": final, "id": f"{run_id}/adapter", "name": "adapter", "step": step,
+                "label": f"step {step} ({why}, the final adapter)"}
+    ckpt = path / "checkpoints" / f"checkpoint-{step}"
+    if not (ckpt / COMPLETE).is_file() or not (ckpt / manifest.NAME).is_file():
+        raise NotFound(f"run {run_id} has no complete, signed checkpoint at step {step}; it has "
+                       f"{_steps_text(run_id, steps)}.")
+    return {"path": ckpt, "id": f"{run_id}/checkpoints/{ckpt.name}", "name": ckpt.name, "step": step,
+            "label": f"step {step} ({why}, {ckpt.name})"}
+
+
+def _steps_text(run_id: str, steps: int) -> str:
+    saved = [int(p.name.split("-")[1]) for p in checkpoints(run_id)]
+    return f"checkpoints at steps {', '.join(map(str, saved))} and the final adapter at step {steps}" if saved else \
+        f"only the final adapter (step {steps})"
 
 
 def resume(run_id: str, processes: int | None = None) -> int:

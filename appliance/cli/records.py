@@ -29,6 +29,9 @@ def parsers(add) -> None:
     b.add_argument("run", help="a run id, or `verify`")
     b.add_argument("dir", nargs="?", help="with `verify`: the bundle folder")
     b.add_argument("--out", help="the folder to create for the bundle")
+    from .artifacts import checkpoint_flag
+
+    checkpoint_flag(b)
     b.add_argument("--quant", default="q4_k_m", help="which exported GGUF to ship (default q4_k_m)")
     b.add_argument("--pubkey", help="with `verify`: the trusted signing-key.pub of the appliance that made it")
     b.add_argument("--fingerprint", help="with `verify`: the trusted key's sha256 fingerprint (64 hex digits)")
@@ -122,7 +125,8 @@ def _bundle(args) -> int:
         raise InvalidInput(f"name a new folder for the bundle: `appliance bundle {args.run} --out DIR`.")
     from ..render import reporter
 
-    result = bundle.create(args.run, Path(args.out), quant=args.quant, emit=reporter(args.json))
+    result = bundle.create(args.run, Path(args.out), quant=args.quant, emit=reporter(args.json),
+                           checkpoint=args.checkpoint)
     print_json(result) if args.json else print(
         f"bundle written to {result['path']} ({result['model']}, {result['bytes'] / 2**20:.0f} MiB), "
         f"signed by {result['key'][:16]}...\non the edge box: appliance bundle verify DIR --fingerprint {result['key']}")

@@ -68,6 +68,12 @@ def _train(args) -> int:
     # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
     recipe, plan = planner.fitted(recipe, allow_shorter=args.allow_shorter)
     if not args.json:
+        from ..duration import text
+
+        for c in plan["checks"]:
+            print(f"warning: {c['message']}", file=sys.stderr)
+        if plan["duration"]["seconds"] is not None:
+            print(f"estimated time: {text(plan['duration']['seconds'])} ({plan['duration']['basis']})")
         if plan["choices"]:
             print("the plan chose: " + "; ".join(c["change"] for c in plan["choices"]))
         if plan["adjustments"]:

@@ -192,8 +192,12 @@ def nvml_index(cuda_index: int) -> int:
 # -- events ----------------------------------------------------------------------------------------------------------
 
 
-def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch):
-    """A TrainerCallback that turns the Trainer's logs into events (built lazily: transformers is heavy)."""
+def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int = 3, early_stopping: bool = False):
+    """A TrainerCallback that turns the Trainer's logs into events (built lazily: transformers is heavy).
+
+    It also keeps the golden checkpoint: an evaluation with a new lowest validation loss is saved at once (the
+    Trainer records it as ``best_model_checkpoint``), whatever ``save_steps`` says; and it warns once when the
+    validation loss has risen ``patience`` evaluations in a row while the training loss fell (overfitting)."""
     from transformers import TrainerCallback
 
     from ..runs import COMPLETE
@@ -207,9 +211,11 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch):
             self.step_started = 0.0
             self.busy = 0.0  # seconds spent in training steps since the last log (evaluation excluded)
             self.last_tokens = None
+            self.fit = Overfitting(patience)
 
         def on_train_begin(self, args, state, control, **kw):
             proc.progress["step"] = state.global_step
+            self.fit = Overfitting(patience, state.log_history)  # a resumed run remembers its earlier evaluations
             emit(ev.Event("progress", proc.STAGE, "", {"step": state.global_step, "max_steps": state.max_steps}))
 
         def on_step_begin(self, args, state, control, **kw):
@@ -235,11 +241,14 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch):
             if stop:
                 control.should_save = True
                 control.should_training_stop = True
+            elif state.global_step >= state.max_steps and state.global_step % args.eval_steps:
+                control.should_evaluate = True  # the final adapter is evaluated too: "best" then covers it
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if "loss" not in logs:
                 return
+            self.fit.train_loss(logs["loss"])
             tokens = logs.get("num_tokens")  # TRL's running count of non-padding tokens
             rate = None
             if tokens is not None and self.last_tokens is not None and tokens > self.last_tokens and self.busy > 0:
@@ -255,8 +264,23 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch):
             emit(ev.Event("progress", proc.STAGE, "", {k: v for k, v in d.items() if v is not None and not _nan(v)}))
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if metrics and "eval_loss" in metrics:
-                emit(ev.Event("metric", proc.STAGE, "", {"step": state.global_step, "eval_loss": metrics["eval_loss"]}))
+            if not metrics or "eval_loss" not in metrics:
+                return
+            loss = metrics["eval_loss"]
+            # The Trainer updates best_metric after this call: a loss below it is the new best. Save it now, so
+            # the best evaluation always has a checkpoint to merge.
+            best = state.best_metric is None or loss < state.best_metric
+            if best:
+                control.should_save = True
+            emit(ev.Event("metric", proc.STAGE, "", {"step": state.global_step, "eval_loss": loss, "best": best}))
+            warning = self.fit.eval_loss(state.global_step, loss)
+            if warning and rank == 0:
+                best_at = state.best_global_step if not best else state.global_step
+                action = ("early stopping will stop the run" if early_stopping else
+                          "set training.early_stopping to stop such runs, or train fewer steps")
+                emit(ev.Event("warning", proc.STAGE, f"overfitting: {warning}; the best checkpoint so far is "
+                              f"checkpoint-{best_at}, which merge and export use by default; {action}",
+                              {"overfitting": {**self.fit.evidence, "best_step": best_at}}))
 
         def on_save(self, args, state, control, **kw):
             if world > 1:  # every rank has written its part (its RNG state) before the checkpoint counts
@@ -273,6 +297,46 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch):
                     time.sleep(3600)  # test-only: a worker stuck here is killed with SIGKILL by the test
 
     return Events()
+
+
+class Overfitting:
+    """Validation loss rising ``patience`` evaluations in a row while the mean training loss between them falls:
+    the model is learning the training split, not the task. Says so once (``eval_loss`` returns the sentence)."""
+
+    def __init__(self, patience: int, history: list[dict] | None = None):
+        self.patience, self.evals, self.window, self.warned = patience, [], [], False
+        self.evidence: dict = {}
+        for h in history or []:  # Trainer's log_history: training logs and evaluations in order
+            if "loss" in h:
+                self.train_loss(h["loss"])
+            if "eval_loss" in h:
+                self.eval_loss(h.get("step", 0), h["eval_loss"], quiet=True)
+
+    def train_loss(self, loss: float) -> None:
+        if not _nan(loss):
+            self.window.append(float(loss))
+
+    def eval_loss(self, step: int, loss: float, quiet: bool = False) -> str | None:
+        """Record an evaluation: (step, validation loss, mean training loss since the previous one)."""
+        train = sum(self.window) / len(self.window) if self.window else None
+        self.window = []
+        self.evals.append((step, float(loss), train))
+        recent = self.evals[-(self.patience + 1):]
+        if self.warned or len(recent) <= self.patience:
+            return None
+        rising = all(b[1] > a[1] for a, b in zip(recent, recent[1:]))
+        trains = [r[2] for r in recent if r[2] is not None]
+        falling = len(trains) >= 2 and trains[-1] < trains[0]
+        if not (rising and falling):
+            return None
+        self.warned = True
+        (s0, v0, _), (s1, v1, _) = recent[0], recent[-1]
+        self.evidence = {"from_step": s0, "to_step": s1, "eval_loss": [v0, v1], "train_loss": [trains[0], trains[-1]],
+                         "evaluations": self.patience}
+        if quiet:
+            return None
+        return (f"validation loss rose for {self.patience} evaluations in a row ({v0:.4f} at step {s0} to {v1:.4f} "
+                f"at step {s1}) while training loss fell ({trains[0]:.4f} to {trains[-1]:.4f})")
 
 
 def _nan(v) -> bool:

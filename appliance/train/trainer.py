@@ -57,9 +57,17 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         # Padding with the end-of-turn token would blur where a turn ends; pad with another special token.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
 
+    mix = recipe.mix()
+    mixed, shares = data.mixed_train(mix, recipe.seed)
+    if len(mix) > 1:
+        emit(ev.Event("stage", proc.STAGE, "mixing " + ", ".join(
+            f"{m['examples']} examples of {m['dataset']} ({m['weight']:.0%})" for m in shares) +
+            f"; validation on {shares[0]['dataset']}", {"mix": shares}))
+
     def tokenized(split: str):
+        records = mixed if split == "train" else data.load_split(recipe.dataset_path(), split)
         rows = [encode(tokenizer, with_system(r["messages"], recipe.system_prompt), t.max_seq_length)
-                for r in data.load_split(recipe.dataset_path(), split)]
+                for r in records]
         kept = [r for r in rows if any(r["assistant_masks"])]
         if len(kept) < len(rows):
             emit(ev.Event("warning", proc.STAGE, f"{len(rows) - len(kept)} {split} examples have no assistant tokens "
@@ -102,8 +110,22 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    state = trainer.state
+    best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+    stopper = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"), None)
+    early = bool(stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience)
+    if early:
+        emit(ev.Event("stage", proc.STAGE, f"early stopping at step {state.global_step} of {state.max_steps}: the "
+                      f"validation loss did not improve by more than {t.early_stopping.min_delta} for "
+                      f"{t.early_stopping.patience} evaluations; the best is {best} (validation loss "
+                      f"{state.best_metric:.4f})", {"early_stopped": {"step": state.global_step, "best": best}}))
     summary = {
         "steps": trainer.state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(state.epoch or 0.0, 4),
+        "best_checkpoint": best,  # the lowest validation loss: what merge, export and bundle take by default
+        "best_eval_loss": state.best_metric,
+        "early_stopped": early,
         "final_loss": losses[-1] if losses else None,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "train_runtime_s": round(time.time() - started, 2),
@@ -117,6 +139,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         "processes": world,
         "effective_batch": micro * accum * world,
         "oom_recoveries": overrides(run.name).get("oom_recoveries", []),
+        "mix": shares,
         "peak_rss_bytes": peak_rss(),
         **(cuda_peaks() if cuda else {}),
     }
@@ -128,9 +151,10 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
 
     dataset = recipe.dataset_path()
     files = ["recipe.json", "summary.json"] + (["overrides.json"] if (run / "overrides.json").is_file() else [])
-    manifest.write(run, "run", run.name, files=files,
-                   parents={"dataset": dataset.name if data.is_encrypted(dataset) else str(dataset.resolve()),
-                            "base_model": recipe.base_model},
+    # Every dataset of a mix is a parent: "dataset" (the domain data), then "dataset.2", "dataset.3"...
+    parents = {("dataset" if i == 0 else f"dataset.{i + 1}"): path.name if data.is_encrypted(path)
+               else str(path.resolve()) for i, (path, _) in enumerate(mix)}
+    manifest.write(run, "run", run.name, files=files, parents={**parents, "base_model": recipe.base_model},
                    recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"],
                    hardware=hardware.summary())
     with staging(run / "adapter") as tmp:
@@ -139,10 +163,30 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         manifest.write(tmp, "adapter", f"{run.name}/adapter",
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
                        hardware=hardware.summary())
+    sign_checkpoints(run, recipe)
     audit.record("train.finish", {"run": run.name, "dataset": dataset.name, "base_model": recipe.base_model},
                  {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume,
                   "oom_recoveries": len(summary["oom_recoveries"]), "processes": world})
-    emit(ev.Event("finished", proc.STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}", summary))
+    best_text = f"; best {best} (validation loss {state.best_metric:.4f})" if best else ""
+    emit(ev.Event("finished", proc.STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}"
+                  f"{best_text}", summary))
+
+
+# What a checkpoint holds to resume training, and is not part of the adapter it can be merged as.
+_TRAINER_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state")
+
+
+def sign_checkpoints(run: Path, recipe: Recipe) -> None:
+    """Give every complete checkpoint a signed manifest of its adapter files (kind ``checkpoint``), so that
+    ``merge --checkpoint best|STEP`` has a lineage as the final adapter does: checkpoint -> run -> dataset."""
+    from ..runs import COMPLETE, checkpoints
+    from ..trust import manifest
+
+    for ckpt in checkpoints(run.name):
+        files = [f for f in manifest.files_in(ckpt) if f != COMPLETE and not f.startswith(_TRAINER_ONLY)]
+        manifest.write(ckpt, "checkpoint", f"{run.name}/checkpoints/{ckpt.name}", files=files,
+                       parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
+                       step=int(ckpt.name.split("-")[1]), hardware=hardware.summary())
 
 
 def cuda_peaks() -> dict:
@@ -217,7 +261,8 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"})}
     args = SFTConfig(
         output_dir=str(run / "checkpoints"),
-        max_steps=t.max_steps,
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.num_epochs or 1.0,  # used only without max_steps
         per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum,
@@ -233,6 +278,9 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         save_steps=t.save_steps,
         eval_strategy="steps",
         eval_steps=t.eval_steps,
+        metric_for_best_model="eval_loss",  # the Trainer tracks the golden checkpoint for every run
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=t.early_stopping is not None,  # the patience count survives a resume
         seed=recipe.seed,
         data_seed=recipe.seed,
         max_length=t.max_seq_length,
@@ -248,8 +296,15 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         save_only_model=False,
         **distributed,
     )
+    callbacks = [event_callback(emit, run, watch, patience=t.early_stopping.patience if t.early_stopping else 3,
+                                early_stopping=t.early_stopping is not None)]
+    if t.early_stopping:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping.patience,
+                                               early_stopping_threshold=t.early_stopping.min_delta))
     trainer = trainer_class(cuda)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[event_callback(emit, run, watch)])
+                                  processing_class=tokenizer, callbacks=callbacks)
     # TRL casts QLoRA adapter weights to bf16 when it builds the trainer, but a resume loads them from the
     # checkpoint in fp32, so a resumed run would compute differently from an uninterrupted one. Keep the
     # trainable weights in fp32 from the start (PEFT's own default): tiny in memory, identical across resumes.

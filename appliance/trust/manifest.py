@@ -51,7 +51,7 @@ _ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models
 
 def locate(role: str, artifact_id: str) -> Path | None:
     """The workspace folder of a parent artifact, or None if it is not an id of this workspace."""
-    sub = _ROLE_FOLDERS.get(role)
+    sub = _ROLE_FOLDERS.get(role.split(".")[0])  # "dataset.2": the second dataset of a mix
     if sub is None or not artifact_id or artifact_id.startswith("/") or ".." in artifact_id.split("/"):
         return None
     path = home() / sub / artifact_id

@@ -75,6 +75,7 @@ def load_runs() -> list[dict]:
         r.update(runs.reports(r["id"]))
         r["merged"] = (path / "merged" / manifest.NAME).is_file()
         r["gguf_dir"] = str(path / "gguf")
+        r["checkpoints"] = checkpoint_choices(r)
         try:
             r["quants"] = list(runs.load_recipe(r["id"]).export.quant)
         except (ApplianceError, OSError, ValueError):  # a run folder without a readable recipe
@@ -85,6 +86,18 @@ def load_runs() -> list[dict]:
             r["shape"] = None
         out.append(r)
     return out
+
+
+def checkpoint_choices(run: dict) -> list[tuple[str, str]]:
+    """(label, value) of the adapters a run offers merge, export and bundle: best, last, then each saved step."""
+    from appliance import runs
+
+    s = run.get("summary") or {}
+    steps = int(s.get("steps") or 0)
+    best = s.get("best_checkpoint")
+    out = [(f"best · step {best.split('-')[1] if best else steps}", "best"), (f"last · step {steps}", "last")]
+    return out + [(f"step {p.name.split('-')[1]}", p.name.split("-")[1]) for p in runs.checkpoints(run["id"])
+                  if int(p.name.split("-")[1]) != steps]
 
 
 def quant_prompt(q: str, shape, measured: dict | None) -> Content:
@@ -125,8 +138,10 @@ def results_text(run: dict) -> str:
             if q != "f16" and isinstance(f.get("top1_agreement"), (int, float)):
                 lines.append(f"·  {escape(q)} top-1 agreement {f['top1_agreement']:.2%} (lossy by design: its "
                              "expected quality)")
+    if ex and ex.get("label"):
+        lines += ["", f"[b]exported from[/] {escape(ex['label'])}"]
     if merge:
-        lines += ["", f"[b]merge[/]: saved as {escape(str(merge['dtype']))}; max |logit diff| vs base+adapter "
+        lines += ["", f"[b]merge[/]: {escape(merge.get('label') or 'the final adapter')}; saved as {escape(str(merge['dtype']))}; max |logit diff| vs base+adapter "
                       f"{merge['max_abs_logit_diff']:.2e} over {merge['positions']} positions of {merge['prompts']} "
                       "held-out prompts"]
     return "\n".join(lines)
@@ -141,8 +156,8 @@ class ExportScreen(Pane):
     ExportScreen #ex-tabs TabPane { padding: 0; }
     ExportScreen #ex-quant-row { height: auto; }
     ExportScreen #ex-quants { width: 1fr; }
-    ExportScreen #ex-actions { width: 14; height: auto; }
-    ExportScreen #ex-actions Button { width: 100%; min-width: 10; }
+    ExportScreen #ex-actions { width: 22; height: auto; }
+    ExportScreen #ex-actions Button, ExportScreen #ex-checkpoint { width: 100%; min-width: 10; }
     ExportScreen #ex-note { height: auto; padding: 0 1; color: $text-muted; }
     ExportScreen #ex-log { height: 1fr; min-height: 2; overflow: auto; display: none; }
     ExportScreen #ex-log.shown { display: block; }
@@ -182,6 +197,9 @@ class ExportScreen(Pane):
                 with Horizontal(id="ex-quant-row"):
                     yield SelectionList[str](id="ex-quants")
                     with Vertical(id="ex-actions"):
+                        yield Select([("best", "best")], id="ex-checkpoint", allow_blank=False,
+                                     tooltip="which adapter merge, export and bundle take: best (lowest validation "
+                                             "loss), last, or a saved step")
                         yield Button("Export", id="ex-go", variant="primary")
                         yield Button("Merge", id="ex-merge")
                 yield Static("", id="ex-note")
@@ -267,6 +285,10 @@ class ExportScreen(Pane):
         changed = run_id != self.shown
         self.shown = run_id
         self.show_quants(r, keep_checks=not changed)
+        pick = self.query_one("#ex-checkpoint", Select)
+        keep = pick.value if not changed else "best"
+        pick.set_options(r["checkpoints"])
+        pick.value = keep if any(v == keep for _, v in r["checkpoints"]) else "best"
         self.query_one("#ex-results", Static).update(results_text(r))
         files = list((r.get("export") or {}).get("files", {}))
         choice = self.query_one("#ex-bundle-quant", Select)
@@ -370,16 +392,17 @@ class ExportScreen(Pane):
             raise InvalidInput("check at least one quantization (space toggles the highlighted one).")
         r = self.runs[run_id]
         made = ["f16", *[q for q in quants if q != "f16"]]
+        checkpoint = self.checkpoint()
         # merge (when needed) + convert + a quantization each + the checks
         steps = (0 if r["merged"] else 1) + 1 + len(made) - 1 + 1
-        self.log_line(f"export {run_id}: {', '.join(made)} (replacing its GGUF files)")
+        self.log_line(f"export {run_id} ({checkpoint}): {', '.join(made)} (replacing its GGUF files)")
         self.query_one("#ex-tabs", TabbedContent).active = "ex-quantize"
 
         def job():
             require_unlocked()  # the files' manifest is signed; the checks read the held-out split
             from appliance.export import export
 
-            return run_id, export(run_id, quants, emit=self._emit)
+            return run_id, export(run_id, quants, emit=self._emit, checkpoint=checkpoint)
 
         self._start("export", run_id, steps, job, self.exported)
 
@@ -396,16 +419,21 @@ class ExportScreen(Pane):
         self.query_one("#ex-tabs", TabbedContent).active = "ex-results-tab"
         self.refresh_data()
 
+    def checkpoint(self) -> str:
+        value = self.query_one("#ex-checkpoint", Select).value
+        return "best" if value == Select.NULL else str(value)
+
     def action_merge(self) -> None:
         run_id = self._run()
-        self.log_line(f"merge {run_id}")
+        checkpoint = self.checkpoint()
+        self.log_line(f"merge {run_id} ({checkpoint})")
         self.query_one("#ex-tabs", TabbedContent).active = "ex-quantize"
 
         def job():
             require_unlocked()  # the merged model's manifest is signed; the check reads held-out prompts
             from appliance.merge import merge
 
-            return run_id, merge(run_id, emit=self._emit)
+            return run_id, merge(run_id, emit=self._emit, checkpoint=checkpoint)
 
         self._start("merge", run_id, 1, job, self.merged)
 
@@ -413,7 +441,7 @@ class ExportScreen(Pane):
         run_id, result = out
         self.working = None
         self.finish_bar()
-        self.stage(f"merged {run_id} (max |logit diff| vs base+adapter {result['max_abs_logit_diff']:.2e})")
+        self.stage(f"merged {run_id} at {result['label']} (max |logit diff| vs base+adapter {result['max_abs_logit_diff']:.2e})")
         if run_id in self.runs:
             self.runs[run_id].update(merge=result, merged=True)
             self.show_run(run_id, force=True)
@@ -435,13 +463,14 @@ class ExportScreen(Pane):
         if quant == Select.NULL:
             raise InvalidInput(f"run {run_id} has no GGUF to bundle; export it first (e).")
         tabs.active = "ex-bundle"
+        checkpoint = self.checkpoint()
         self.query_one("#ex-bundle-result", Static).update(Content(f"bundling {quant} of {run_id} into {out}…"))
 
         def job():
             require_unlocked()  # the bundle's manifest is signed
             from appliance import bundle
 
-            return bundle.create(run_id, Path(out), quant=str(quant), emit=self._emit)
+            return bundle.create(run_id, Path(out), quant=str(quant), emit=self._emit, checkpoint=checkpoint)
 
         self._start("bundle", run_id, 2, job, self.bundle_done)
 

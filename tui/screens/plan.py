@@ -69,6 +69,10 @@ def summary(plan: dict) -> str:
              f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
              f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"
              f"{', packed' if k.get('packing') else ''}"]
+    if plan.get("duration"):
+        from appliance.duration import text
+
+        lines.append(f"time: {text(plan['duration']['seconds'])} [dim](an estimate)[/]")
     if plan.get("config"):
         lines.append(f"[dim]model shape from {escape(str(plan['config']))}[/]")
     return "\n".join(lines)
@@ -86,6 +90,11 @@ def details(plan: dict) -> str:
     if plan.get("would_fit"):
         lines.append("[b]what would fit:[/]")
         lines += [f"  - {escape(w)}" for w in plan["would_fit"]]
+    if plan.get("duration"):
+        lines.append(f"[b]time:[/] {escape(plan['duration']['basis'])}")
+    if plan.get("checks"):
+        lines.append("[b]checks from the guides:[/]")
+        lines += [f"  [$warning]warning:[/] {escape(c['message'])}" for c in plan["checks"]]
     return "\n".join(lines)
 
 
@@ -110,7 +119,9 @@ def recipe_defaults(path: str) -> dict:
     from appliance import recipes
 
     r = recipes.load(path)
-    return {"base_model": r.base_model, "dataset": r.dataset, "training.max_steps": r.training.max_steps,
+    mix = r.dataset if isinstance(r.dataset, str) else " + ".join(f"{s.id} {s.weight:g}" for s in r.dataset)
+    steps = r.training.max_steps or f"{r.training.num_epochs:g} epochs"
+    return {"base_model": r.base_model, "dataset": mix, "training.max_steps": steps,
             "training.micro_batch_size": r.training.micro_batch_size,
             "training.gradient_accumulation_steps": r.training.gradient_accumulation_steps,
             "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r,
