@@ -12,7 +12,7 @@ LARGE_RANK = 64      # a rank above this wants at least RANK_SET examples
 RANK_SET = 5000
 LORA_LR = (1e-5, 1e-3)
 FULL_LR = (5e-6, 1e-4)
-DPO_LR = (5e-7, 5e-5)
+DPO_LR = (5e-7, 1e-4)  # LoRA DPO; full-weight DPO sits at the low end
 
 
 def recipe_checks(recipe, train_examples: int | None) -> list[dict]:

@@ -125,7 +125,8 @@ def load_split(dataset: Path, split: str) -> list[dict]:
         if not records:
             raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
         if "messages" not in records[0]:
-            raise InvalidInput(f"dataset {dataset.name} holds preference pairs; supervised fine-tuning needs conversations.")
+            raise InvalidInput(f"dataset {dataset.name} holds preference pairs; supervised fine-tuning needs "
+                               "conversations: train on it with method: dpo, or name a conversation dataset.")
         return records
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
@@ -143,6 +144,59 @@ def load_split(dataset: Path, split: str) -> list[dict]:
     if not records:
         raise InvalidInput(f"{path} holds no records; a split needs at least one conversation.")
     return records
+
+
+def heldout(recipe, n: int | None = None) -> list[list[dict]]:
+    """The run's held-out conversations (the first dataset's validation split): a preference pair counts as its
+    prompt answered with the chosen answer. What merge checks, export proves parity on and eval answers."""
+    if recipe.method == "dpo":
+        pairs = load_pairs(recipe.dataset_path(), "validation")[:n]
+        return [[*p["prompt"], {"role": "assistant", "content": p["chosen"]}] for p in pairs]
+    return [r["messages"] for r in load_split(recipe.dataset_path(), "validation")[:n]]
+
+
+def load_pairs(dataset: Path, split: str) -> list[dict]:
+    """Preference pairs, ``{"prompt": [turns...], "chosen": text, "rejected": text}``, for DPO: from a vault
+    dataset imported with ``--format dpo``, or a folder's JSONL (prompt as text or turns)."""
+    if split not in SPLITS:
+        raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if is_encrypted(dataset):
+        from .trust import store
+
+        raw = [(f"dataset {dataset.name}, {split} record {i}", r)
+               for i, r in enumerate(store.read(vault(), dataset.name, split))]
+    else:
+        path = dataset / f"{split}.jsonl"
+        if not path.is_file():
+            raise NotFound(f"dataset split {path} does not exist; a dataset folder needs train.jsonl and validation.jsonl.")
+        raw = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        raw.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise InvalidInput(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                           "remove that line.") from None
+    if not raw:
+        raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
+    return [_pair(r, where) for where, r in raw]
+
+
+def _pair(raw: object, where: str) -> dict:
+    if not isinstance(raw, dict) or not {"prompt", "chosen", "rejected"} <= set(raw):
+        raise InvalidInput(f"{where}: a preference pair needs 'prompt', 'chosen' and 'rejected'; DPO trains on pairs "
+                           "(import them with --format dpo), or use method: sft for conversations.")
+    prompt = raw["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    turns = _check({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, where)["messages"][:-1]
+    if turns[-1]["role"] != "user":
+        raise InvalidInput(f"{where}: the prompt's last turn must be the user's, which chosen and rejected answer.")
+    for key in ("chosen", "rejected"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise InvalidInput(f"{where}: field '{key}' must be non-empty text.")
+    return {"prompt": turns, "chosen": raw["chosen"], "rejected": raw["rejected"]}
 
 
 def _check(raw: object, where: str) -> dict:

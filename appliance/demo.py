@@ -20,18 +20,21 @@ MODEL_ID = "smollm2-135m-instruct"
 DATASET_ID = "demo-records"
 
 
-def recipe_path() -> Path:
-    """The shipped demo recipe: $APPLIANCE_RECIPES, recipes/ beside the package (a checkout), or
+PREFERENCES_ID = "demo-preferences"
+
+
+def recipe_path(name: str = "demo-cpu.yaml") -> Path:
+    """A shipped demo recipe: $APPLIANCE_RECIPES, recipes/ beside the package (a checkout), or
     <prefix>/share/appliance/recipes (where the offline installer puts them)."""
     import sys
 
     roots = [Path(os.environ["APPLIANCE_RECIPES"])] if os.environ.get("APPLIANCE_RECIPES") else [
         Path(__file__).resolve().parents[1] / "recipes", Path(sys.prefix) / "share" / "appliance" / "recipes"]
     for root in roots:
-        if (root / "demo-cpu.yaml").is_file():
-            return root / "demo-cpu.yaml"
+        if (root / name).is_file():
+            return root / name
     raise NotFound(f"the demo recipe is missing from {', '.join(map(str, roots))}; set APPLIANCE_RECIPES to the "
-                   "folder holding demo-cpu.yaml.")
+                   f"folder holding {name}.")
 
 
 def run_demo(base: str | None = None, steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
@@ -137,22 +140,77 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
             "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}
 
 
+def run_dpo_demo(steps: int | None = None, eval_samples: int = 48, json_mode: bool = False) -> dict:
+    """DPO after the demo: the newest finished demo SFT run (the demo runs first if there is none) trains on the
+    demo preference pairs, is exported, and is scored against the SFT model on held-out pairs."""
+    from rich.console import Console
+
+    from . import recipes, runs
+    from .evaluate import evaluate
+    from .export import export
+    from .plan import fitted
+    from .render import eval_table, follow_training, reporter
+    from .trust import keys
+
+    console = Console(quiet=json_mode, highlight=False)
+    emit = reporter(json_mode)
+    sft = next((r for r in reversed(runs.list_runs()) if r.get("recipe") == "demo-cpu" and r["state"] == "finished"
+                and (Path(r["path"]) / "gguf" / "model-f16.gguf").is_file()), None)
+    if sft is None:
+        console.print("no finished, exported demo run here yet: the demo runs first")
+        sft = {"id": run_demo(eval_samples=eval_samples, json_mode=json_mode)["run"]}
+    vault = _demo_vault(console)
+    keys.use_vault(vault)
+    console.rule("[bold]DPO 1/3 import the demo preference pairs")
+    counts = import_preferences(vault)
+    console.print(f"{PREFERENCES_ID}: {counts['train']} train + {counts['validation']} validation pairs; half the "
+                  "records give no age: chosen says null, rejected invents one")
+    console.rule(f"[bold]DPO 2/3 train on the pairs, starting from SFT run {sft['id']}")
+    overrides = {"dpo.from_run": sft["id"], **({"training.max_steps": steps} if steps else {})}
+    recipe, plan = fitted(recipes.load(recipe_path("demo-dpo.yaml"), **overrides))
+    run_id = runs.create(recipe, plan)
+    runs.start(run_id)
+    follow_training(runs.follow(run_id), quiet=json_mode)
+    st = runs.status(run_id)
+    if st["state"] != "finished":
+        from .errors import StageFailed
+
+        raise StageFailed(f"training run {run_id} ended {st['state']}: {st['error'] or 'see ' + st['path'] + '/worker.log'}.")
+    console.rule("[bold]DPO 3/3 export, then the SFT model vs the DPO model on held-out pairs")
+    export(run_id, emit=emit)
+    report = evaluate(run_id, samples=eval_samples, emit=emit)
+    console.print(eval_table(report))
+    return {"run": run_id, "sft_run": sft["id"], "eval": {k: report[k] for k in ("base", "tuned", "samples", "pairs")},
+            "tuned_beats_base": report["tuned_beats_base"]}
+
+
+def import_preferences(vault) -> dict:
+    """The demo preference pairs encrypted into the vault as ``demo-preferences``, once; returns its counts."""
+    from .demo_data import preference_splits
+
+    return _import_generated(vault, PREFERENCES_ID, preference_splits(), "preference")
+
+
 def import_dataset(vault) -> dict:
     """The demo dataset (generated here, no file needed) encrypted into the vault as ``demo-records``, once;
     returns its record counts per split. What `appliance demo` and the TUI's Data screen (``x``) import."""
     from .demo_data import splits
+
+    return _import_generated(vault, DATASET_ID, splits(), "conversation")
+
+
+def _import_generated(vault, dataset_id: str, parts: dict[str, list[dict]], kind: str) -> dict:
     from .trust import audit, manifest, store
     from .workspace import folder
 
-    dataset = folder("datasets") / DATASET_ID
+    dataset = folder("datasets") / dataset_id
     if not store.is_encrypted(dataset):
-        parts = splits()
-        with store.create(vault, DATASET_ID, hardware=hardware.summary()) as ds:
+        with store.create(vault, dataset_id, hardware=hardware.summary()) as ds:
             for split, records in parts.items():
                 for record in records:
                     ds.add(split, record)
-            ds.details.update(source="appliance demo generator", records_kind="conversation")
-        audit.record("dataset.import", {"dataset": DATASET_ID},
+            ds.details.update(source="appliance demo generator", records_kind=kind)
+        audit.record("dataset.import", {"dataset": dataset_id},
                      {"source": "appliance demo generator", "imported": sum(map(len, parts.values())), "rejected": 0})
     return manifest.read(dataset)["details"]["records"]
 

@@ -94,3 +94,53 @@ def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 
         write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     return out_dir
 
+
+
+# The preference set (for DPO after the demo's SFT run): faithfulness. Half the records give no age; the chosen
+# answer says "age": null, the rejected one invents an age, which is what a model trained only on complete records
+# does. The other half give the age; the chosen answer copies it, the rejected one gets it wrong. The SFT model
+# prefers the invented age (it has never seen null), so its held-out preference accuracy starts near one half.
+_NO_AGE = (
+    "{name} works as a {occupation} in {city}.",
+    "{name} is a {occupation} living in {city}.",
+    "Meet {name}: {occupation}, based in {city}.",
+    "From {city}, {name} earns a living as a {occupation}.",
+    "Record: {name} / {city} / {occupation} / age not given.",
+    "In {city} lives {name}, who works as a {occupation}.",
+)
+
+
+def preference_pair(rng: random.Random) -> dict:
+    record = make_record(rng)
+    name = f"{record['first_name']} {record['last_name']}"
+    if rng.random() < 0.5:
+        text = rng.choice(_NO_AGE).format(name=name, **record)
+        chosen, rejected = {**record, "age": None}, record
+    else:
+        text = rng.choice(_TEMPLATES).format(name=name, **record)
+        wrong = record["age"] + rng.choice((-1, 1)) * rng.randint(3, 15)
+        chosen, rejected = record, {**record, "age": wrong}
+    return {"prompt": [{"role": "user", "content": f"{INSTRUCTION}\n{text}"}],
+            "chosen": answer(chosen), "rejected": answer(rejected)}
+
+
+def preference_splits(train: int = 240, validation: int = 48, seed: int = 4321) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < train + validation:
+        pair = preference_pair(rng)
+        if pair["prompt"][0]["content"] not in seen:
+            seen.add(pair["prompt"][0]["content"])
+            rows.append(pair)
+    return {"train": rows[:train], "validation": rows[train:]}
+
+
+def generate_preferences(out_dir: Path, train: int = 240, validation: int = 48, seed: int = 4321) -> Path:
+    """The preference splits as plain ``train.jsonl`` and ``validation.jsonl`` (prompt, chosen, rejected)."""
+    from .workspace import write_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in preference_splits(train, validation, seed).items():
+        write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    return out_dir

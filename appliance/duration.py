@@ -49,6 +49,8 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
     if train and train["records"]:
         mean = min(seq, train["bytes"] / BYTES_PER_TOKEN / train["records"])
     row = seq * PACK_FILL if knobs.packing or mean is None else mean  # tokens in one sequence of a micro-batch
+    if knobs.dpo:
+        row *= 2  # a chosen and a rejected sequence per pair
     batch = knobs.micro_batch * knobs.grad_accum
     if t.max_steps:
         steps = t.max_steps
@@ -60,7 +62,8 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
 
     params = shape.total_params
     full = getattr(recipe, "lora", True) is None
-    per_token = params * (4 + (2 if knobs.grad_ckpt else 0) + (2 if full else 0))
+    # DPO also runs the reference (the adapter's frozen copy) forward over every token: 2 more.
+    per_token = params * (4 + (2 if knobs.grad_ckpt else 0) + (2 if full else 0) + (2 if knobs.dpo else 0))
     passes = 3 if knobs.grad_ckpt else 2
     if hw.gpus:
         peak, known = gpu_peak(hw.gpus[0].name)

@@ -27,7 +27,6 @@ STRUCTURED = ("valid_json", "exact_keys", "field_accuracy")
 
 
 def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = ignore) -> dict:
-    from . import infer
     from .convert import base_gguf
 
     run = runs.run_dir(run_id)
@@ -35,31 +34,82 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     tuned_path = run / "gguf" / "model-f16.gguf"
     if not tuned_path.is_file():
         raise NotFound(f"run {run_id} has no f16 GGUF; run `appliance export {run_id}` first.")
-    records = data.load_split(recipe.dataset_path(), "validation")[:samples]
-    structured = all(_json_object(r["messages"][-1]["content"]) is not None for r in records)
+    conversations = data.heldout(recipe, samples)
+    structured = all(_json_object(c[-1]["content"]) is not None for c in conversations)
     metrics = GENERIC + (STRUCTURED if structured else ())
-    emit(Event("stage", STAGE, f"converting base model {recipe.base_model} to GGUF (once)"))
-    base_path = base_gguf(recipe.base_model)
-    report: dict = {"samples": len(records), "metrics": list(metrics), "examples": []}
+    pairs = data.load_pairs(recipe.dataset_path(), "validation")[:samples] if recipe.method == "dpo" else []
+    start = recipe.dpo.from_run if pairs and recipe.dpo.from_run else None
+    if start:
+        # A DPO run is compared with the SFT model it started from, which is what DPO is meant to improve.
+        base_path = runs.run_dir(start) / "gguf" / "model-f16.gguf"
+        if not base_path.is_file():
+            raise NotFound(f"run {run_id} started from run {start}, which has no f16 GGUF to compare with; run "
+                           f"`appliance export {start}` first.")
+        reference = f"SFT run {start}"
+    else:
+        emit(Event("stage", STAGE, f"converting base model {recipe.base_model} to GGUF (once)"))
+        base_path, reference = base_gguf(recipe.base_model), f"base model {recipe.base_model}"
+    report: dict = {"samples": len(conversations), "metrics": list(metrics), "examples": [], "reference": reference}
+    if pairs:
+        report["metrics"].append("preference_accuracy")
+        report["pairs"] = len(pairs)
     for name, path in (("base", base_path), ("tuned", tuned_path)):
-        emit(Event("stage", STAGE, f"answering {len(records)} held-out prompts with the {name} model"))
-        totals = Counter()
-        with infer.load(path) as llm, step(f"answering held-out prompts with the {name} model"):
-            for i, r in enumerate(records):
-                msgs = with_system(r["messages"], recipe.system_prompt)
-                prompt = infer.tokenize(llm, infer.render(llm, msgs[:-1], add_generation_prompt=True))
-                answer = infer.generate(llm, prompt, max_tokens=max_tokens)["text"]
-                scores = score(answer, msgs[-1]["content"], structured)
-                totals.update(scores)
-                if i < 3:
-                    report["examples"].append({"model": name, "index": i, "answer": answer})
-                emit(Event("progress", STAGE, "", {"model": name, "done": i + 1, "total": len(records)}))
-        report[name] = {m: totals[m] / len(records) for m in metrics}
-    report["improved"] = [m for m in metrics if report["tuned"][m] > report["base"][m]]
-    report["tuned_beats_base"] = report["tuned"][metrics[-1]] > report["base"][metrics[-1]]
+        report[name] = answers(name, path, recipe, conversations, metrics, structured, max_tokens, report, emit)
+        if pairs:
+            report[name].update(preferences(name, path, recipe, pairs, emit))
+    report["improved"] = [m for m in report["metrics"] if report["tuned"][m] > report["base"][m]]
+    decisive = "preference_accuracy" if pairs else metrics[-1]
+    report["tuned_beats_base"] = report["tuned"][decisive] > report["base"][decisive]
     write_json(run / "eval.json", {k: v for k, v in report.items() if k != "examples"})
     emit(Event("finished", STAGE, "evaluated", {k: report[k] for k in ("base", "tuned")}))
     return report
+
+
+def answers(name, path, recipe, conversations, metrics, structured, max_tokens, report, emit) -> dict:
+    """Greedy answers to the held-out prompts through llama.cpp, scored against the references."""
+    from . import infer
+
+    emit(Event("stage", STAGE, f"answering {len(conversations)} held-out prompts with the {name} model"))
+    totals = Counter()
+    with infer.load(path) as llm, step(f"answering held-out prompts with the {name} model"):
+        for i, conversation in enumerate(conversations):
+            msgs = with_system(conversation, recipe.system_prompt)
+            prompt = infer.tokenize(llm, infer.render(llm, msgs[:-1], add_generation_prompt=True))
+            answer = infer.generate(llm, prompt, max_tokens=max_tokens)["text"]
+            totals.update(score(answer, msgs[-1]["content"], structured))
+            if i < 3:
+                report["examples"].append({"model": name, "index": i, "answer": answer})
+            emit(Event("progress", STAGE, "", {"model": name, "done": i + 1, "total": len(conversations)}))
+    return {m: totals[m] / len(conversations) for m in metrics}
+
+
+def preferences(name, path, recipe, pairs, emit) -> dict:
+    """Held-out preference accuracy: the share of pairs whose chosen answer the model finds more likely than the
+    rejected one (summed log-probabilities of the answer's tokens, end-of-turn included), and the mean margin."""
+    import numpy as np
+
+    from . import infer
+
+    emit(Event("stage", STAGE, f"scoring {len(pairs)} held-out preference pairs with the {name} model"))
+    wins, margins = 0, []
+    with infer.load(path, n_ctx=4096, logits_all=True) as llm, step(f"scoring preference pairs with the {name} model"):
+        for pair in pairs:
+            prompt = with_system(pair["prompt"], recipe.system_prompt)
+            head = infer.tokenize(llm, infer.render(llm, prompt, add_generation_prompt=True))
+            logps = []
+            for answer in (pair["chosen"], pair["rejected"]):
+                ids = infer.tokenize(llm, infer.render(llm, [*prompt, {"role": "assistant", "content": answer}],
+                                                       add_generation_prompt=False))
+                llm.reset()
+                llm.eval(ids)
+                scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+                top = scores.max(-1, keepdims=True)
+                logprobs = scores - top - np.log(np.exp(scores - top).sum(-1, keepdims=True))
+                at = range(len(head), len(ids))  # the answer's tokens, each predicted from the one before
+                logps.append(float(sum(logprobs[i - 1, ids[i]] for i in at)))
+            wins += logps[0] > logps[1]
+            margins.append(logps[0] - logps[1])
+    return {"preference_accuracy": wins / len(pairs), "preference_margin": float(np.mean(margins))}
 
 
 def score(prediction: str, reference: str, structured: bool) -> dict[str, float]:

@@ -68,8 +68,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
     done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
     if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
         merge(run_id, emit=emit, checkpoint=str(source["step"]))
-    records = data.load_split(recipe.dataset_path(), "validation")[: recipe.export.parity_samples]
-    conversations = [with_system(r["messages"], recipe.system_prompt) for r in records]
+    conversations = [with_system(c, recipe.system_prompt) for c in data.heldout(recipe, recipe.export.parity_samples)]
 
     out = run / "gguf"
     with staging(out, replace=True) as tmp:

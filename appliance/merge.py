@@ -50,16 +50,23 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(run / "adapter"))  # the same tokenizer at every step
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    final = run / ("full" if recipe.lora is None else "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(str(final))  # the same tokenizer at every step
     batch = _heldout_batch(tokenizer, recipe, samples)
-    with torch.no_grad():
-        unmerged = model(**batch).logits
-        merged = model.merge_and_unload().eval()
-        after = merged(**batch).logits
     mask = batch["attention_mask"].bool()
-    diff = (unmerged - after).abs()[mask].max().item()
+    if recipe.lora is None:
+        # Full fine-tuning trained the weights themselves: nothing to merge, only the chosen step's weights to
+        # save in the base's dtype where export looks for them.
+        merged = AutoModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+        diff = 0.0
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        with torch.no_grad():
+            unmerged = model(**batch).logits
+            merged = model.merge_and_unload().eval()
+            after = merged(**batch).logits
+        diff = (unmerged - after).abs()[mask].max().item()
     if diff > MAX_ABS_DIFF:
         raise CheckFailed(f"the merged model's logits differ from base+adapter by {diff:.3g} (> {MAX_ABS_DIFF}); "
                           "the adapter does not match its base model.")
@@ -101,7 +108,6 @@ def check_base(run: Path, base: Path) -> None:
 
 def _heldout_batch(tokenizer, recipe, samples: int):
     """Held-out conversations rendered with the training template, as one padded batch."""
-    records = data.load_split(recipe.dataset_path(), "validation")[:samples]
-    texts = [render(tokenizer, with_system(r["messages"], recipe.system_prompt)) for r in records]
+    texts = [render(tokenizer, with_system(c, recipe.system_prompt)) for c in data.heldout(recipe, samples)]
     tokenizer.padding_side = "right"
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -155,19 +155,24 @@ class Knobs:
     offload: bool = False            # activation offloading
     auto: tuple = ()                 # knobs left to the plan: "micro_batch", "grad_ckpt"
     dora: bool = False
+    dpo: bool = False                 # preference pairs: a chosen and a rejected sequence per example
+    full: bool = False                # full fine-tuning: every weight trains (fp32 master weights)
 
     @classmethod
     def from_recipe(cls, recipe) -> "Knobs":
         t = recipe.training
-        targets = recipe.lora.target_modules
+        lora = recipe.lora
+        targets = lora.target_modules if lora else "all-linear"
         auto = tuple({"micro_batch_size": "micro_batch", "gradient_checkpointing": "grad_ckpt"}[key] for key in t.auto)
         micro = t.effective_batch if "micro_batch" in auto else t.micro_batch_size
+        dpo = recipe.method == "dpo"
         return cls(quant=recipe.quantization.method, double_quant=recipe.quantization.double_quant,
-                   compute_dtype=recipe.quantization.compute_dtype, lora_r=recipe.lora.r,
+                   compute_dtype=recipe.quantization.compute_dtype, lora_r=lora.r if lora else 0,
                    lora_targets=targets if isinstance(targets, str) else tuple(targets),
                    micro_batch=micro, grad_accum=1 if "micro_batch" in auto else t.gradient_accumulation_steps,
                    seq_len=t.max_seq_length, grad_ckpt=t.gradient_checkpointing is True, optimizer=t.optimizer,
-                   packing=t.packing, offload=t.activation_offloading, auto=auto, dora=recipe.lora.use_dora)
+                   packing=t.packing and not dpo, offload=t.activation_offloading, auto=auto,
+                   dora=bool(lora and lora.use_dora), dpo=dpo, full=lora is None)
 
 
 def shape_from_config(config: dict, name: str = "model") -> Shape:
@@ -224,12 +229,12 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     lora = shape.lora_params(k.lora_r, targets)
     magnitudes, dora_outs, dora_weight = shape.dora_params(targets) if k.dora else (0, 0, 0)
     lora += magnitudes
-    tokens = k.micro_batch * k.seq_len
+    tokens = k.micro_batch * k.seq_len * (2 if k.dpo else 1)  # DPO: chosen and rejected in one forward
     h, i = shape.hidden, shape.intermediate
     # QLoRA: prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32, so the residual
     # stream (each layer's input) is fp32 too; the layers' matmuls run in the compute dtype (autocast on CUDA).
     other = 4 if k.quant == "nf4" else dtype
-    lm_head = k.lm_head if k.lm_head != "auto" else ("fused" if device == "cuda" else "native")
+    lm_head = k.lm_head if k.lm_head != "auto" else ("fused" if device == "cuda" or k.dpo else "native")
     # No autocast on a CPU: the residual stream and what the backward pass keeps are fp32; a padded batch takes
     # SDPA's math path, which keeps the scores and the probabilities (heads x seq per token); packed documents
     # each run a causal flash-style kernel, which keeps none.
@@ -268,6 +273,12 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         "activations": int(activations / shards),
         "logits": int(head),
     }
+    if k.full:  # every weight trains: fp32 master weights, their gradients and the optimizer's states
+        params = shape.total_params
+        parts.update(weights=params * 4 // shards, weights_other=0, lora=0, gradients=params * 4 // shards,
+                     optimizer=params * OPTIMIZER_BYTES[k.optimizer] // shards)
+    if k.dpo:  # TRL's frozen copy of the adapter the run starts from: the reference
+        parts["reference"] = lora * 4 // shards
     if k.dora:  # the rebuilt weight whose norm DoRA takes, one target at a time
         parts["dora_weight"] = int(dora_weight * 4 / shards)
     margin = CPU_ALLOCATOR_MARGIN if device == "cpu" else ALLOCATOR_MARGIN
@@ -431,7 +442,12 @@ def _alternatives(shape, k, devs, kind, shorter_needed, total) -> list[str]:
     out = []
     if shorter_needed:
         out.append(f"max_seq_length {shorter_needed} (rerun with --allow-shorter; longer examples are truncated)")
-    if k.quant != "nf4":
+    if k.full:
+        adapter = replace(k, full=False, lora_r=16)
+        if total(adapter) <= smallest:
+            out.append(f"LoRA instead of full fine-tuning (a lora section, r 16): {total(adapter) / GiB:.1f} GiB; full "
+                       f"fine-tuning keeps 16 bytes per parameter (fp32 weights, gradients, AdamW's two states)")
+    elif k.quant != "nf4":
         q = replace(k, quant="nf4")
         if total(q) <= smallest:
             out.append(f"QLoRA instead of LoRA (quantization.method: nf4): {total(q) / GiB:.1f} GiB")
@@ -450,6 +466,12 @@ def _alternatives(shape, k, devs, kind, shorter_needed, total) -> list[str]:
     return out
 
 
+def method_text(k: dict) -> str:
+    """What trains, in words: full fine-tuning, or the adapter (LoRA / DoRA and its rank), and DPO if so."""
+    what = "full fine-tuning" if k.get("full") else f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}"
+    return f"DPO on {what}" if k.get("dpo") else what
+
+
 def render_text(plan: dict) -> str:
     """A plain-text account: verdict, breakdown per device with bars against the limit, adjustments, strategy."""
     lines = []
@@ -460,7 +482,7 @@ def render_text(plan: dict) -> str:
                  f"vocab {m['vocab']}")
     lines.append(f"on {plan['hardware']}: {verdict[plan['verdict']]} (limit {plan['limit_fraction']:.0%} of each device)")
     lines.append(f"settings: {k['quant']}{' + double quant' if k['double_quant'] and k['quant'] == 'nf4' else ''}, "
-                 f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}, micro-batch {k['micro_batch']} x accumulation {k['grad_accum']} "
+                 f"{method_text(k)}, micro-batch {k['micro_batch']} x accumulation {k['grad_accum']} "
                  f"(effective {k['effective_batch']}), sequences {k['seq_len']}, gradient checkpointing "
                  f"{'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}, {k['compute_dtype']}")
     for d in plan["devices"]:

@@ -145,8 +145,19 @@ class Share(_Strict):
     weight: float = Field(gt=0, description="its share of the training examples (the weights are normalised)")
 
 
+class Dpo(_Strict):
+    beta: float = Field(0.1, gt=0, le=10, description="how far the tuned model may move from the reference: "
+                        "lower lets it move further")
+    from_run: str | None = Field(None, description="the SFT run to start from (its best adapter, trained further; "
+                                 "its copy is the reference), by id or by recipe name (the newest finished run of "
+                                 "it); none: a new adapter on the base model, the base the reference")
+
+
 class Recipe(_Strict):
     name: str
+    method: Literal["sft", "dpo"] = Field("sft", description="sft: supervised on conversations; dpo: direct "
+                                          "preference optimisation on prompt, chosen, rejected pairs")
+    dpo: Dpo | None = Field(None, description="DPO's settings (method: dpo)")
     base_model: str = Field(description="a model id from `appliance models list`")
     dataset: str | list[Share] = Field(
         description="a dataset id in the workspace, or a folder holding train.jsonl and validation.jsonl; or a mix, "
@@ -155,7 +166,8 @@ class Recipe(_Strict):
     seed: int = 42
     system_prompt: str | None = None
     quantization: Quantization = Field(default_factory=Quantization)
-    lora: Lora = Field(default_factory=Lora)
+    lora: Lora | None = Field(default_factory=Lora, description="the adapter; null: full fine-tuning (every weight "
+                              "trains; needs quantization.method: none)")
     training: Training = Field(default_factory=Training)
     export: Export = Field(default_factory=Export)
 
@@ -172,6 +184,22 @@ class Recipe(_Strict):
             if len(set(ids)) < len(ids):
                 raise ValueError(f"{next(i for i in ids if ids.count(i) > 1)!r} is listed twice; list each once")
         return value
+
+    @model_validator(mode="after")
+    def _method(self):
+        if self.method == "dpo" and self.dpo is None:
+            self.dpo = Dpo()
+        if self.method != "dpo" and self.dpo is not None:
+            raise ValueError("a dpo section needs method: dpo; set it, or remove the section")
+        if self.lora is None and self.quantization.method != "none":
+            raise ValueError("full fine-tuning (lora: null) trains every weight, and 4-bit weights cannot be "
+                             "trained; set quantization.method: none, or give a lora section for QLoRA")
+        if self.lora is None and self.method == "dpo":
+            raise ValueError("DPO here trains an adapter against its frozen copy; give a lora section (full-weight "
+                             "DPO would need a second copy of the model as its reference)")
+        if self.method == "dpo" and not isinstance(self.dataset, str):
+            raise ValueError("a DPO run trains on one preference dataset, not a mix; name one dataset")
+        return self
 
     def mix(self) -> list[tuple[Path, float]]:
         """(folder, normalised weight) of each dataset; one dataset is a mix of one, with weight 1."""
@@ -300,7 +328,7 @@ def _describe(err: dict, source: Path | None, lines: dict[tuple, int]) -> str:
         return f"{where}: unknown key {field!r}{hint}"
     if err["type"] == "missing":
         return f"{where}: required key {field!r} is missing"
-    return f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {field + ': ' if field else ''}{err['msg'].removeprefix('Value error, ')}"
 
 
 def _did_you_mean(word: str, known: list[str], section: str) -> str | None:

@@ -63,6 +63,8 @@ def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
                     info.append(f"lr {d['learning_rate']:.1e}")
                 if "tokens_per_s" in d:
                     info.append(f"{d['tokens_per_s']:.0f} tok/s")
+                if "reward_margin" in d:  # DPO
+                    info.append(f"margin {d['reward_margin']:.3f} acc {d.get('reward_accuracy', 0):.0%}")
                 if "rss_bytes" in d:
                     info.append(f"rss {d['rss_bytes'] / 2**30:.2f} GiB")
                 progress.update(task, completed=d.get("step", 0), total=d.get("max_steps"), info="  ".join(info))
@@ -71,7 +73,8 @@ def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
 def eval_table(report: dict):
     from rich.table import Table
 
-    table = Table(title=f"held-out split: {report['samples']} examples", title_justify="left")
+    base = f"; base = {report['reference']}" if report.get("reference") else ""
+    table = Table(title=f"held-out split: {report['samples']} examples{base}", title_justify="left")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
@@ -79,6 +82,9 @@ def eval_table(report: dict):
         b, t = report["base"][metric], report["tuned"][metric]
         style = "green" if t > b else ("red" if t < b else "")
         table.add_row(metric, f"{b:.1%}", f"[{style}]{t:.1%}[/]" if style else f"{t:.1%}")
+    if "preference_margin" in report["base"]:  # mean log-probability of chosen minus rejected, not a share
+        table.add_row("preference_margin", f"{report['base']['preference_margin']:.2f}",
+                      f"{report['tuned']['preference_margin']:.2f}")
     return table
 
 

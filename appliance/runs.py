@@ -61,8 +61,10 @@ def create(recipe: Recipe, plan: dict | None = None) -> str:
     model_dir(recipe.base_model)
     dataset = recipe.dataset_path()
     for path, _ in recipe.mix():
-        for split in data.SPLITS:
-            data.load_split(path, split)  # fail here, in the caller, with a clear message
+        for split in data.SPLITS:  # fail here, in the caller, with a clear message
+            (data.load_pairs if recipe.method == "dpo" else data.load_split)(path, split)
+    if recipe.method == "dpo" and recipe.dpo.from_run:
+        recipe = recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"from_run": start_run(recipe)})})
     run_id = new_id(recipe.name)
     path = folder("runs") / run_id
     path.mkdir(parents=True)
@@ -72,6 +74,26 @@ def create(recipe: Recipe, plan: dict | None = None) -> str:
     if plan is not None:
         write_json(path / "plan.json", plan)
     return run_id
+
+
+def start_run(recipe: Recipe) -> str:
+    """The finished SFT run a DPO recipe starts from: ``dpo.from_run`` names a run id, or a recipe name (the newest
+    finished run of that recipe); it must share the base model and have an adapter."""
+    name = recipe.dpo.from_run
+    where = f"{recipe.source}: " if recipe.source else ""
+    runs = [r for r in list_runs() if r["id"] == name] or \
+        [r for r in reversed(list_runs()) if r.get("recipe") == name and r["state"] == "finished"]
+    if not runs:
+        raise NotFound(f"{where}dpo.from_run {name!r} is neither a run id nor the recipe name of a finished run; "
+                       "`appliance runs list` shows them (train the SFT run first).")
+    run = runs[0]
+    if run["state"] != "finished" or not (Path(run["path"]) / "adapter").is_dir():
+        raise InvalidInput(f"{where}dpo.from_run: run {run['id']} is {run['state']}, without a trained adapter; "
+                           "finish it first, or start from another run.")
+    if run.get("base_model") != recipe.base_model:
+        raise InvalidInput(f"{where}dpo.from_run: run {run['id']} trained {run.get('base_model')}, not "
+                           f"{recipe.base_model}; start from a run on the same base model.")
+    return run["id"]
 
 
 def start(run_id: str, resume: bool = False, processes: int | None = None) -> int:
@@ -242,7 +264,7 @@ CHECKPOINT_CHOICES = "best, last or a step number"
 
 
 def adapter(run_id: str, which: str = "best") -> dict:
-    """The trained adapter that merge, export and bundle take: ``best`` (the checkpoint with the lowest validation
+    """The trained adapter (or, for full fine-tuning, weights) that merge, export and bundle take: ``best`` (the checkpoint with the lowest validation
     loss, the default), ``last`` (the adapter the run ended with) or a step with a complete checkpoint.
 
     Returns {path, id (for manifests' lineage), name ("adapter" or "checkpoint-N"), step, label}."""
@@ -250,6 +272,8 @@ def adapter(run_id: str, which: str = "best") -> dict:
 
     path = run_dir(run_id)
     final = path / "adapter"
+    if not (final / manifest.NAME).is_file() and (path / "full" / manifest.NAME).is_file():
+        final = path / "full"  # full fine-tuning: the trained weights themselves
     if not (final / manifest.NAME).is_file():
         raise NotFound(f"run {run_id} has no trained adapter in {final}; finish or resume its training first.")
     summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
@@ -267,8 +291,8 @@ def adapter(run_id: str, which: str = "best") -> dict:
         raise InvalidInput(f"--checkpoint {which!r} is not {CHECKPOINT_CHOICES}; run {run_id} has "
                            f"{_steps_text(run_id, steps)}.")
     if step == steps:
-        return {"path": final, "id": f"{run_id}/adapter", "name": "adapter", "step": step,
-                "label": f"step {step} ({why}, the final adapter)"}
+        return {"path": final, "id": f"{run_id}/{final.name}", "name": final.name, "step": step,
+                "label": f"step {step} ({why}, the final {'weights' if final.name == 'full' else 'adapter'})"}
     ckpt = path / "checkpoints" / f"checkpoint-{step}"
     if not (ckpt / COMPLETE).is_file() or not (ckpt / manifest.NAME).is_file():
         raise NotFound(f"run {run_id} has no complete, signed checkpoint at step {step}; it has "

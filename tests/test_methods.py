@@ -123,3 +123,91 @@ def test_the_guides_checks_print_and_strict_checks_refuses(home, tmp_path, tiny_
     clean = write_recipe(tmp_path / "clean.yaml", demo_dataset, learning_rate=2e-4, warmup_steps=1)
     ok = cli_json("plan", str(clean), "--model-config", config, home=home)
     assert [c["key"] for c in ok["checks"]] == ["dataset"]  # only the small training split is left to say
+
+
+def dpo_recipe(path, dataset, from_run, **training):
+    import yaml
+
+    recipe = yaml.safe_load(write_recipe(path, dataset, **training).read_text())
+    recipe.update(name="tiny-dpo", method="dpo", dpo={"beta": 0.1, "from_run": from_run})
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_dpo_from_an_sft_run_trains_merges_exports_and_raises_preference_accuracy(tiny_home, tmp_path, demo_dataset):
+    from appliance.demo_data import generate_preferences
+
+    home = tiny_home
+    sft = cli_json("train", str(write_recipe(tmp_path / "sft.yaml", demo_dataset, max_steps=4, eval_steps=100,
+                                             save_steps=100)), home=home)
+    prefs = generate_preferences(tmp_path / "prefs", train=48, validation=16)
+    recipe = dpo_recipe(tmp_path / "dpo.yaml", prefs, "tiny", max_steps=8, learning_rate=0.003, eval_steps=4,
+                        save_steps=100, micro_batch_size=4)
+    st = cli_json("train", str(recipe), home=home)
+    assert st["state"] == "finished", st
+    run_id = st["id"]
+    stages = [e.message for e in run_events(home, run_id) if e.type == "stage"]
+    assert any(f"loss DPO, beta 0.1, against run {sft['id']}" in m for m in stages), stages
+    progress = [e.data for e in run_events(home, run_id) if e.type == "progress" and "loss" in e.data]
+    assert all("reward_margin" in d and "reward_accuracy" in d for d in progress)
+    evals = [e.data for e in run_events(home, run_id) if e.type == "metric" and "eval_loss" in e.data]
+    assert evals and all("eval_reward_accuracy" in d for d in evals)
+    recorded = json.loads((home / "runs" / run_id / "recipe.json").read_text())
+    assert recorded["dpo"]["from_run"] == sft["id"]  # the recipe's name was resolved to the run it started from
+
+    exported = cli_json("export", run_id, "--quant", "f16", home=home)
+    assert exported["parity"]["top1_agreement"] >= 0.99
+    lineage = cli_json("verify", str(home / "runs" / run_id / "gguf"), home=home)
+    assert lineage["ok"] and ("sft_run", sft["id"], "ok") in {(i["role"], i["id"], i["status"])
+                                                             for i in lineage["lineage"]}
+
+    run_cli("export", sft["id"], "--quant", "f16", home=home)  # eval compares a DPO run with the SFT run it began from
+    report = cli_json("eval", run_id, "--samples", "16", home=home)
+    assert report["reference"] == f"SFT run {sft['id']}" and report["pairs"] == 16
+    assert "preference_accuracy" in report["metrics"]
+    # On a random 2-layer model, 8 steps move the held-out log-probability margin (chosen - rejected) up; the
+    # accuracy itself is measured on the demo's SmolLM2 runs (README, "DPO").
+    assert report["tuned"]["preference_margin"] > report["base"]["preference_margin"], (report["base"], report["tuned"])
+    shown = run_cli("eval", run_id, "--samples", "16", home=home).stdout
+    assert "preference_accuracy" in shown and f"base = SFT run {sft['id']}" in shown
+
+
+def test_full_fine_tuning_trains_every_weight_merges_as_a_no_op_and_exports(tiny_home, tmp_path, demo_dataset):
+    import yaml
+
+    home = tiny_home
+    path = write_recipe(tmp_path / "full.yaml", demo_dataset, quantization="none", max_steps=3, eval_steps=100,
+                        save_steps=100, learning_rate=5e-5, warmup_steps=1)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["lora"] = None
+    path.write_text(yaml.safe_dump(recipe))
+    plan = cli_json("plan", str(path), home=home)
+    parts, params = plan["devices"][0]["breakdown"], plan["model"]["parameters"]
+    # 16 bytes a parameter: fp32 weights, fp32 gradients, AdamW's two fp32 states.
+    assert parts["weights"] == parts["gradients"] == params * 4 and parts["optimizer"] == params * 8
+    assert "full fine-tuning" in run_cli("plan", str(path), home=home).stdout
+    st = cli_json("train", str(path), home=home)
+    assert st["state"] == "finished", st
+    assert st["summary"]["trainable_parameters"] == params and st["summary"]["linear_4bit"] == 0
+    run = home / "runs" / st["id"]
+    assert (run / "full" / "model.safetensors").is_file() and not (run / "adapter").exists()
+    merged = cli_json("merge", st["id"], home=home)
+    assert merged["max_abs_logit_diff"] == 0.0 and merged["checkpoint"] == "full"
+    exported = cli_json("export", st["id"], "--quant", "f16", home=home)
+    assert exported["parity"]["top1_agreement"] >= 0.99
+    answer = cli_json("ask", st["id"], "--prompt", "hello", "--max-tokens", "3", home=home)
+    assert answer["completion_tokens"] >= 1
+    lineage = cli_json("verify", str(run / "gguf"), home=home)
+    assert lineage["ok"] and "full-model" in {i["kind"] for i in lineage["lineage"]}
+
+    quantized = run_cli("plan", str(path), "--set", "quantization.method=nf4", home=home, check=False)
+    assert quantized.returncode == 2 and "4-bit weights cannot be trained" in quantized.stderr
+    big = write_recipe(tmp_path / "big.yaml", demo_dataset, base_model="llama-3.1-8b", quantization="none")
+    text = yaml.safe_load(big.read_text())
+    text["lora"] = None
+    big.write_text(yaml.safe_dump(text))
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "llama-3.1-8b-instruct.json"
+    refused = run_cli("plan", str(big), "--model-config", str(config), "--simulate", "1x-rtx4090", home=home, check=False)
+    assert refused.returncode == 3 and "LoRA instead of full fine-tuning" in refused.stdout

@@ -10,6 +10,8 @@ def demo_parser(add) -> None:
     d.add_argument("--base", help="a .gguf file to use instead of the embedded SmolLM2-135M-Instruct")
     d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
     d.add_argument("--eval-samples", type=int, default=48, help="held-out examples scored for base vs tuned")
+    d.add_argument("--dpo", action="store_true", help="then DPO: the demo run trains on generated preference pairs "
+                   "and is scored against itself on held-out pairs (runs the demo first if it has not run)")
 
 
 def tui_parser(add) -> None:
@@ -19,9 +21,12 @@ def tui_parser(add) -> None:
 
 @command("demo")
 def _demo(args) -> int:
-    from ..demo import run_demo
+    from ..demo import run_demo, run_dpo_demo
 
-    result = run_demo(base=args.base, steps=args.steps, eval_samples=args.eval_samples, json_mode=args.json)
+    if args.dpo:
+        result = run_dpo_demo(steps=args.steps, eval_samples=args.eval_samples, json_mode=args.json)
+    else:
+        result = run_demo(base=args.base, steps=args.steps, eval_samples=args.eval_samples, json_mode=args.json)
     if args.json:
         print_json(result)
     return 0 if result["tuned_beats_base"] else 5

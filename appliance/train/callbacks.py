@@ -258,6 +258,8 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
                 "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
                 "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"), "tokens_per_s": rate, "tokens": tokens,
+                # DPO: how far the chosen answers' implicit reward is above the rejected ones', and how often
+                "reward_margin": logs.get("rewards/margins"), "reward_accuracy": logs.get("rewards/accuracies"),
             }
             if rank == 0:
                 d.update(watch.sample(state.global_step))
@@ -272,7 +274,10 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
             best = state.best_metric is None or loss < state.best_metric
             if best:
                 control.should_save = True
-            emit(ev.Event("metric", proc.STAGE, "", {"step": state.global_step, "eval_loss": loss, "best": best}))
+            rewards = {"eval_reward_margin": metrics.get("eval_rewards/margins"),
+                       "eval_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+            emit(ev.Event("metric", proc.STAGE, "", {"step": state.global_step, "eval_loss": loss, "best": best,
+                                                     **{k: v for k, v in rewards.items() if v is not None}}))
             warning = self.fit.eval_loss(state.global_step, loss)
             if warning and rank == 0:
                 best_at = state.best_global_step if not best else state.global_step

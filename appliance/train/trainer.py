@@ -19,7 +19,7 @@ from ..chat_format import encode, with_system
 from ..errors import StageFailed
 from ..recipes import Recipe
 from ..trust import audit
-from ..workspace import write_json
+from ..workspace import read_json, write_json
 from . import attention, proc
 from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, is_oom, nvml_index, peak_rss,
                         recover, release_memory, split_memory)
@@ -58,7 +58,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
 
     mix = recipe.mix()
-    mixed, shares = data.mixed_train(mix, recipe.seed)
+    mixed, shares = ([], [{"dataset": mix[0][0].name, "weight": 1.0}]) if recipe.method == "dpo" else \
+        data.mixed_train(mix, recipe.seed)
     if len(mix) > 1:
         emit(ev.Event("stage", proc.STAGE, "mixing " + ", ".join(
             f"{m['examples']} examples of {m['dataset']} ({m['weight']:.0%})" for m in shares) +
@@ -74,7 +75,16 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
                           f"within max_seq_length={t.max_seq_length} and were skipped"))
         return datasets.Dataset.from_list(kept)
 
-    train_ds, eval_ds = tokenized("train"), tokenized("validation")
+    def pairs(split: str):
+        """Conversational pairs for TRL's DPO trainer, which renders them with the tokenizer's chat template."""
+        return datasets.Dataset.from_list([
+            {"prompt": with_system(r["prompt"], recipe.system_prompt),
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in data.load_pairs(recipe.dataset_path(), split)])
+
+    load = pairs if recipe.method == "dpo" else tokenized
+    train_ds, eval_ds = load("train"), load("validation")
     micro, accum = batch_settings(run.name, recipe)  # the recipe's, or smaller after an out-of-memory recovery
 
     checkpoint = None
@@ -154,13 +164,20 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     # Every dataset of a mix is a parent: "dataset" (the domain data), then "dataset.2", "dataset.3"...
     parents = {("dataset" if i == 0 else f"dataset.{i + 1}"): path.name if data.is_encrypted(path)
                else str(path.resolve()) for i, (path, _) in enumerate(mix)}
+    if recipe.method == "dpo" and recipe.dpo.from_run:
+        parents["sft_run"] = recipe.dpo.from_run  # the lineage goes on through the SFT run to its data
     manifest.write(run, "run", run.name, files=files, parents={**parents, "base_model": recipe.base_model},
                    recipe_sha256=recipe.digest(), steps=summary["steps"], final_loss=summary["final_loss"],
                    hardware=hardware.summary())
-    with staging(run / "adapter") as tmp:
-        trainer.model.save_pretrained(str(tmp))
+    full = recipe.lora is None  # full fine-tuning: the weights themselves, in the base's dtype, not an adapter
+    with staging(run / ("full" if full else "adapter")) as tmp:
+        if full:
+            dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
+            trainer.model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        manifest.write(tmp, "adapter", f"{run.name}/adapter",
+        manifest.write(tmp, "full-model" if full else "adapter", f"{run.name}/{'full' if full else 'adapter'}",
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
                        hardware=hardware.summary())
     sign_checkpoints(run, recipe)
@@ -224,8 +241,12 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     rank, world = proc.world()
     t = recipe.training
     set_seed(recipe.seed)
+    dpo, full = recipe.method == "dpo", recipe.lora is None
+    packing = t.packing and not dpo  # TRL 1.16's DPO pads its pairs (its padding-free mode is disabled)
     compute_dtype = getattr(torch, recipe.quantization.compute_dtype)
-    load_kwargs: dict = {"dtype": compute_dtype}
+    # Full fine-tuning keeps fp32 master weights (16-bit weights would round away most updates), computing in
+    # the compute dtype under autocast on a GPU.
+    load_kwargs: dict = {"dtype": torch.float32 if full else compute_dtype}
     if recipe.quantization.method == "nf4":
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quantization.double_quant,
@@ -237,21 +258,36 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         # the plan's per-GPU limit (accelerate places them; the GPUs then run one after the other).
         load_kwargs["device_map"] = "auto"
         load_kwargs["max_memory"] = split
-    load_kwargs["attn_implementation"] = attention.choose(cuda, t.packing)
+    load_kwargs["attn_implementation"] = attention.choose(cuda, packing)
     model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
     kernels = attention.apply_kernels(model, t.kernels, cuda)
-    emit(ev.Event("stage", proc.STAGE, f"attention {load_kwargs['attn_implementation']}"
-                      f"{', packed bins of ' + str(t.max_seq_length) + ' tokens' if t.packing else ''}, kernels "
-                      f"{kernels or 'transformers'}, loss {'TRL chunked LM head' if cuda else 'native'}",
-                      {"attention": load_kwargs["attn_implementation"], "packing": t.packing, "kernels": kernels,
-                       "activation_offloading": t.activation_offloading and cuda}))
+    loss = (f"DPO, beta {recipe.dpo.beta}, against {'run ' + recipe.dpo.from_run if recipe.dpo.from_run else 'the base'}"
+            if dpo else "TRL chunked LM head" if cuda else "native")
+    emit(ev.Event("stage", proc.STAGE, f"{'full fine-tuning, ' if full else ''}attention "
+                      f"{load_kwargs['attn_implementation']}"
+                      f"{', packed bins of ' + str(t.max_seq_length) + ' tokens' if packing else ''}, kernels "
+                      f"{kernels or 'transformers'}, loss {loss}",
+                      {"attention": load_kwargs["attn_implementation"], "packing": packing, "kernels": kernels,
+                       "activation_offloading": t.activation_offloading and cuda, "method": recipe.method,
+                       "full": full}))
     if recipe.quantization.method == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    model = get_peft_model(model, LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.target_modules, use_dora=recipe.lora.use_dora, task_type="CAUSAL_LM"))
+    if full:
+        pass  # every weight trains
+    elif dpo and recipe.dpo.from_run:
+        # The SFT run's adapter trains on; TRL keeps a frozen copy of it as the reference ("ref" adapter): the
+        # reference is the SFT model, with no second copy of the base in memory.
+        from peft import PeftModel
 
-    if not cuda and compute_dtype != torch.float32:
+        from ..runs import adapter
+
+        model = PeftModel.from_pretrained(model, str(adapter(recipe.dpo.from_run, "best")["path"]), is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora.target_modules, use_dora=recipe.lora.use_dora, task_type="CAUSAL_LM"))
+
+    if not cuda and compute_dtype != torch.float32 and not (full or dpo):
         base_model = model.get_base_model()
         base_model.lm_head = low_precision_head(base_model.lm_head, compute_dtype)
 
@@ -259,7 +295,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     if world > 1:
         # Every adapter weight takes part in every step: no search for unused parameters. gloo on the CPU.
         distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"})}
-    args = SFTConfig(
+    common = dict(
         output_dir=str(run / "checkpoints"),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.num_epochs or 1.0,  # used only without max_steps
@@ -284,8 +320,6 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         seed=recipe.seed,
         data_seed=recipe.seed,
         max_length=t.max_seq_length,
-        packing=t.packing,
-        packing_strategy="bfd",  # best fit decreasing: whole examples in bins, none split across two
         activation_offloading=t.activation_offloading and cuda,  # host memory is where a CPU run keeps them anyway
         report_to=[],
         disable_tqdm=True,
@@ -296,6 +330,13 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         save_only_model=False,
         **distributed,
     )
+    if dpo:
+        from trl import DPOConfig, DPOTrainer
+
+        args, cls = DPOConfig(**common, beta=recipe.dpo.beta), DPOTrainer
+    else:
+        # best fit decreasing: whole examples in bins, none split across two
+        args, cls = SFTConfig(**common, packing=packing, packing_strategy="bfd"), trainer_class(cuda)
     callbacks = [event_callback(emit, run, watch, patience=t.early_stopping.patience if t.early_stopping else 3,
                                 early_stopping=t.early_stopping is not None)]
     if t.early_stopping:
@@ -303,8 +344,8 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping.patience,
                                                early_stopping_threshold=t.early_stopping.min_delta))
-    trainer = trainer_class(cuda)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, callbacks=callbacks)
+    trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                  callbacks=callbacks)
     # TRL casts QLoRA adapter weights to bf16 when it builds the trainer, but a resume loads them from the
     # checkpoint in fp32, so a resumed run would compute differently from an uninterrupted one. Keep the
     # trainable weights in fp32 from the start (PEFT's own default): tiny in memory, identical across resumes.

@@ -45,7 +45,7 @@ def file_hashes(root: Path, names: list[str] | None = None) -> dict[str, str]:
 
 
 # Which folder a parent of each role lives in. Sub-artifacts of a run are named "<run>/<part>".
-_ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models", "run": "runs",
+_ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models", "run": "runs", "sft_run": "runs",
                  "adapter": "runs", "merged": "runs", "gguf": "runs", "bundle": "bundles"}
 
 
@@ -127,4 +127,4 @@ def check_signature(manifest: object, public_raw: bytes, path: Path) -> None:
 
 
 # Kinds whose manifest covers every file of their folder (a run's folder also holds live files: events, checkpoints).
-WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "merged-model", "gguf", "bundle")
+WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "full-model", "merged-model", "gguf", "bundle")

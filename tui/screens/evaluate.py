@@ -47,7 +47,8 @@ def report_text(report: dict, run_id: str) -> str:
     """The scores, base against tuned, and the difference in points (Textual markup: theme colours)."""
     metrics = report["metrics"]
     width = max(len("metric"), *(len(m) for m in metrics))
-    lines = [f"[b]{escape(run_id)}[/]: held-out split, {report['samples']} examples (runs/…/eval.json)",
+    lines = [f"[b]{escape(run_id)}[/]: held-out split, {report['samples']} examples (runs/…/eval.json)"
+             + (f"; base = {escape(report['reference'])}" if report.get("reference") else ""),
              f"[b]{'metric':<{width}}  {'base':>7}  {'tuned':>7}  {'difference':>11}[/]"]
     for m in metrics:
         b, t = float(report["base"][m]), float(report["tuned"][m])
@@ -55,7 +56,10 @@ def report_text(report: dict, run_id: str) -> str:
         style = "$success" if t > b else ("$error" if t < b else "")
         cell = f"[{style}]{diff:>11}[/]" if style else f"{diff:>11}"
         lines.append(f"{m:<{width}}  {pct(b):>7}  {pct(t):>7}  {cell}")
-    last = metrics[-1]
+    last = "preference_accuracy" if "preference_accuracy" in metrics else metrics[-1]
+    if "preference_margin" in report["base"]:
+        lines.append(f"{'preference margin':<{width}}  {report['base']['preference_margin']:>7.2f}  "
+                     f"{report['tuned']['preference_margin']:>7.2f}  (mean log-probability, chosen - rejected)")
     if report.get("tuned_beats_base"):
         lines.append(f"[$success]the tuned model beats its base on {last}[/]")
     else:
@@ -252,7 +256,7 @@ class EvaluateScreen(Pane):
             from appliance.evaluate import evaluate
 
             report = evaluate(run_id, samples=samples, emit=emit)
-            records = data.load_split(runs.load_recipe(run_id).dataset_path(), "validation")[:samples]
+            records = [{"messages": c} for c in data.heldout(runs.load_recipe(run_id), samples)]
             return run_id, report, pair_examples(report, records)
 
         self.call(job, self.evaluated, group="evaluate")

@@ -15,6 +15,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Static
 
+from appliance.plan import method_text
+
 from .base import Pane, require_unlocked
 
 GiB = 2**30
@@ -66,7 +68,7 @@ def summary(plan: dict) -> str:
     lines = [f"[{style}]{word.upper()}[/] on {escape(str(plan['hardware']))} "
              f"(limit {plan['limit_fraction']:.0%} of each device)",
              f"{escape(m['name'])}: {m['parameters'] / 1e9:.2f}B parameters, {m['layers']} layers · {k['quant']}, "
-             f"{'DoRA' if k.get('dora') else 'LoRA'} r={k['lora_r']}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
+             f"{method_text(k)}, micro-batch {k['micro_batch']} x {k['grad_accum']}, sequences {k['seq_len']}, "
              f"checkpointing {'on' if k['grad_ckpt'] else 'off'}, {k['optimizer']}"
              f"{', packed' if k.get('packing') else ''}"]
     if plan.get("duration"):
@@ -124,7 +126,7 @@ def recipe_defaults(path: str) -> dict:
     return {"base_model": r.base_model, "dataset": mix, "training.max_steps": steps,
             "training.micro_batch_size": r.training.micro_batch_size,
             "training.gradient_accumulation_steps": r.training.gradient_accumulation_steps,
-            "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r,
+            "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r if r.lora else "full",
             "training.learning_rate": r.training.learning_rate,
             "training.gradient_checkpointing": r.training.gradient_checkpointing,
             "training.packing": r.training.packing}

@@ -101,7 +101,7 @@ class RunView:
                 self.max_steps = int(d["max_steps"])
             if isinstance(d.get("loss"), (int, float)):
                 self.train[int(d.get("step", len(self.train) + 1))] = float(d["loss"])
-            for k in ("learning_rate", "tokens_per_s", "grad_norm"):
+            for k in ("learning_rate", "tokens_per_s", "grad_norm", "reward_margin", "reward_accuracy"):
                 if isinstance(d.get(k), (int, float)):
                     self.rates[k] = float(d[k])
             return None
@@ -109,7 +109,10 @@ class RunView:
             if isinstance(d.get("eval_loss"), (int, float)):
                 step = int(d.get("step", self.step))
                 self.val[step] = float(d["eval_loss"])
-                return "metric", f"step {step}: validation loss {d['eval_loss']:.4f}"
+                dpo = (f", reward margin {d['eval_reward_margin']:.3f}, reward accuracy {d['eval_reward_accuracy']:.0%}"
+                       if isinstance(d.get("eval_reward_accuracy"), (int, float)) else "")
+                best = " (best so far)" if d.get("best") else ""
+                return "metric", f"step {step}: validation loss {d['eval_loss']:.4f}{dpo}{best}"
             if d.get("checkpoint"):
                 return "checkpoint", f"{d['checkpoint']} saved"
             return None
@@ -146,6 +149,10 @@ class RunView:
             parts.append(f"lr {self.rates['learning_rate']:.2e}")
         if "tokens_per_s" in self.rates:
             parts.append(f"{self.rates['tokens_per_s']:.0f} tok/s")
+        if "reward_margin" in self.rates:  # DPO
+            parts.append(f"reward margin {self.rates['reward_margin']:.3f}")
+        if "reward_accuracy" in self.rates:
+            parts.append(f"reward accuracy {self.rates['reward_accuracy']:.0%}")
         if self.attempt_t is not None:
             parts.append(f"elapsed {duration(self.elapsed())}")
         eta = self.eta()
