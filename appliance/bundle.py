@@ -269,14 +269,13 @@ def _modelfile(model_file: str, template: str, system: str | None, stops: list[s
 
 
 def _model_card(run_id, recipe, gguf_manifest, check, generation, evaluation) -> str:
-    def item(kind):
-        return next((i for i in check["lineage"] if i["kind"] == kind and i["status"] == "ok"), None)
+    def items(kind):  # every one: a mix has several datasets, a DPO run two runs
+        return [i for i in check["lineage"] if i["kind"] == kind and i["status"] == "ok"]
 
     out = [f"# {recipe.name}: fine-tuned {recipe.base_model}", "",
            f"Made by the offline fine-tuning appliance from run `{run_id}`.", "", "## Lineage", ""]
-    for kind in ("model", "dataset", "run", "adapter", "checkpoint", "merged-model", "gguf"):
-        found = item(kind)
-        if found:
+    for kind in ("model", "dataset", "run", "adapter", "checkpoint", "full-model", "merged-model", "gguf"):
+        for found in items(kind):
             m = manifest.read(Path(found["path"]))
             digest = manifest.sha256_file(Path(found["path"]) / manifest.NAME)
             extra = ""

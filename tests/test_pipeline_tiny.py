@@ -241,6 +241,25 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     cli_json("merge", st["id"], home=home, env=env)
     cli_json("export", st["id"], "--quant", "f16", home=home, env=env)
     cli_json("ask", st["id"], "--prompt", "Convert this record to JSON.", "--max-tokens", "4", home=home, env=env)
+    # DPO on encrypted pairs, started from that run, exported and scored (TRL tokenizes the pairs itself).
+    from appliance.demo_data import preference_splits
+
+    pairs = preference_splits(train=16, validation=4)
+    for part in pairs.values():
+        for r in part:
+            r["prompt"][0]["content"] += f" ({canary})"
+            r["chosen"] += f" {canary}"
+    store.write(vault, "secret-pairs", pairs, hardware={})
+    import yaml
+
+    raw = yaml.safe_load(write_recipe(tmp_path / "dpo.yaml", "secret-pairs", max_steps=2, save_steps=1,
+                                      eval_steps=1).read_text())
+    raw.update(method="dpo", dpo={"from_run": st["id"]})
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(raw))
+    dpo = cli_json("train", str(tmp_path / "dpo.yaml"), home=home, env=env)
+    assert dpo["state"] == "finished", dpo
+    cli_json("export", dpo["id"], "--quant", "f16", home=home, env=env)
+    assert "preference_accuracy" in cli_json("eval", dpo["id"], "--samples", "4", home=home, env=env)["tuned"]
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
     refused = run_cli("merge", st["id"], home=home, env={**env, "APPLIANCE_PASSPHRASE_FILE": str(wrong)}, check=False)

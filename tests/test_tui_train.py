@@ -362,7 +362,7 @@ def _demo_vault() -> None:
 async def test_data_x_imports_the_demo_dataset_the_demo_recipe_names(vault_home):
     """With Models' `e`, the embedded model's pipeline needs no file: `x` generates and encrypts `demo-records`."""
     from appliance import recipes
-    from appliance.demo import DATASET_ID, recipe_path
+    from appliance.demo import DATASET_ID, PREFERENCES_ID, recipe_path
 
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
@@ -371,14 +371,17 @@ async def test_data_x_imports_the_demo_dataset_the_demo_recipe_names(vault_home)
         assert "x for the demo dataset" in rendered(app, "#ds-output")
         screen = app.query_one(DatasetsScreen)
         await pilot.press("x")
-        await wait_for(pilot, lambda: [r["id"] for r in screen.rows] == [DATASET_ID], "the demo dataset")
-        row = screen.rows[0]
+        await wait_for(pilot, lambda: sorted(r["id"] for r in screen.rows) == [DATASET_ID, PREFERENCES_ID],
+                       "the demo datasets")
+        row = next(r for r in screen.rows if r["id"] == DATASET_ID)
         assert (row["train"], row["validation"]) == (400, 48)
         assert f"{DATASET_ID}: 400 train + 48 held-out records" in rendered(app, "#ds-output")
+        assert f"{PREFERENCES_ID}: 240 train + 48 held-out preference pairs" in rendered(app, "#ds-output")
         await pilot.press("x")  # once only: a second press finds it there
         await settle(pilot)
     assert recipes.load(recipe_path()).dataset == DATASET_ID
-    assert [e["details"]["source"] for e in audit.entries(event="dataset.import")] == ["appliance demo generator"]
+    assert recipes.load(recipe_path("demo-dpo.yaml")).dataset == PREFERENCES_ID
+    assert [e["details"]["source"] for e in audit.entries(event="dataset.import")] == ["appliance demo generator"] * 2
     assert store.is_encrypted(vault_home / "datasets" / DATASET_ID)
 
 

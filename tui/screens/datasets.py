@@ -106,7 +106,7 @@ class DatasetsScreen(Pane):
                 Binding("v", "verify", "verify every dataset file", show=False),
                 Binding("k", "toggle_rekey", "change the passphrase (rekey)", show=False),
                 Binding("l", "lock", "lock", show=False),
-                Binding("x", "import_demo", "import the demo dataset (demo-records)", show=False)]
+                Binding("x", "import_demo", "import the demo datasets (demo-records, demo-preferences)", show=False)]
     FORMS = ("#ds-import", "#ds-export", "#ds-rekey")  # one shown at a time, under the table
     DEFAULT_CSS = """
     DatasetsScreen ContentSwitcher { height: 1fr; }
@@ -386,17 +386,21 @@ class DatasetsScreen(Pane):
         if self.state != "open":
             return
 
-        def job() -> dict:
+        def job() -> tuple[dict, dict]:
             from appliance.trust import keys
-            from appliance.demo import import_dataset
+            from appliance.demo import import_dataset, import_preferences
 
-            return import_dataset(keys.vault())
+            return import_dataset(keys.vault()), import_preferences(keys.vault())
 
-        def done(counts: dict) -> None:
+        def done(counts: tuple[dict, dict]) -> None:
+            from appliance.demo import PREFERENCES_ID
+
+            records, pairs = counts
             self.report = None
             self.query_one("#ds-output", Static).update(
-                f"[b]{DATASET_ID}[/]: {counts['train']} train + {counts['validation']} held-out records, generated "
-                "here and encrypted (the demo recipe's dataset)")
+                f"[b]{DATASET_ID}[/]: {records['train']} train + {records['validation']} held-out records, generated "
+                f"here and encrypted (the demo recipe's dataset); [b]{PREFERENCES_ID}[/]: {pairs['train']} train + "
+                f"{pairs['validation']} held-out preference pairs (recipes/demo-dpo.yaml's)")
             self.call(list_datasets, self.show_datasets, group="list")
 
         self.query_one("#ds-output", Static).update(f"generating and encrypting {DATASET_ID}…")
