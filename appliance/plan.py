@@ -83,6 +83,7 @@ ALLOCATOR_MARGIN = 0.08    # the caching allocator's reservation beyond live ten
 CPU_ALLOCATOR_MARGIN = 0.12  # glibc's arenas on a CPU (peak RSS of the same run varies 10-20% run to run)
 BUSY_TOKENS = 2048         # a micro-batch this big keeps a GPU's matmuls busy: below it, checkpointing on and a
                            # bigger micro-batch is the faster way to the same effective batch
+DPO_HEAD = 13              # bytes per token and vocabulary entry that a DPO step holds beyond the LM head's tiles
 DEFAULT_LIMIT = 0.90
 
 
@@ -279,6 +280,10 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
                      optimizer=params * OPTIMIZER_BYTES[k.optimizer] // shards)
     if k.dpo:  # TRL's frozen copy of the adapter the run starts from: the reference
         parts["reference"] = lora * 4 // shards
+        # DPO's log-probabilities of both sequences, the reference's and their gradients: fitted to two CPU rows of
+        # bench/plan_accuracy.py (random 512x4 fp32 and SmolLM2 bf16, 1.3-1.5 GB beyond the rest at 2,048 tokens);
+        # which tensors they are is not pinned down. Counted on GPUs too until a GPU row says otherwise.
+        parts["logits"] += int(DPO_HEAD * tokens * shape.vocab)
     if k.dora:  # the rebuilt weight whose norm DoRA takes, one target at a time
         parts["dora_weight"] = int(dora_weight * 4 / shards)
     margin = CPU_ALLOCATOR_MARGIN if device == "cpu" else ALLOCATOR_MARGIN

@@ -151,6 +151,9 @@ class Dpo(_Strict):
     from_run: str | None = Field(None, description="the SFT run to start from (its best adapter, trained further; "
                                  "its copy is the reference), by id or by recipe name (the newest finished run of "
                                  "it); none: a new adapter on the base model, the base the reference")
+    sft_weight: float = Field(0.0, ge=0, le=10, description="adds the chosen answers' own loss with this weight "
+                              "(RPO): DPO alone may push the rejected answers down by making the chosen ones unlikely "
+                              "too; 0: plain DPO")
 
 
 class Recipe(_Strict):

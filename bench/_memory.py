@@ -53,6 +53,18 @@ def long_examples(folder: Path, words: int, train: int) -> Path:
     return folder
 
 
+def long_pairs(folder: Path, words: int, train: int) -> Path:
+    """Preference pairs whose chosen and rejected answers are ``words`` words long (for DPO's rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("validation", 4)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                chosen = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(words))
+                rejected = " ".join(WORDS[(i * 5 + j * 11) % len(WORDS)] for j in range(words))
+                f.write(json.dumps({"prompt": f"write up case {i}", "chosen": chosen, "rejected": rejected}) + "\n")
+    return folder
+
+
 # The small random Llama the CPU rows and the GPU probe's sanity row measure (its config.json values).
 TINY_LLAMA = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
               "num_key_value_heads": 8, "tie_word_embeddings": True}
@@ -89,27 +101,32 @@ def tokenizer_dir(out: Path) -> Path:
 
 def probe_recipe(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
                  compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True,
-                 dropout: float = 0.0, optimizer: str = "adamw_torch") -> Path:
-    """A QLoRA recipe file for one measured configuration (fixed micro-batch, no accumulation)."""
+                 dropout: float = 0.0, optimizer: str = "adamw_torch", method: str = "sft") -> Path:
+    """A recipe file for one measured configuration (fixed micro-batch, no accumulation): QLoRA SFT; ``method``
+    "dpo" (QLoRA DPO on pairs, a new adapter) or "full" (full fine-tuning of the 16-bit model)."""
     import yaml
 
     recipe = {"name": "probe", "base_model": model_id, "dataset": str(dataset), "seed": 1,
-              "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": compute_dtype},
-              "lora": {"r": r, "alpha": 2 * r, "dropout": dropout},
+              "quantization": {"method": "none" if method == "full" else "nf4", "double_quant": True,
+                               "compute_dtype": compute_dtype},
+              "lora": None if method == "full" else {"r": r, "alpha": 2 * r, "dropout": dropout},
+              **({"method": "dpo"} if method == "dpo" else {}),
               "training": {"max_steps": steps, "micro_batch_size": micro_batch, "gradient_accumulation_steps": 1,
                            "max_seq_length": seq_len, "gradient_checkpointing": grad_ckpt, "packing": packing,
                            "optimizer": optimizer, "save_steps": 1000, "eval_steps": 1000, "learning_rate": 1e-4},
               "export": {"quant": ["f16"]}}
     path = home.parent / (f"probe-{model_id}-{micro_batch}-{seq_len}-{int(grad_ckpt)}-{compute_dtype}-{int(packing)}-"
-                          f"{optimizer}.yaml")
+                          f"{optimizer}-{method}.yaml")
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
 def measure(home: Path, model_id: str, dataset: Path, micro_batch: int, seq_len: int, grad_ckpt: bool,
-            compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True) -> dict:
+            compute_dtype: str = "float32", steps: int = 2, r: int = 16, packing: bool = True,
+            method: str = "sft") -> dict:
     """Train ``steps`` steps for real and return the run's summary (with peak_rss_bytes) and the recipe used."""
-    path = probe_recipe(home, model_id, dataset, micro_batch, seq_len, grad_ckpt, compute_dtype, steps, r, packing)
+    path = probe_recipe(home, model_id, dataset, micro_batch, seq_len, grad_ckpt, compute_dtype, steps, r, packing,
+                        method=method)
     run = cli(home, "train", str(path))
     if run["state"] != "finished":
         raise RuntimeError(f"probe run {run['id']} ended {run['state']}: {run.get('error')}")

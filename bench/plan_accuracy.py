@@ -38,26 +38,32 @@ CONFIGS = {
     "tiny-512x4": {**_memory.TINY_LLAMA, "vocab_size": 49152},
 }
 CPU_RUNS = [
-    # (model, micro_batch, seq_len, gradient checkpointing, compute dtype, packing)
-    ("rand-512x4", 2, 128, False, "float32", True),
-    ("rand-512x4", 4, 256, False, "float32", True),
-    ("rand-512x4", 8, 512, False, "float32", True),
-    ("rand-512x4", 8, 512, False, "float32", False),
-    ("rand-512x4", 8, 512, True, "float32", True),
-    ("smollm2", 4, 256, False, "bfloat16", True),
-    ("smollm2", 8, 512, False, "bfloat16", True),
-    ("smollm2", 8, 512, True, "bfloat16", True),
+    # (model, micro_batch, seq_len, gradient checkpointing, compute dtype, packing, method)
+    ("rand-512x4", 2, 128, False, "float32", True, "sft"),
+    ("rand-512x4", 4, 256, False, "float32", True, "sft"),
+    ("rand-512x4", 8, 512, False, "float32", True, "sft"),
+    ("rand-512x4", 8, 512, False, "float32", False, "sft"),
+    ("rand-512x4", 8, 512, True, "float32", True, "sft"),
+    ("rand-512x4", 4, 256, False, "float32", False, "dpo"),   # a chosen and a rejected sequence per pair
+    ("rand-512x4", 4, 256, False, "float32", True, "full"),   # every weight trains
+    ("smollm2", 4, 256, False, "bfloat16", True, "sft"),
+    ("smollm2", 8, 512, False, "bfloat16", True, "sft"),
+    ("smollm2", 8, 512, True, "bfloat16", True, "sft"),
+    ("smollm2", 4, 160, False, "bfloat16", False, "dpo"),     # the demo DPO recipe's shape
 ]
 
 
-def cpu_rows(quick: bool) -> list[dict]:
+def cpu_rows(quick: bool, methods: tuple[str, ...] = ("sft", "dpo", "full")) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="appliance-plan-accuracy-"))
     home = root / "home"
     dataset = _memory.workspace(home)
     tok = _memory.tokenizer_dir(root / "tokenizer")
     models = set()
     rows = []
-    for model, mb, seq, ckpt, dtype, packing in CPU_RUNS[:2] if quick else CPU_RUNS:
+    pairs = _memory.long_pairs(root / "long-pairs", words=1500, train=16)
+    for model, mb, seq, ckpt, dtype, packing, method in CPU_RUNS[:2] if quick else CPU_RUNS:
+        if method not in methods:
+            continue
         if model not in models:
             if model == "smollm2":
                 from appliance.models import default_gguf
@@ -67,15 +73,16 @@ def cpu_rows(quick: bool) -> list[dict]:
                 src = _memory.random_llama(root / model, tok, hidden=512, intermediate=1536, layers=4, heads=8)
                 _memory.cli(home, "models", "import", str(src), "--name", model)
             models.add(model)
-        got = _memory.measure(home, model, dataset, mb, seq, ckpt, dtype, packing=packing)
+        got = _memory.measure(home, model, pairs if method == "dpo" else dataset, mb, seq, ckpt, dtype,
+                              packing=packing, method=method)
         plan = _memory.predicted(home, got["recipe"])
         predicted = plan["devices"][0]["estimate"]
         measured = got["summary"]["peak_rss_bytes"]
         rows.append({"model": model, "micro_batch": mb, "seq_len": seq, "grad_ckpt": ckpt, "dtype": dtype,
-                     "packing": packing,
+                     "packing": packing, "method": method,
                      "predicted": predicted, "measured": measured, "error": predicted / measured - 1,
                      "breakdown": plan["devices"][0]["breakdown"]})
-        print(f"  {model:<11}{mb:>4}{seq:>6}  {'on ' if ckpt else 'off'}  {'on ' if packing else 'off'}  {dtype:<9}"
+        print(f"  {model:<11}{method:<5}{mb:>4}{seq:>6}  {'on ' if ckpt else 'off'}  {'on ' if packing else 'off'}  {dtype:<9}"
               f"{predicted / 2**20:>9.0f}{measured / 2**20:>10.0f}{100 * (predicted / measured - 1):>+8.1f}%", flush=True)
     return rows
 
@@ -122,11 +129,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two CPU runs instead of five")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--methods", default="sft,dpo,full", help="the CPU rows to run, by method (default: all)")
     args = ap.parse_args()
     print(f"memory planner accuracy, {machine()}")
     print("\n1. CPU, measured here: peak RSS of real QLoRA training runs vs the plan (MiB)")
-    print(f"  {'model':<11}{'mb':>4}{'seq':>6}  ckpt pack dtype    {'predicted':>9}{'measured':>10}{'error':>9}")
-    cpu = cpu_rows(args.quick)
+    print(f"  {'model':<11}{'kind':<5}{'mb':>4}{'seq':>6}  ckpt pack dtype    {'predicted':>9}{'measured':>10}{'error':>9}")
+    cpu = cpu_rows(args.quick, tuple(args.methods.split(",")))
     print("\n2. published GPU figures vs the plan")
     pub = published_rows()
     for r in pub:

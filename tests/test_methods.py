@@ -140,7 +140,7 @@ def test_dpo_from_an_sft_run_trains_merges_exports_and_raises_preference_accurac
     home = tiny_home
     sft = cli_json("train", str(write_recipe(tmp_path / "sft.yaml", demo_dataset, max_steps=4, eval_steps=100,
                                              save_steps=100)), home=home)
-    prefs = generate_preferences(tmp_path / "prefs", train=48, validation=16)
+    prefs = generate_preferences(tmp_path / "prefs", train=32, validation=16)
     recipe = dpo_recipe(tmp_path / "dpo.yaml", prefs, "tiny", max_steps=8, learning_rate=0.003, eval_steps=4,
                         save_steps=100, micro_batch_size=4)
     st = cli_json("train", str(recipe), home=home)
@@ -157,6 +157,8 @@ def test_dpo_from_an_sft_run_trains_merges_exports_and_raises_preference_accurac
 
     exported = cli_json("export", run_id, "--quant", "f16", home=home)
     assert exported["parity"]["top1_agreement"] >= 0.99
+    assert cli_json("ask", run_id, "--prompt", "hello", "--max-tokens", "3", home=home)["completion_tokens"] >= 1
+    assert not (home / "runs" / run_id / "adapter" / "ref").exists()  # the reference copy is not kept
     lineage = cli_json("verify", str(home / "runs" / run_id / "gguf"), home=home)
     assert lineage["ok"] and ("sft_run", sft["id"], "ok") in {(i["role"], i["id"], i["status"])
                                                              for i in lineage["lineage"]}
@@ -168,8 +170,14 @@ def test_dpo_from_an_sft_run_trains_merges_exports_and_raises_preference_accurac
     # On a random 2-layer model, 8 steps move the held-out log-probability margin (chosen - rejected) up; the
     # accuracy itself is measured on the demo's SmolLM2 runs (README, "DPO").
     assert report["tuned"]["preference_margin"] > report["base"]["preference_margin"], (report["base"], report["tuned"])
-    shown = run_cli("eval", run_id, "--samples", "16", home=home).stdout
-    assert "preference_accuracy" in shown and f"base = SFT run {sft['id']}" in shown
+    from rich.console import Console
+
+    from appliance.render import eval_table
+
+    console = Console(record=True, width=200)
+    console.print(eval_table(report))  # what `appliance eval` prints
+    shown = console.export_text()
+    assert "preference_accuracy" in shown and "preference_margin" in shown and f"base = SFT run {sft['id']}" in shown
 
 
 def test_full_fine_tuning_trains_every_weight_merges_as_a_no_op_and_exports(tiny_home, tmp_path, demo_dataset):

@@ -296,3 +296,4 @@ def test_dora_trains_merges_and_exports(tiny_home, tmp_path, demo_dataset):
     assert cli_json("merge", st["id"], home=home)["max_abs_logit_diff"] < 1e-3
     exported = cli_json("export", st["id"], "--quant", "f16", home=home)
     assert exported["parity"]["top1_agreement"] >= 0.99
+    assert cli_json("ask", st["id"], "--prompt", "hello", "--max-tokens", "3", home=home)["completion_tokens"] >= 1

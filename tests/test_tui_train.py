@@ -64,6 +64,32 @@ def ev(type_: str, t: float, message: str = "", **data) -> events.Event:
 
 # -- the run's figures, folded from its events ------------------------------------------------------------------
 
+def test_run_view_shows_dpo_rewards_the_best_evaluation_and_overfitting():
+    view = RunView()
+    view.add(ev("progress", 1, step=1, max_steps=30, loss=0.69, reward_margin=0.123, reward_accuracy=0.625))
+    assert "reward margin 0.123 · reward accuracy 62%" in view.stats()
+    assert view.add(ev("metric", 2, step=10, eval_loss=0.61, best=True, eval_reward_margin=0.25,
+                       eval_reward_accuracy=0.75)) == (
+        "metric", "step 10: validation loss 0.6100, reward margin 0.250, reward accuracy 75% (best so far)")
+    warned = view.add(ev("warning", 3, "overfitting: validation loss rose for 3 evaluations in a row",
+                         overfitting={"best_step": 10}))
+    assert warned == ("warning", "overfitting: validation loss rose for 3 evaluations in a row")
+
+
+def test_plan_details_show_the_time_estimate_and_the_guides_checks():
+    from tui.screens.plan import details, summary
+
+    plan = {"verdict": "fits", "hardware": "cpu", "limit_fraction": 0.9, "choices": [], "adjustments": [],
+            "model": {"name": "m", "parameters": 1e8, "layers": 2},
+            "knobs": {"quant": "nf4", "lora_r": 16, "micro_batch": 4, "grad_accum": 1, "seq_len": 128,
+                      "grad_ckpt": False, "optimizer": "adamw_torch", "dpo": True},
+            "strategy": {"mode": "single", "why": "one device"},
+            "duration": {"seconds": 600, "basis": "30 steps of ~1,000 tokens at ~50 tokens/s on 2 CPU cores"},
+            "checks": [{"key": "training.warmup_steps", "message": "training.warmup_steps is 0: set it"}]}
+    assert "time: about 10 min" in summary(plan) and "DPO on LoRA r=16" in summary(plan)
+    text = details(plan)
+    assert "30 steps of ~1,000 tokens" in text and "warning:[/] training.warmup_steps is 0: set it" in text
+
 def test_run_view_folds_loss_eta_elapsed_over_attempts_and_logs_what_matters():
     view = RunView()
     assert view.add(ev("stage", 0, "starting on cpu with 2 threads", resume=False)) == (

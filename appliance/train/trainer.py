@@ -174,8 +174,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         if full:
             dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
             trainer.model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
-        else:
-            trainer.model.save_pretrained(str(tmp))
+        else:  # the trained adapter only: not DPO's frozen reference copy ("ref")
+            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "full-model" if full else "adapter", f"{run.name}/{'full' if full else 'adapter'}",
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
@@ -261,7 +261,8 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     load_kwargs["attn_implementation"] = attention.choose(cuda, packing)
     model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
     kernels = attention.apply_kernels(model, t.kernels, cuda)
-    loss = (f"DPO, beta {recipe.dpo.beta}, against {'run ' + recipe.dpo.from_run if recipe.dpo.from_run else 'the base'}"
+    loss = (f"DPO, beta {recipe.dpo.beta}{f' + {recipe.dpo.sft_weight} x SFT on chosen' if recipe.dpo.sft_weight else ''}, "
+            f"against {'run ' + recipe.dpo.from_run if recipe.dpo.from_run else 'the base'}"
             if dpo else "TRL chunked LM head" if cuda else "native")
     emit(ev.Event("stage", proc.STAGE, f"{'full fine-tuning, ' if full else ''}attention "
                       f"{load_kwargs['attn_implementation']}"
@@ -333,7 +334,9 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     if dpo:
         from trl import DPOConfig, DPOTrainer
 
-        args, cls = DPOConfig(**common, beta=recipe.dpo.beta), DPOTrainer
+        mix = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, recipe.dpo.sft_weight]} \
+            if recipe.dpo.sft_weight else {}
+        args, cls = DPOConfig(**common, beta=recipe.dpo.beta, **mix), DPOTrainer
     else:
         # best fit decreasing: whole examples in bins, none split across two
         args, cls = SFTConfig(**common, packing=packing, packing_strategy="bfd"), trainer_class(cuda)
