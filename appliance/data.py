@@ -115,18 +115,24 @@ def stats(dataset: Path) -> dict[str, dict[str, int]]:
 
 
 def load_split(dataset: Path, split: str) -> list[dict]:
+    records = _read(dataset, split)
+    if is_encrypted(dataset) and "messages" not in records[0][1]:
+        raise InvalidInput(f"dataset {dataset.name} holds preference pairs; supervised fine-tuning needs "
+                           "conversations: train on it with method: dpo, or name a conversation dataset.")
+    return [_check(raw, where) for where, raw in records]
+
+
+def _read(dataset: Path, split: str) -> list[tuple[str, object]]:
+    """(where, raw record) of every record of a split: decrypted from the vault, or parsed from a folder's JSONL."""
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     if is_encrypted(dataset):
         from .trust import store
 
-        records = [_check(r, f"dataset {dataset.name}, {split} record {i}")
+        records = [(f"dataset {dataset.name}, {split} record {i}", r)
                    for i, r in enumerate(store.read(vault(), dataset.name, split))]
         if not records:
             raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
-        if "messages" not in records[0]:
-            raise InvalidInput(f"dataset {dataset.name} holds preference pairs; supervised fine-tuning needs "
-                               "conversations: train on it with method: dpo, or name a conversation dataset.")
         return records
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
@@ -137,10 +143,9 @@ def load_split(dataset: Path, split: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise InvalidInput(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line.") from None
-            records.append(_check(raw, f"{path}:{lineno}"))
     if not records:
         raise InvalidInput(f"{path} holds no records; a split needs at least one conversation.")
     return records
@@ -158,29 +163,7 @@ def heldout(recipe, n: int | None = None) -> list[list[dict]]:
 def load_pairs(dataset: Path, split: str) -> list[dict]:
     """Preference pairs, ``{"prompt": [turns...], "chosen": text, "rejected": text}``, for DPO: from a vault
     dataset imported with ``--format dpo``, or a folder's JSONL (prompt as text or turns)."""
-    if split not in SPLITS:
-        raise InvalidInput(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
-    if is_encrypted(dataset):
-        from .trust import store
-
-        raw = [(f"dataset {dataset.name}, {split} record {i}", r)
-               for i, r in enumerate(store.read(vault(), dataset.name, split))]
-    else:
-        path = dataset / f"{split}.jsonl"
-        if not path.is_file():
-            raise NotFound(f"dataset split {path} does not exist; a dataset folder needs train.jsonl and validation.jsonl.")
-        raw = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        raw.append((f"{path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise InvalidInput(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or "
-                                           "remove that line.") from None
-    if not raw:
-        raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
-    return [_pair(r, where) for where, r in raw]
+    return [_pair(raw, where) for where, raw in _read(dataset, split)]
 
 
 def _pair(raw: object, where: str) -> dict:

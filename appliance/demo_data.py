@@ -73,24 +73,32 @@ def example(rng: random.Random) -> dict:
 
 def splits(train: int = 400, validation: int = 48, seed: int = 1234) -> dict[str, list[dict]]:
     """The demo's train and validation records (no record repeats across splits)."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < train + validation:
-        ex = example(rng)
-        key = ex["messages"][0]["content"]
-        if key not in seen:
-            seen.add(key)
-            rows.append(ex)
-    return {"train": rows[:train], "validation": rows[train:]}
+    return _unique(example, lambda ex: ex["messages"][0]["content"], train, validation, seed)
 
 
 def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234) -> Path:
     """Write the splits as plain ``train.jsonl`` and ``validation.jsonl`` (for tests and scratch use)."""
+    return _write(out_dir, splits(train, validation, seed))
+
+
+def _unique(make, key, train: int, validation: int, seed: int) -> dict[str, list[dict]]:
+    """``train + validation`` records from ``make(rng)``, none with the prompt (``key``) of an earlier one."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < train + validation:
+        row = make(rng)
+        if key(row) not in seen:
+            seen.add(key(row))
+            rows.append(row)
+    return {"train": rows[:train], "validation": rows[train:]}
+
+
+def _write(out_dir: Path, parts: dict[str, list[dict]]) -> Path:
     from .workspace import write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in splits(train, validation, seed).items():
+    for name, part in parts.items():
         write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     return out_dir
 
@@ -125,22 +133,9 @@ def preference_pair(rng: random.Random) -> dict:
 
 
 def preference_splits(train: int = 240, validation: int = 48, seed: int = 4321) -> dict[str, list[dict]]:
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < train + validation:
-        pair = preference_pair(rng)
-        if pair["prompt"][0]["content"] not in seen:
-            seen.add(pair["prompt"][0]["content"])
-            rows.append(pair)
-    return {"train": rows[:train], "validation": rows[train:]}
+    return _unique(preference_pair, lambda pair: pair["prompt"][0]["content"], train, validation, seed)
 
 
 def generate_preferences(out_dir: Path, train: int = 240, validation: int = 48, seed: int = 4321) -> Path:
     """The preference splits as plain ``train.jsonl`` and ``validation.jsonl`` (prompt, chosen, rejected)."""
-    from .workspace import write_atomic
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in preference_splits(train, validation, seed).items():
-        write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-    return out_dir
+    return _write(out_dir, preference_splits(train, validation, seed))

@@ -43,25 +43,25 @@ def workspace(home: Path) -> Path:
 
 def long_examples(folder: Path, words: int, train: int) -> Path:
     """A dataset folder whose every answer is ``words`` words long (longer than any max_seq_length probed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", train), ("validation", 4)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                text = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(words))
-                f.write(json.dumps({"messages": [{"role": "user", "content": f"write up case {i}"},
-                                                 {"role": "assistant", "content": text}]}) + "\n")
-    return folder
+    return _write(folder, train, lambda i: {"messages": [{"role": "user", "content": f"write up case {i}"},
+                                                         {"role": "assistant", "content": _text(i, words)}]})
 
 
 def long_pairs(folder: Path, words: int, train: int) -> Path:
     """Preference pairs whose chosen and rejected answers are ``words`` words long (for DPO's rows)."""
+    return _write(folder, train, lambda i: {"prompt": f"write up case {i}", "chosen": _text(i, words),
+                                            "rejected": _text(i, words, 5, 11)})
+
+
+def _text(i: int, words: int, a: int = 7, b: int = 13) -> str:
+    return " ".join(WORDS[(i * a + j * b) % len(WORDS)] for j in range(words))
+
+
+def _write(folder: Path, train: int, record) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", train), ("validation", 4)):
         with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                chosen = " ".join(WORDS[(i * 7 + j * 13) % len(WORDS)] for j in range(words))
-                rejected = " ".join(WORDS[(i * 5 + j * 11) % len(WORDS)] for j in range(words))
-                f.write(json.dumps({"prompt": f"write up case {i}", "chosen": chosen, "rejected": rejected}) + "\n")
+            f.writelines(json.dumps(record(i)) + "\n" for i in range(n))
     return folder
 
 
