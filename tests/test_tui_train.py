@@ -397,7 +397,7 @@ async def test_data_x_imports_the_demo_dataset_the_demo_recipe_names(vault_home)
         assert "x for the demo dataset" in rendered(app, "#ds-output")
         screen = app.query_one(DatasetsScreen)
         await pilot.press("x")
-        await wait_for(pilot, lambda: sorted(r["id"] for r in screen.rows) == [DATASET_ID, PREFERENCES_ID],
+        await wait_for(pilot, lambda: sorted(r["id"] for r in screen.rows) == sorted([DATASET_ID, PREFERENCES_ID]),
                        "the demo datasets")
         row = next(r for r in screen.rows if r["id"] == DATASET_ID)
         assert (row["train"], row["validation"]) == (400, 48)
