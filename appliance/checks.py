@@ -33,8 +33,7 @@ def recipe_checks(recipe, train_examples: int | None) -> list[dict]:
         warn("training.warmup_steps", "training.warmup_steps is 0: the first steps meet the freshly initialised "
              "weights with the full learning rate, which can spike the loss; set it to 3-10% of the steps "
              f"(e.g. {max(1, round(steps * 0.05))})")
-    method = getattr(recipe, "method", "sft")
-    low, high, what = (DPO_LR + ("DPO",) if method == "dpo" else
+    low, high, what = (DPO_LR + ("DPO",) if recipe.method == "dpo" else
                        LORA_LR + ("a LoRA",) if lora is not None else FULL_LR + ("full fine-tuning",))
     if not low <= t.learning_rate <= high:
         warn("training.learning_rate", f"training.learning_rate {t.learning_rate:g} is outside {low:g} .. {high:g}, "

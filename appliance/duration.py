@@ -65,9 +65,8 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
         return {"seconds": None, "basis": "num_epochs needs the dataset's size, and the dataset is not here"}
 
     params = shape.total_params
-    full = getattr(recipe, "lora", True) is None
     # DPO also runs the reference (the adapter's frozen copy) forward over every token: 2 more.
-    per_token = params * (4 + (2 if knobs.grad_ckpt else 0) + (2 if full else 0) + (2 if knobs.dpo else 0))
+    per_token = params * (4 + (2 if knobs.grad_ckpt else 0) + (2 if knobs.full else 0) + (2 if knobs.dpo else 0))
     passes = 3 if knobs.grad_ckpt else 2
     if hw.gpus:
         peak, known = gpu_peak(hw.gpus[0].name)

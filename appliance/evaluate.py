@@ -102,11 +102,11 @@ def preferences(name, path, recipe, pairs, emit) -> dict:
                                                        add_generation_prompt=False))
                 llm.reset()
                 llm.eval(ids)
-                scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-                top = scores.max(-1, keepdims=True)
-                logprobs = scores - top - np.log(np.exp(scores - top).sum(-1, keepdims=True))
-                at = range(len(head), len(ids))  # the answer's tokens, each predicted from the one before
-                logps.append(float(sum(logprobs[i - 1, ids[i]] for i in at)))
+                # The answer's tokens, each predicted by the row before it: only those rows are normalised.
+                rows = np.asarray(llm.scores[len(head) - 1: len(ids) - 1], dtype=np.float64)
+                top = rows.max(-1, keepdims=True)
+                logprobs = rows - top - np.log(np.exp(rows - top).sum(-1, keepdims=True))
+                logps.append(float(logprobs[np.arange(len(rows)), ids[len(head):]].sum()))
             wins += logps[0] > logps[1]
             margins.append(logps[0] - logps[1])
     return {"preference_accuracy": wins / len(pairs), "preference_margin": float(np.mean(margins))}

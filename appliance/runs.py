@@ -81,8 +81,9 @@ def start_run(recipe: Recipe) -> str:
     finished run of that recipe); it must share the base model and have an adapter."""
     name = recipe.dpo.from_run
     where = f"{recipe.source}: " if recipe.source else ""
-    runs = [r for r in list_runs() if r["id"] == name] or \
-        [r for r in reversed(list_runs()) if r.get("recipe") == name and r["state"] == "finished"]
+    known = list_runs()  # each reads its run's events: once
+    runs = [r for r in known if r["id"] == name] or \
+        [r for r in reversed(known) if r.get("recipe") == name and r["state"] == "finished"]
     if not runs:
         raise NotFound(f"{where}dpo.from_run {name!r} is neither a run id nor the recipe name of a finished run; "
                        "`appliance runs list` shows them (train the SFT run first).")
@@ -248,11 +249,16 @@ def reports(run_id: str) -> dict[str, dict | None]:
     return {name: read_json(path / f"{name}.json") if (path / f"{name}.json").is_file() else None for name in REPORTS}
 
 
+def step_of(checkpoint: Path | str) -> int:
+    """The step of ``checkpoint-N`` (a folder or its name)."""
+    return int(Path(checkpoint).name.removeprefix("checkpoint-"))
+
+
 def checkpoints(run_id: str) -> list[Path]:
     """The checkpoints that were written completely (a kill during a save leaves one without COMPLETE), by step."""
     root = folder("runs") / run_id / "checkpoints"
     done = [p for p in root.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[1].isdigit()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=step_of)
 
 
 def last_checkpoint(run_id: str) -> Path | None:
@@ -281,12 +287,12 @@ def adapter(run_id: str, which: str = "best") -> dict:
     which = str(which or "best").strip().lower()
     if which == "best":
         best = summary.get("best_checkpoint")
-        step = int(best.split("-")[1]) if best else steps
+        step = step_of(best) if best else steps
         why = f"best: validation loss {summary['best_eval_loss']:.4f}" if best else "best: no evaluation, so the last"
     elif which == "last":
         step, why = steps, "last"
     elif which.removeprefix("checkpoint-").isdigit():
-        step, why = int(which.removeprefix("checkpoint-")), "chosen"
+        step, why = step_of(which), "chosen"
     else:
         raise InvalidInput(f"--checkpoint {which!r} is not {CHECKPOINT_CHOICES}; run {run_id} has "
                            f"{_steps_text(run_id, steps)}.")
@@ -302,7 +308,7 @@ def adapter(run_id: str, which: str = "best") -> dict:
 
 
 def _steps_text(run_id: str, steps: int) -> str:
-    saved = [int(p.name.split("-")[1]) for p in checkpoints(run_id)]
+    saved = [step_of(p) for p in checkpoints(run_id)]
     return f"checkpoints at steps {', '.join(map(str, saved))} and the final adapter at step {steps}" if saved else \
         f"only the final adapter (step {steps})"
 

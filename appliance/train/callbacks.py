@@ -48,7 +48,7 @@ def recover(run: Path, emit: ev.Emit, error: str, at_step: int, micro: int, accu
 
     The micro-batch is divided by its smallest factor (halved when even) and the accumulation multiplied by the
     same, so the effective batch, and with it the examples each optimizer step sees, stay the same."""
-    from ..runs import last_checkpoint, record_oom_recovery
+    from ..runs import last_checkpoint, record_oom_recovery, step_of
 
     if micro <= 1:
         raise StageFailed(f"out of memory at step {at_step} with micro-batch 1 ({error}); nothing is left to halve: "
@@ -60,7 +60,7 @@ def recover(run: Path, emit: ev.Emit, error: str, at_step: int, micro: int, accu
     record = {"at_step": at_step, "resumed_from": checkpoint.name if checkpoint else None,
               "micro_batch": [micro, new_micro], "gradient_accumulation": [accum, new_accum], "error": error}
     record_oom_recovery(run.name, record)
-    since = int(checkpoint.name.split("-")[1]) + 1 if checkpoint else 1
+    since = step_of(checkpoint) + 1 if checkpoint else 1
     lost = f"steps {since}-{at_step} are trained again" if since < at_step else f"step {at_step} is trained again"
     emit(ev.Event("warning", proc.STAGE, f"out of memory at step {at_step} with micro-batch {micro}; continuing from "
                   f"{checkpoint.name if checkpoint else 'the start'} with micro-batch {new_micro} and gradient "
@@ -211,7 +211,6 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
             self.step_started = 0.0
             self.busy = 0.0  # seconds spent in training steps since the last log (evaluation excluded)
             self.last_tokens = None
-            self.fit = Overfitting(patience)
 
         def on_train_begin(self, args, state, control, **kw):
             proc.progress["step"] = state.global_step

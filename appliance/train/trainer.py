@@ -196,14 +196,14 @@ _TRAINER_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin
 def sign_checkpoints(run: Path, recipe: Recipe) -> None:
     """Give every complete checkpoint a signed manifest of its adapter files (kind ``checkpoint``), so that
     ``merge --checkpoint best|STEP`` has a lineage as the final adapter does: checkpoint -> run -> dataset."""
-    from ..runs import COMPLETE, checkpoints
+    from ..runs import COMPLETE, checkpoints, step_of
     from ..trust import manifest
 
     for ckpt in checkpoints(run.name):
         files = [f for f in manifest.files_in(ckpt) if f != COMPLETE and not f.startswith(_TRAINER_ONLY)]
         manifest.write(ckpt, "checkpoint", f"{run.name}/checkpoints/{ckpt.name}", files=files,
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
-                       step=int(ckpt.name.split("-")[1]), hardware=hardware.summary())
+                       step=step_of(ckpt), hardware=hardware.summary())
 
 
 def cuda_peaks() -> dict:

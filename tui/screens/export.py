@@ -96,8 +96,8 @@ def checkpoint_choices(run: dict) -> list[tuple[str, str]]:
     steps = int(s.get("steps") or 0)
     best = s.get("best_checkpoint")
     out = [(f"best · step {best.split('-')[1] if best else steps}", "best"), (f"last · step {steps}", "last")]
-    return out + [(f"step {p.name.split('-')[1]}", p.name.split("-")[1]) for p in runs.checkpoints(run["id"])
-                  if int(p.name.split("-")[1]) != steps]
+    saved = [runs.step_of(p) for p in runs.checkpoints(run["id"])]
+    return out + [(f"step {step}", str(step)) for step in saved if step != steps]
 
 
 def quant_prompt(q: str, shape, measured: dict | None) -> Content:
