@@ -4,7 +4,12 @@
 read dataset text. A dataset is a folder: an encrypted vault dataset
 (``datasets/<id>/`` with ``train.c2sp``...; decrypted in memory with the
 dataset's key) or, for a user's own scratch data, a folder of plain
-``train.jsonl`` and ``validation.jsonl``.
+``train.jsonl``, ``validation.jsonl`` and optionally ``test.jsonl``.
+
+Three splits: train, validation (early stopping, checkpoint choice, merge and
+export checks) and test (only the final evaluation). A dataset without a test
+split (imported before there was one, or a folder without ``test.jsonl``) has
+its validation split serve as test, and the evaluation report says so.
 
 The key comes from the process's vault (``trust.keys``): unlocked once on
 first use, or, in a training child, handed over by its parent.
@@ -22,7 +27,7 @@ from .errors import InvalidInput, NotFound
 from .trust.keys import vault
 
 ROLES = ("system", "user", "assistant")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 def show(name: str, split: str, n: int) -> list[dict]:
@@ -36,15 +41,19 @@ def show(name: str, split: str, n: int) -> list[dict]:
     return records
 
 
-def export_plain(name: str, splits: list[str], out: Path) -> int:
-    """Write a dataset's records as plaintext JSONL to ``out``, a new file the user named; return the count."""
-    from .trust import audit, store
+def export_plain(name: str, splits: list[str] | None, out: Path) -> int:
+    """Write a dataset's records (of ``splits``, or all it has) as plaintext JSONL to ``out``, a new file the
+    user named; return the count."""
+    from .trust import audit, manifest, store
     from .workspace import atomic_writer
 
     out = Path(out).expanduser()
     if out.exists():
         raise InvalidInput(f"{out} already exists; name a new file for the plaintext export.")
     key = vault()
+    if splits is None:
+        records = manifest.read(store.dataset_dir(name))["details"].get("records", {})
+        splits = [s for s in SPLITS if records.get(s)]
     n = 0
     with atomic_writer(out) as f:
         for split in splits:
@@ -114,6 +123,11 @@ def stats(dataset: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def test_split(dataset: Path) -> str:
+    """The split the final evaluation reads: "test", or "validation" where the dataset has no test records."""
+    return "test" if stats(dataset)["test"]["records"] else "validation"
+
+
 def load_split(dataset: Path, split: str) -> list[dict]:
     records = _read(dataset, split)
     if is_encrypted(dataset) and "messages" not in records[0][1]:
@@ -132,11 +146,13 @@ def _read(dataset: Path, split: str) -> list[tuple[str, object]]:
         records = [(f"dataset {dataset.name}, {split} record {i}", r)
                    for i, r in enumerate(store.read(vault(), dataset.name, split))]
         if not records:
-            raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --val-ratio above 0.")
+            raise InvalidInput(f"dataset {dataset.name} has no {split} records; re-import it with a --split that "
+                               f"gives {split} a share, e.g. 80/10/10.")
         return records
     path = dataset / f"{split}.jsonl"
     if not path.is_file():
-        raise NotFound(f"dataset split {path} does not exist; a dataset folder needs train.jsonl and validation.jsonl.")
+        raise NotFound(f"dataset split {path} does not exist; a dataset folder needs train.jsonl and validation.jsonl "
+                       "(test.jsonl is optional).")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -151,13 +167,14 @@ def _read(dataset: Path, split: str) -> list[tuple[str, object]]:
     return records
 
 
-def heldout(recipe, n: int | None = None) -> list[list[dict]]:
-    """The run's held-out conversations (the first dataset's validation split): a preference pair counts as its
-    prompt answered with the chosen answer. What merge checks, export proves parity on and eval answers."""
+def heldout(recipe, n: int | None = None, split: str = "validation") -> list[list[dict]]:
+    """The run's held-out conversations (a split of the first dataset, validation unless told): a preference pair
+    counts as its prompt answered with the chosen answer. What merge checks and export proves parity on
+    (validation), and what eval answers (test)."""
     if recipe.method == "dpo":
-        pairs = load_pairs(recipe.dataset_path(), "validation")[:n]
+        pairs = load_pairs(recipe.dataset_path(), split)[:n]
         return [[*p["prompt"], {"role": "assistant", "content": p["chosen"]}] for p in pairs]
-    return [r["messages"] for r in load_split(recipe.dataset_path(), "validation")[:n]]
+    return [r["messages"] for r in load_split(recipe.dataset_path(), split)[:n]]
 
 
 def load_pairs(dataset: Path, split: str) -> list[dict]:

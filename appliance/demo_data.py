@@ -71,27 +71,31 @@ def example(rng: random.Random) -> dict:
     }
 
 
-def splits(train: int = 400, validation: int = 48, seed: int = 1234) -> dict[str, list[dict]]:
-    """The demo's train and validation records (no record repeats across splits)."""
-    return _unique(example, lambda ex: ex["messages"][0]["content"], train, validation, seed)
+def splits(train: int = 400, validation: int = 48, seed: int = 1234, test: int = 48) -> dict[str, list[dict]]:
+    """The demo's train, validation and test records (no prompt repeats across splits)."""
+    return _unique(example, lambda ex: ex["messages"][0]["content"], train, validation, test, seed)
 
 
-def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234) -> Path:
-    """Write the splits as plain ``train.jsonl`` and ``validation.jsonl`` (for tests and scratch use)."""
-    return _write(out_dir, splits(train, validation, seed))
+def generate(out_dir: Path, train: int = 400, validation: int = 48, seed: int = 1234, test: int = 48) -> Path:
+    """Write the splits as plain ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (for tests and scratch
+    use; ``test=0`` writes no test file)."""
+    return _write(out_dir, splits(train, validation, seed, test))
 
 
-def _unique(make, key, train: int, validation: int, seed: int) -> dict[str, list[dict]]:
-    """``train + validation`` records from ``make(rng)``, none with the prompt (``key``) of an earlier one."""
+def _unique(make, key, train: int, validation: int, test: int, seed: int) -> dict[str, list[dict]]:
+    """``train + validation + test`` records from ``make(rng)``, none with the prompt (``key``) of an earlier
+    one; the test records are drawn last, so the train and validation records are those of before there was a test
+    split."""
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
-    while len(rows) < train + validation:
+    while len(rows) < train + validation + test:
         row = make(rng)
         if key(row) not in seen:
             seen.add(key(row))
             rows.append(row)
-    return {"train": rows[:train], "validation": rows[train:]}
+    parts = {"train": rows[:train], "validation": rows[train:train + validation], "test": rows[train + validation:]}
+    return {name: part for name, part in parts.items() if part or name != "test"}
 
 
 def _write(out_dir: Path, parts: dict[str, list[dict]]) -> Path:
@@ -132,10 +136,12 @@ def preference_pair(rng: random.Random) -> dict:
             "chosen": answer(chosen), "rejected": answer(rejected)}
 
 
-def preference_splits(train: int = 240, validation: int = 48, seed: int = 4321) -> dict[str, list[dict]]:
-    return _unique(preference_pair, lambda pair: pair["prompt"][0]["content"], train, validation, seed)
+def preference_splits(train: int = 240, validation: int = 48, seed: int = 4321, test: int = 48) -> dict[str, list[dict]]:
+    return _unique(preference_pair, lambda pair: pair["prompt"][0]["content"], train, validation, test, seed)
 
 
-def generate_preferences(out_dir: Path, train: int = 240, validation: int = 48, seed: int = 4321) -> Path:
-    """The preference splits as plain ``train.jsonl`` and ``validation.jsonl`` (prompt, chosen, rejected)."""
-    return _write(out_dir, preference_splits(train, validation, seed))
+def generate_preferences(out_dir: Path, train: int = 240, validation: int = 48, seed: int = 4321,
+                         test: int = 48) -> Path:
+    """The preference splits as plain ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (prompt, chosen,
+    rejected)."""
+    return _write(out_dir, preference_splits(train, validation, seed, test))

@@ -1,4 +1,4 @@
-"""Evaluation: the base model against the tuned one on the held-out split.
+"""Evaluation: the base model against the tuned one on the test split.
 
 Both answer every held-out prompt greedily through llama.cpp from their f16
 GGUFs (the base converted from its imported weights, the tuned one from the
@@ -34,10 +34,11 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     tuned_path = run / "gguf" / "model-f16.gguf"
     if not tuned_path.is_file():
         raise NotFound(f"run {run_id} has no f16 GGUF; run `appliance export {run_id}` first.")
-    conversations = data.heldout(recipe, samples)
+    split = data.test_split(recipe.dataset_path())
+    conversations = data.heldout(recipe, samples, split)
     structured = all(_json_object(c[-1]["content"]) is not None for c in conversations)
     metrics = GENERIC + (STRUCTURED if structured else ())
-    pairs = data.load_pairs(recipe.dataset_path(), "validation")[:samples] if recipe.method == "dpo" else []
+    pairs = data.load_pairs(recipe.dataset_path(), split)[:samples] if recipe.method == "dpo" else []
     start = recipe.dpo.from_run if pairs and recipe.dpo.from_run else None
     if start:
         # A DPO run is compared with the SFT model it started from, which is what DPO is meant to improve.
@@ -49,7 +50,12 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     else:
         emit(Event("stage", STAGE, f"converting base model {recipe.base_model} to GGUF (once)"))
         base_path, reference = base_gguf(recipe.base_model), f"base model {recipe.base_model}"
-    report: dict = {"samples": len(conversations), "metrics": list(metrics), "examples": [], "reference": reference}
+    report: dict = {"samples": len(conversations), "split": split, "metrics": list(metrics), "examples": [],
+                    "reference": reference}
+    if split != "test":
+        report["note"] = (f"dataset {recipe.dataset_path().name} has no test split (imported before there was one): "
+                          "its validation split, which also chose the checkpoint, serves as test; re-import it for "
+                          "an honest test split")
     if pairs:
         report["metrics"].append("preference_accuracy")
         report["pairs"] = len(pairs)
@@ -69,7 +75,7 @@ def answers(name, path, recipe, conversations, metrics, structured, max_tokens, 
     """Greedy answers to the held-out prompts through llama.cpp, scored against the references."""
     from . import infer
 
-    emit(Event("stage", STAGE, f"answering {len(conversations)} held-out prompts with the {name} model"))
+    emit(Event("stage", STAGE, f"answering {len(conversations)} test prompts with the {name} model"))
     totals = Counter()
     with infer.load(path) as llm, step(f"answering held-out prompts with the {name} model"):
         for i, conversation in enumerate(conversations):

@@ -74,7 +74,7 @@ def eval_table(report: dict):
     from rich.table import Table
 
     base = f"; base = {report['reference']}" if report.get("reference") else ""
-    table = Table(title=f"held-out split: {report['samples']} examples{base}", title_justify="left")
+    table = Table(title=f"{report.get('split', 'held-out')} split: {report['samples']} examples{base}", title_justify="left")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
@@ -95,10 +95,18 @@ def import_report(report: dict):
 
     from .importer.formats import REASONS
 
+    imported = report["imported"]
     head = (f"{report['file']}: {report['records_read']} records read as {report['kind'].upper()}, "
-            f"format {report['format']}; imported {report['imported']['train']} train + "
-            f"{report['imported']['validation']} validation")
+            f"format {report['format']}; imported {imported['train']} train + {imported['validation']} validation"
+            + (f" + {imported['test']} test" if "test" in imported else ""))
     parts: list = [head]
+    leakage = report.get("leakage") or {}
+    if leakage.get("moved"):
+        pairs = leakage["pairs"]
+        listed = "; ".join(f"{p['split']} {p['where']} ~ {p['to']} {p['similar_to']}" for p in pairs[:5])
+        more = f" and {leakage['moved'] - 5} more (`data show NAME --report --json`)" if leakage["moved"] > 5 else ""
+        parts.append(f"[yellow]leakage:[/] {leakage['moved']} held-out record(s) were near-copies (Jaccard >= "
+                     f"{leakage['threshold']}) of records in an earlier split and moved there: {listed}{more}")
     if report.get("salvaged"):
         s = report["salvaged"]
         parts.append(f"[yellow]salvaged:[/] the file is cut off at byte {s['cut_at_byte']} (line {s['cut_at_line']}); "

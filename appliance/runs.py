@@ -61,7 +61,7 @@ def create(recipe: Recipe, plan: dict | None = None) -> str:
     model_dir(recipe.base_model)
     dataset = recipe.dataset_path()
     for path, _ in recipe.mix():
-        for split in data.SPLITS:  # fail here, in the caller, with a clear message
+        for split in ("train", "validation"):  # what training reads: fail here, in the caller, with a clear message
             (data.load_pairs if recipe.method == "dpo" else data.load_split)(path, split)
     if recipe.method == "dpo" and recipe.dpo.from_run:
         recipe = recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"from_run": start_run(recipe)})})

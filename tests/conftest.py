@@ -123,7 +123,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
 def demo_dataset(tmp_path_factory) -> Path:
     from appliance.demo_data import generate
 
-    return generate(tmp_path_factory.mktemp("demo-dataset"), train=64, validation=8)
+    return generate(tmp_path_factory.mktemp("demo-dataset"), train=64, validation=8, test=8)
 
 
 def write_recipe(path: Path, dataset: Path, base_model: str = "tiny", *, quantization: str = "nf4",

@@ -6,7 +6,7 @@ import pytest
 
 from appliance.errors import InvalidInput
 from appliance.importer import import_dataset
-from appliance.trust import keyring, store
+from appliance.trust import keyring, manifest, store
 from conftest import run_cli
 
 CANARY = "CANARY-b81d-import-text-never-on-disk"
@@ -37,7 +37,7 @@ def _alpaca(i, tag=""):
 def test_formats_are_detected_and_normalized(vault, tmp_path, fmt, row):
     rows = [json.loads(json.dumps(row).replace("{i}", str(i))) for i in range(20)]
     report = import_dataset(vault, _jsonl(tmp_path / "d.jsonl", rows), "d")
-    assert report["format"] == fmt and report["imported"] == {"train": 18, "validation": 2}
+    assert report["format"] == fmt and report["imported"] == {"train": 16, "validation": 2, "test": 2}
     first = next(store.read(vault, "d", "train"))
     if fmt == "dpo":
         assert first["prompt"][0]["role"] == "user" and first["chosen"].startswith("good")
@@ -53,7 +53,7 @@ def test_csv_with_named_columns_and_a_json_array(vault, tmp_path):
     arr = tmp_path / "d.json"
     arr.write_text(json.dumps([_alpaca(i) for i in range(10)], indent=1))
     r = import_dataset(vault, arr, "j")
-    assert r["kind"] == "json" and r["imported"]["train"] + r["imported"]["validation"] == 10
+    assert r["kind"] == "json" and sum(r["imported"].values()) == 10
 
 
 def test_every_rejection_is_counted_with_file_line_and_field(vault, tmp_path):
@@ -74,7 +74,7 @@ def test_every_rejection_is_counted_with_file_line_and_field(vault, tmp_path):
     rej = r["rejected"]
     assert (rej["exact_duplicate"], rej["conflicting_answers"], rej["too_short"], rej["empty_turn"]) == (1, 2, 1, 1)
     assert rej["invalid"] == 3
-    assert r["imported"]["train"] + r["imported"]["validation"] == 29  # 30 good rows, one of them in a conflict
+    assert sum(r["imported"].values()) == 29  # 30 good rows, one of them in a conflict
     ex = r["examples"]
     assert ex["exact_duplicate"][0]["where"] == f"{path}:31"
     assert {e["where"] for e in ex["conflicting_answers"]} == {f"{path}:2", f"{path}:32"}
@@ -109,11 +109,59 @@ def test_near_duplicates_by_minhash_threshold(vault, tmp_path):
 
 def test_split_is_deterministic_and_seeded(vault, tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [_alpaca(i) for i in range(100)])
-    import_dataset(vault, path, "a", seed=1)
-    import_dataset(vault, path, "b", seed=1)
-    import_dataset(vault, path, "c", seed=2)
-    val = {k: [r["messages"][0]["content"] for r in store.read(vault, k, "validation")] for k in "abc"}
+    # These records differ by a number only (near-copies at 0.8): the leakage check is off to see the split.
+    import_dataset(vault, path, "a", seed=1, leakage=1.0)
+    import_dataset(vault, path, "b", seed=1, leakage=1.0)
+    import_dataset(vault, path, "c", seed=2, leakage=1.0)
+    import_dataset(vault, path, "old", seed=1, val_ratio=0.1, leakage=1.0)  # the two-way split of before
+    val = {k: [r["messages"][0]["content"] for r in store.read(vault, k, "validation")] for k in ("a", "b", "c", "old")}
+    test = {k: [r["messages"][0]["content"] for r in store.read(vault, k, "test")] for k in "ab"}
     assert len(val["a"]) == 10 and val["a"] == val["b"] and val["a"] != val["c"]
+    assert len(test["a"]) == 10 and test["a"] == test["b"] and not set(test["a"]) & set(val["a"])
+    assert val["old"] == val["a"]  # a dataset re-imported with a test split keeps its validation records
+    assert manifest.read(store.dataset_dir("old"))["details"]["records"] == {"train": 90, "validation": 10, "report": 1}
+
+
+def test_split_shares_parse_and_bad_ones_say_how(vault, tmp_path):
+    from appliance.importer import parse_split
+
+    assert parse_split("80/10/10") == pytest.approx((0.8, 0.1, 0.1))
+    assert parse_split("0.7,0.2,0.1") == pytest.approx((0.7, 0.2, 0.1))
+    for bad, says in (("80/20", "three shares"), ("80/10/20", "adds up to 110"), ("a/b/c", "three shares")):
+        with pytest.raises(InvalidInput, match=says):
+            parse_split(bad)
+    path = _jsonl(tmp_path / "d.jsonl", [_alpaca(i) for i in range(20)])
+    r = import_dataset(vault, path, "d", split=(0.5, 0.25, 0.25), leakage=1.0)
+    assert r["imported"] == {"train": 10, "validation": 5, "test": 5} and r["settings"]["split"] == [0.5, 0.25, 0.25]
+    with pytest.raises(InvalidInput, match="only --split"):
+        import_dataset(vault, path, "e", split=(0.8, 0.1, 0.1), val_ratio=0.1)
+
+
+def test_leakage_moves_held_out_near_copies_to_the_earlier_split_and_names_both_lines(vault, tmp_path):
+    import random
+
+    rng = random.Random(3)
+    words = [f"w{j}" for j in range(5000)]
+    base = [" ".join(rng.choices(words, k=200)) for _ in range(60)]
+    rows = [{"instruction": t, "output": f"answer {i}"} for i, t in enumerate(base)]
+    # 30 near-copies (Jaccard of word 3-grams 0.8: under the near-duplicate threshold, over the leakage one).
+    tail = "".join(f" tail{j}" for j in range(50))
+    rows += [{"instruction": t + tail, "output": f"answer {i}"} for i, t in enumerate(base[:30])]
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    off = import_dataset(vault, path, "off", split=(0.5, 0.25, 0.25), leakage=1.0)
+    on = import_dataset(vault, path, "on", split=(0.5, 0.25, 0.25), leakage=0.5)
+    assert off["rejected"]["near_duplicate"] == 0 and off["leakage"]["moved"] == 0
+    assert on["leakage"]["moved"] > 0 and sum(on["imported"].values()) == 90
+    for pair in on["leakage"]["pairs"]:
+        assert pair["where"].startswith(str(path) + ":") and pair["similar_to"].startswith(str(path) + ":")
+        assert ("train", "validation", "test").index(pair["to"]) < ("train", "validation", "test").index(pair["split"])
+    sides = {}
+    for split in ("train", "validation", "test"):
+        for r in store.read(vault, "on", split):
+            sides.setdefault(r["messages"][0]["content"].split(" tail0")[0], set()).add(split)
+    assert len(sides) == 60 and all(len(s) == 1 for s in sides.values())  # each example and its copy on one side
+    stored = next(store.read(vault, "on", "report"))
+    assert stored["leakage"]["moved"] == on["leakage"]["moved"]
 
 
 def test_no_dataset_text_on_disk_after_import(vault, home, tmp_path):
@@ -135,7 +183,7 @@ def test_truncated_json_array_names_offset_and_line_and_salvage_keeps_the_comple
     assert f"{path}:" in msg and "cut off" in msg and "at byte" in msg and "--salvage" in msg
     assert not store.dataset_dir("d").exists()
     r = import_dataset(vault, path, "d", salvage=True)
-    assert r["salvaged"]["kept"] == 15 and r["imported"]["train"] + r["imported"]["validation"] == 15
+    assert r["salvaged"]["kept"] == 15 and sum(r["imported"].values()) == 15
     assert r["salvaged"]["cut_at_line"] > 1
 
 
@@ -197,9 +245,11 @@ def test_cli_import_list_show_export_rm(home, tmp_path):
     assert missing.returncode == 2 and "vault init" in missing.stderr
     run_cli("vault", "init", home=home, env=env)
     out = run_cli("data", "import", str(src), "--name", "d", home=home, env=env).stdout
-    assert "format alpaca" in out and "18 train + 2 validation" in out
+    assert "format alpaca" in out and "16 train + 2 validation + 2 test" in out
+    bad = run_cli("data", "import", str(src), "--name", "e", "--split", "90/20/10", home=home, env=env, check=False)
+    assert bad.returncode == 2 and "adds up to 120" in bad.stderr and "Traceback" not in bad.stderr
     listed = json.loads(run_cli("data", "list", "--json", home=home).stdout)["datasets"]
-    assert listed == [{"id": "d", "encrypted": True, "records": {"train": 18, "validation": 2, "report": 1},
+    assert listed == [{"id": "d", "encrypted": True, "records": {"train": 16, "validation": 2, "test": 2, "report": 1},
                        "format": "appliance-dataset/1", "source": "d.jsonl"}]
     shown = json.loads(run_cli("data", "show", "d", "-n", "2", "--json", home=home, env=env).stdout)
     assert len(shown["records"]) == 2 and CANARY in shown["records"][0]["messages"][1]["content"]

@@ -563,7 +563,7 @@ def test_a_person_creates_the_vault_imports_a_dataset_and_finds_the_audit_and_ai
         term.keys("Tab")
         term.keys("claims", literal=True)
         term.keys("Enter")
-        screen = term.wait_for("claims", "18", "2", timeout=60)  # 20 records: 18 train, 2 validation
+        screen = term.wait_for("claims", "16", "2", timeout=60)  # 20 records: 16 train, 2 validation, 2 test
         # The security officer: the audit log (key 0) and the air-gap status (key g).
         term.keys("0")
         term.wait_for("vault.init", "dataset.import")

@@ -135,7 +135,8 @@ async def test_datasets_create_unlock_import_browse_and_delete(home, tmp_path):
         assert "2 record(s) rejected" in shown and "exact duplicate" in shown
         table = app.query_one("#dataset-table", DataTable)
         assert table.get_row_at(0)[0] == "faq"
-        assert int(table.get_row_at(0)[1]) + int(table.get_row_at(0)[2]) == 12
+        assert sum(int(table.get_row_at(0)[i]) for i in (1, 2, 3)) == 12  # train, validation, test
+        assert report["imported"] == {"train": 10, "validation": 1, "test": 1}
 
         # Browse: decrypted records in the scrollable view.
         table.focus()

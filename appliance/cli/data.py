@@ -33,22 +33,27 @@ def parsers(add) -> None:
     di.add_argument("--near-dup", type=float, default=0.9,
                     help="near-duplicate Jaccard threshold, 0.5 to 0.98 (default 0.9); 1.0 keeps near-duplicates")
     di.add_argument("--min-tokens", type=int, default=10, help="drop examples shorter than this (default 10)")
-    di.add_argument("--val-ratio", type=float, default=0.1, help="held-out share (default 0.1, i.e. 9:1)")
-    di.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    di.add_argument("--split", default="80/10/10",
+                    help="train/validation/test shares (default 80/10/10); test serves only the final evaluation")
+    di.add_argument("--val-ratio", type=float, help="the older two-way split: this validation share, no test split")
+    di.add_argument("--leakage", type=float, default=0.8,
+                    help="held-out records this similar (Jaccard, 0.5 to 0.98; default 0.8) to a training record "
+                         "move to train; 1.0 skips the check")
+    di.add_argument("--seed", type=int, default=0, help="seed of the split")
     di.add_argument("--salvage", action="store_true", help="import the complete records of a file cut off mid-record")
     di.add_argument("--json", action="store_true")
     dl = dsub.add_parser("list", help="datasets with their record counts (no passphrase needed)")
     dl.add_argument("--json", action="store_true")
     dsh = dsub.add_parser("show", help="decrypt a few records to the terminal")
     dsh.add_argument("name")
-    dsh.add_argument("--split", default="train", choices=["train", "validation"])
+    dsh.add_argument("--split", default="train", choices=["train", "validation", "test"])
     dsh.add_argument("-n", type=int, default=5, help="how many records (default 5)")
     dsh.add_argument("--report", action="store_true", help="show the import report instead")
     dsh.add_argument("--json", action="store_true")
     de = dsub.add_parser("export", help="write a dataset's plaintext to a file you name")
     de.add_argument("name")
     de.add_argument("--out", required=True, help="the file to write (JSON Lines); it must not exist")
-    de.add_argument("--split", default="all", choices=["all", "train", "validation"])
+    de.add_argument("--split", default="all", choices=["all", "train", "validation", "test"])
     de.add_argument("--json", action="store_true")
     dr = dsub.add_parser("rm", help="crypto-shred a dataset (its key is destroyed, its files removed)")
     dr.add_argument("name")
@@ -121,12 +126,13 @@ def _vault_rekey(args) -> int:
 
 @command("data import")
 def _data_import(args) -> int:
-    from ..importer import import_dataset
+    from ..importer import import_dataset, parse_split
     from ..render import import_report, reporter
 
+    split = None if args.val_ratio is not None else parse_split(args.split)
     report = import_dataset(unlocked(), args.file, args.name, fmt=args.format, near_dup=args.near_dup,
-                            min_tokens=args.min_tokens, val_ratio=args.val_ratio, seed=args.seed,
-                            salvage=args.salvage, emit=reporter(args.json))
+                            min_tokens=args.min_tokens, split=split, val_ratio=args.val_ratio, seed=args.seed,
+                            salvage=args.salvage, leakage=args.leakage, emit=reporter(args.json))
     if args.json:
         print_json(report)
     else:
@@ -152,11 +158,11 @@ def _data_list(args) -> int:
         return 0
     from rich.table import Table
 
-    table = Table("id", "encrypted", "train", "validation", "source")
+    table = Table("id", "encrypted", "train", "validation", "test", "source")
     for r in rows:
         rec = r["records"] or {}
         table.add_row(r["id"], "yes" if r["encrypted"] else "[red]no[/]", str(rec.get("train", "-")),
-                      str(rec.get("validation", "-")), str(r["source"] or "-"))
+                      str(rec.get("validation", "-")), str(rec.get("test", "-")), str(r["source"] or "-"))
     rich_console().print(table if rows else "no datasets yet: `appliance data import FILE --name NAME`")
     return 0
 
@@ -194,7 +200,7 @@ def _data_export(args) -> int:
     from ..data import export_plain
 
     out = Path(args.out).expanduser()
-    n = export_plain(args.name, ["train", "validation"] if args.split == "all" else [args.split], out)
+    n = export_plain(args.name, None if args.split == "all" else [args.split], out)
     print_json({"dataset": args.name, "out": str(out), "records": n}) if args.json else print(
         f"wrote {n} records of {args.name} in plaintext to {out}")
     return 0

@@ -10,8 +10,12 @@ records' hashes and their entries in the LSH index, never with their text):
    of each cluster;
 2. drop every record whose prompt got different answers; only if there are any, read the file again to
    redo the near-duplicate search without them (one of them may have been kept as a cluster's first);
-3. split the survivors deterministically (a seeded hash decides, 9:1 by default) and encrypt them into
-   the vault with the report.
+3. split the survivors deterministically (a seeded hash decides: train / validation / test, 80/10/10 by
+   default) and check for leakage: one more pass puts every record's MinHash signature into the LSH index of
+   its split at the ``leakage`` threshold (lower than the near-duplicate one); a held-out record similar to a
+   record of an earlier split moves there (test -> validation -> train), so an example and its near-copy are
+   on one side only (the report names both lines);
+4. encrypt the records into the vault with the report.
 
 If anything fails before the dataset is published, nothing is left: no folder,
 no key. The report (counts per reason, up to three examples of each) is printed
@@ -44,9 +48,33 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)  # train, validation, test: the guides' "test set separation 10-20%"
+HELD_OUT = ("validation", "test")
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """``80/10/10`` (percent) or ``0.8/0.1/0.1``: train / validation / test shares summing to 100% (or 1)."""
+    parts = text.replace(",", "/").split("/")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise InvalidInput(f"--split {text!r} is not three shares; write train/validation/test, e.g. 80/10/10.")
+    total = sum(values)
+    if not (abs(total - 100) < 1e-6 or abs(total - 1) < 1e-6):
+        raise InvalidInput(f"--split {text!r} adds up to {total:g}; the three shares must add up to 100 (or 1).")
+    train, validation, test = (v / total for v in values)
+    return train, validation, test
+
+
 def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_dup: float = 0.9,
-                   min_tokens: int = 10, val_ratio: float = 0.1, seed: int = 0, salvage: bool = False,
+                   min_tokens: int = 10, split: tuple[float, float, float] | None = None, seed: int = 0,
+                   salvage: bool = False, leakage: float = 0.8, val_ratio: float | None = None,
                    emit: Emit = ignore) -> dict:
+    """``split``: train/validation/test shares (default 80/10/10); ``val_ratio`` is the older two-way form
+    (train/validation, no test split). ``leakage``: the Jaccard similarity at which a held-out record counts as
+    a near-copy of a training record (1.0 turns the check off)."""
     from ..trust import store
     from ..workspace import check_id
 
@@ -57,8 +85,19 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     if not (0.5 <= near_dup <= 0.98 or near_dup == 1.0):
         raise InvalidInput(f"--near-dup {near_dup} is out of range; use a Jaccard similarity between 0.5 and 0.98, "
                            "or 1.0 to keep near-duplicates (exact duplicates are always removed).")
-    if not 0.0 <= val_ratio < 1.0:
-        raise InvalidInput(f"--val-ratio {val_ratio} is out of range; use a fraction in [0, 1).")
+    if split is not None and val_ratio is not None:
+        raise InvalidInput("--split and --val-ratio both say how to split; give only --split.")
+    if val_ratio is not None:
+        if not 0.0 <= val_ratio < 1.0:
+            raise InvalidInput(f"--val-ratio {val_ratio} is out of range; use a fraction in [0, 1).")
+        split = (1.0 - val_ratio, val_ratio, 0.0)
+    split = tuple(split or DEFAULT_SPLIT)
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6 or split[0] <= 0:
+        raise InvalidInput(f"split {split} is not three shares adding up to 1 with some training data; "
+                           "use e.g. --split 80/10/10.")
+    if not (0.5 <= leakage <= 0.98 or leakage == 1.0):
+        raise InvalidInput(f"--leakage {leakage} is out of range; use a Jaccard similarity between 0.5 and 0.98, "
+                           "or 1.0 to skip the check.")
     kind = readers.kind_of(path)
     fmt = _format(path, fmt, salvage)
     emit(Event("stage", STAGE, f"{path.name}: {kind.upper()} records in {fmt} format"))
@@ -134,17 +173,33 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
     if not survivors:
         raise InvalidInput(f"no record of {path} survived validation and cleaning "
                            f"({_summary(rejected)}); nothing was imported.")
-    validation = _split(survivors, val_ratio, seed)
+    heldout = _split(survivors, split, seed)
+    del survivors
 
-    # Pass 3: encrypt into the vault, all or nothing.
-    report = _report(path, kind, fmt, total, rejected, where, len(survivors) - len(validation), len(validation),
+    # Pass 3: held-out records similar to training records move to train (only when anything is held out).
+    leaks: list[dict] = []
+    if heldout and leakage < 1.0:
+        leaks = _leaks(path, fmt, salvage, rejected, heldout, leakage, clock)
+        for leak in leaks:
+            i = leak.pop("index")
+            if leak["to"] == "train":
+                del heldout[i]
+            else:
+                heldout[i] = leak["to"]
+    counts = Counter(heldout.values())
+    imported = {"train": total - len(rejected) - len(heldout), **{s: counts.get(s, 0) for s in HELD_OUT}}
+
+    # Pass 4: encrypt into the vault, all or nothing.
+    report = _report(path, kind, fmt, total, rejected, imported,
                      salvage_info if salvage_info.cut_at_byte is not None else None,
-                     near_dup=near_dup, min_tokens=min_tokens, val_ratio=val_ratio, seed=seed)
+                     near_dup=near_dup, min_tokens=min_tokens, split=[round(x, 6) for x in split], seed=seed,
+                     leakage=leakage)
+    report["leakage"] = {"threshold": leakage, "moved": len(leaks), "pairs": leaks[:LEAKS_LISTED]}
     examples = _examples(path, fmt, salvage, rejected, where)
     with store.create(vault, name, hardware=hardware.summary()) as ds:
         for i, record, _ in _accepted(path, fmt, salvage, rejected, clock):
             started = time.perf_counter()
-            ds.add("validation" if i in validation else "train", record)
+            ds.add(heldout.get(i, "train"), record)
             clock.add("encrypt", time.perf_counter() - started)
         ds.add("report", {**report, "examples": examples})
         ds.details.update(source=path.name, source_sha256=sha256_file(path), record_format=fmt,
@@ -156,7 +211,7 @@ def import_dataset(vault, path: str | Path, name: str, fmt: str = "auto", near_d
                  {"source": path.name, "source_sha256": ds.details["source_sha256"], "format": fmt,
                   "records_read": total, "imported": report["imported"],
                   "rejected": sum(report["rejected"].values())})
-    emit(Event("finished", STAGE, f"imported {len(survivors)} of {total} records", report))
+    emit(Event("finished", STAGE, f"imported {sum(imported.values())} of {total} records", report))
     return {**report, "examples": examples, "dataset": name}
 
 
@@ -190,7 +245,8 @@ class _Clock:
     """Seconds spent per phase (parse counts every pass over the file), for the report and the benchmark."""
 
     def __init__(self):
-        self.seconds: dict[str, float] = {"parse": 0.0, "validate": 0.0, "near_duplicates": 0.0, "encrypt": 0.0}
+        self.seconds: dict[str, float] = {"parse": 0.0, "validate": 0.0, "near_duplicates": 0.0, "leakage": 0.0,
+                                          "encrypt": 0.0}
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
@@ -271,13 +327,77 @@ def _digest(obj) -> bytes:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).digest()
 
 
-def _split(survivors: list[tuple[int, bytes]], val_ratio: float, seed: int) -> set[int]:
-    """The validation indices: the records whose seeded hash ranks lowest (same file + seed -> same split)."""
+def _split(survivors: list[tuple[int, bytes]], split: tuple[float, float, float], seed: int) -> dict[int, str]:
+    """The held-out records, index -> "validation" or "test": the records whose seeded hash ranks lowest are
+    validation, the next ones test (same file + seed -> same split; a dataset imported with validation only
+    before keeps the same validation records). At least one record stays in train."""
     n = len(survivors)
-    k = 0 if n < 2 or val_ratio == 0 else max(1, round(n * val_ratio))
+    sizes = [0 if n < 2 or share == 0 else max(1, round(n * share)) for share in split[1:]]
+    while sum(sizes) >= n and max(sizes) > 0:  # tiny files: keep one training record
+        sizes[sizes.index(max(sizes))] -= 1
     key = seed.to_bytes(8, "big", signed=True)
     ranked = sorted(survivors, key=lambda s: hashlib.sha256(key + s[1]).digest())
-    return {i for i, _ in ranked[:k]}
+    out = {i: "validation" for i, _ in ranked[:sizes[0]]}
+    out.update({i: "test" for i, _ in ranked[sizes[0]:sum(sizes)]})
+    return out
+
+
+LEAKS_LISTED = 1000  # pairs named in the report (all of them are moved)
+
+
+def _leaks(path, fmt, salvage, rejected, heldout: dict[int, str], threshold: float, clock: "_Clock") -> list[dict]:
+    """Records with a near-copy (Jaccard >= threshold) in an earlier split (train, then validation, then test),
+    in one pass: every signature goes into the index of its split and is looked up in the others', so a pair is
+    found whichever comes first in the file. Of each pair the record of the later split moves to the earlier one
+    (a test record like a training record trains; one like a validation record validates): an example and its
+    near-copy end up on one side. One round: a record that moves is not looked up again from its new side.
+
+    Unlike the near-duplicate search, the LSH bands favour recall (datasketch's default weighs missed pairs and
+    false candidates alike, and finds only ~40% of the pairs right at the threshold; these weights find ~87%)
+    and every candidate is confirmed by its signatures' estimated Jaccard similarity. The signatures stay in
+    memory for that (512 bytes a record, less than the near-duplicate index held before this pass).
+    Returns {index, where, split, to, similar_to}, in file order."""
+    import numpy as np
+    from datasketch import LeanMinHash, MinHashLSH
+
+    order = ("train", *HELD_OUT)
+    sides = {s: MinHashLSH(threshold=threshold, num_perm=minhash.NUM_PERM, weights=(0.1, 0.9), hashfunc=hash)
+             for s in order}
+    signatures: dict[int, np.ndarray] = {}
+    where: dict[int, str] = {}
+    moves: dict[int, tuple[str, int]] = {}  # index -> (the split it moves to, the record it is like)
+    batch: list[tuple[int, str, str]] = []
+
+    def move(i: int, to: str, like: int) -> None:
+        if i not in moves or order.index(to) < order.index(moves[i][0]):
+            moves[i] = (to, like)
+
+    def flush():
+        started = time.perf_counter()
+        for (i, at, _), hashvalues in zip(batch, minhash.signatures([text for _, _, text in batch])):
+            mh = LeanMinHash(seed=1, hashvalues=hashvalues, scheme="affine32")
+            side, where[i], signatures[i] = heldout.get(i, "train"), at, hashvalues
+            for other in order:
+                if other == side:
+                    continue
+                for j in sides[other].query(mh):
+                    if np.mean(signatures[j] == hashvalues) < threshold:
+                        continue
+                    if order.index(other) < order.index(side):
+                        move(i, other, j)
+                    else:
+                        move(j, side, i)
+            sides[side].insert(i, mh, check_duplication=False)
+        batch.clear()
+        clock.add("leakage", time.perf_counter() - started)
+
+    for i, record, item in _accepted(path, fmt, salvage, rejected, clock):
+        batch.append((i, item.where, formats.all_text(record)))
+        if len(batch) >= _NearDuplicates.BATCH_RECORDS:
+            flush()
+    flush()
+    return [{"index": i, "where": where[i], "split": heldout[i], "to": to, "similar_to": where[like]}
+            for i, (to, like) in sorted(moves.items())]
 
 
 def _summary(rejected: dict) -> str:
@@ -285,10 +405,9 @@ def _summary(rejected: dict) -> str:
     return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in counts.most_common()) or "no records"
 
 
-def _report(path, kind, fmt, total, rejected, where, train, validation, salvage_info, **settings) -> dict:
+def _report(path, kind, fmt, total, rejected, imported, salvage_info, **settings) -> dict:
     counts = Counter(r[0] for r in rejected.values())
-    report = {"file": str(path), "kind": kind, "format": fmt, "records_read": total,
-              "imported": {"train": train, "validation": validation},
+    report = {"file": str(path), "kind": kind, "format": fmt, "records_read": total, "imported": imported,
               "rejected": {reason: counts.get(reason, 0) for reason in formats.REASONS},
               "settings": settings}
     if salvage_info is not None:

@@ -43,7 +43,7 @@ def list_datasets() -> list[dict]:
             d = manifest.read(p)["details"]
             rec = d.get("records") or {}
             rows.append({"id": p.name, "train": rec.get("train", 0), "validation": rec.get("validation", 0),
-                         "source": d.get("source") or "-", "format": d.get("record_format") or "-"})
+                         "test": rec.get("test", 0), "source": d.get("source") or "-", "format": d.get("record_format") or "-"})
     return rows
 
 
@@ -125,6 +125,7 @@ class DatasetsScreen(Pane):
     DatasetsScreen #rk-go { width: auto; min-width: 10; }
     DatasetsScreen #ds-path { width: 2fr; }
     DatasetsScreen #ds-name { width: 1fr; }
+    DatasetsScreen #ds-split { width: 14; }
     DatasetsScreen #ds-format { width: 18; }
     DatasetsScreen #ds-progress-row { height: auto; display: none; }
     DatasetsScreen #ds-progress-row.shown { display: block; }
@@ -160,18 +161,20 @@ class DatasetsScreen(Pane):
                 yield Button("Unlock", id="unlock-go", variant="primary")
             with Vertical(id="open"):
                 table: DataTable = DataTable(id="dataset-table", cursor_type="row", zebra_stripes=True)
-                table.add_columns("id", "train", "validation", "format", "source")
+                table.add_columns("id", "train", "validation", "test", "format", "source")
                 yield table
                 with Horizontal(id="ds-import"):
                     yield Input(placeholder="file (JSONL, JSON, CSV, Parquet)", id="ds-path")
                     yield Input(placeholder="name", id="ds-name")
+                    yield Input(value="80/10/10", placeholder="train/val/test", id="ds-split",
+                                tooltip="train / validation / test shares; test serves only the final evaluation")
                     yield Select([(f, f) for f in ("auto", *FORMATS)], value="auto", allow_blank=False,
                                  id="ds-format")
                     yield Button("Import", id="ds-go", variant="primary")
                 with Horizontal(id="ds-export"):
                     yield Input(placeholder="plaintext to a new file (JSON Lines)", id="ds-export-path")
-                    yield Select([("all splits", "all"), ("train", "train"), ("validation", "validation")],
-                                 value="all", allow_blank=False, id="ds-export-split")
+                    yield Select([("all splits", "all"), ("train", "train"), ("validation", "validation"),
+                             ("test", "test")], value="all", allow_blank=False, id="ds-export-split")
                     yield Button("Export", id="ds-export-go", variant="warning")
                 with Horizontal(id="ds-rekey"):
                     yield Input(password=True, placeholder="current", id="rk-old")
@@ -212,7 +215,8 @@ class DatasetsScreen(Pane):
         table = self.query_one("#dataset-table", DataTable)
         table.clear()
         for r in rows:
-            table.add_row(r["id"], str(r["train"]), str(r["validation"]), r["format"], r["source"], key=r["id"])
+            table.add_row(r["id"], str(r["train"]), str(r["validation"]), str(r["test"]), r["format"], r["source"],
+                          key=r["id"])
         if not rows and self.report is None:
             self.query_one("#ds-output", Static).update(
                 "no datasets yet: press [b]i[/] to import a file, or [b]x[/] for the demo dataset (records to turn "
@@ -228,7 +232,7 @@ class DatasetsScreen(Pane):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         handlers = {"new-pass": self.create, "new-pass2": self.create, "pass": self.unlock,
-                    "ds-path": self.start_import, "ds-name": self.start_import, "ds-export-path": self.export,
+                    "ds-path": self.start_import, "ds-name": self.start_import, "ds-split": self.start_import, "ds-export-path": self.export,
                     "rk-old": self.rekey, "rk-new": self.rekey, "rk-new2": self.rekey}
         if event.input.id in handlers:
             handlers[event.input.id]()
@@ -328,6 +332,14 @@ class DatasetsScreen(Pane):
         if not path or not name:
             self.query_one("#ds-output", Static).update("give the file to import and a name for the dataset")
             return
+        from appliance.errors import InvalidInput
+        from appliance.importer import parse_split
+
+        try:
+            split = parse_split(self.query_one("#ds-split", Input).value.strip() or "80/10/10")
+        except InvalidInput as e:
+            self.query_one("#ds-output", Static).update(escape(str(e)))
+            return
         bar = self.query_one("#ds-progress", ProgressBar)
         bar.update(total=None, progress=0)
         self.query_one("#ds-progress-row").add_class("shown")
@@ -345,7 +357,7 @@ class DatasetsScreen(Pane):
                 with open(src, "rb") as f:  # a line per record: the bar's length, read before the import
                     total = sum(1 for line in f if line.strip())
             self.app.call_from_thread(bar.update, total=total, progress=0)
-            return import_dataset(keys.vault(), src, name, fmt=fmt,
+            return import_dataset(keys.vault(), src, name, fmt=fmt, split=split,
                                   emit=lambda e: self.app.call_from_thread(self.import_event, e))
 
         self.call(job, self.imported, group="import")
@@ -398,7 +410,8 @@ class DatasetsScreen(Pane):
             records, pairs = counts
             self.report = None
             self.query_one("#ds-output", Static).update(
-                f"[b]{DATASET_ID}[/]: {records['train']} train + {records['validation']} held-out records, generated "
+                f"[b]{DATASET_ID}[/]: {records['train']} train + {records['validation']} validation + "
+                f"{records.get('test', 0)} test records, generated "
                 f"here and encrypted (the demo recipe's dataset); [b]{PREFERENCES_ID}[/]: {pairs['train']} train + "
                 f"{pairs['validation']} held-out preference pairs (recipes/demo-dpo.yaml's)")
             self.call(list_datasets, self.show_datasets, group="list")
@@ -499,7 +512,7 @@ class DatasetsScreen(Pane):
         def job():
             from appliance import data
 
-            return data.export_plain(name, ["train", "validation"] if split == "all" else [split], out)
+            return data.export_plain(name, None if split == "all" else [split], out)
 
         def done(n: int) -> None:
             self.exported = (name, n, out)
