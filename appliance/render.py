@@ -71,20 +71,29 @@ def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
 
 
 def eval_table(report: dict):
+    """Base against tuned, each figure with its 95% interval and the paired difference's; a difference whose
+    interval excludes zero is coloured (green better, red worse), one within the noise is not."""
     from rich.table import Table
 
+    from .evaluate.names import better, delta, label, span, value
+
     base = f"; base = {report['reference']}" if report.get("reference") else ""
-    table = Table(title=f"{report.get('split', 'held-out')} split: {report['samples']} examples{base}", title_justify="left")
+    table = Table(title=f"{report.get('split', 'held-out')} split: {report['samples']} examples{base}",
+                  title_justify="left", caption=report.get("note"), caption_justify="left")
     table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("tuned", justify="right")
+    for name in ("base", "tuned", "difference"):
+        table.add_column(name, justify="right")
+        table.add_column("95%", justify="right", style="dim")
+    intervals, differences = report.get("intervals", {}), report.get("differences", {})
     for metric in report["metrics"]:
         b, t = report["base"][metric], report["tuned"][metric]
-        style = "green" if t > b else ("red" if t < b else "")
-        table.add_row(metric, f"{b:.1%}", f"[{style}]{t:.1%}[/]" if style else f"{t:.1%}")
-    if "preference_margin" in report["base"]:  # mean log-probability of chosen minus rejected, not a share
-        table.add_row("preference_margin", f"{report['base']['preference_margin']:.2f}",
-                      f"{report['tuned']['preference_margin']:.2f}")
+        d = differences.get(metric)
+        significant = metric in report.get("significant", [])
+        style = ("green" if better(metric, t, b) else "red") if significant else ""
+        diff = delta(metric, t - b)
+        table.add_row(label(metric), value(metric, b), span(metric, intervals.get("base", {}).get(metric)),
+                      value(metric, t), span(metric, intervals.get("tuned", {}).get(metric)),
+                      f"[{style}]{diff}[/]" if style else diff, span(metric, d) if d else "")
     return table
 
 

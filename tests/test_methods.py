@@ -177,7 +177,8 @@ def test_dpo_from_an_sft_run_trains_merges_exports_and_raises_preference_accurac
     console = Console(record=True, width=200)
     console.print(eval_table(report))  # what `appliance eval` prints
     shown = " ".join(console.export_text().split())  # the title may wrap
-    assert "preference_accuracy" in shown and "preference_margin" in shown and f"base = SFT run {sft['id']}" in shown
+    assert "preference accuracy" in shown and "preference margin" in shown and f"base = SFT run {sft['id']}" in shown
+    print(console.export_text())
 
 
 def test_full_fine_tuning_trains_every_weight_merges_as_a_no_op_and_exports(tiny_home, tmp_path, demo_dataset):

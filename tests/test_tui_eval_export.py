@@ -23,7 +23,8 @@ from tests.test_tui import RUN, SIZE, _snapshot_app, aio, write_run  # noqa: E40
 from tests.test_tui_screens import error_message, rendered, settle, type_into  # noqa: E402
 from tui.app import ApplianceApp  # noqa: E402
 from tui.errors import ErrorDialog  # noqa: E402
-from tui.screens.evaluate import EvaluateScreen, pct  # noqa: E402
+from tui.screens.evaluate import EvaluateScreen  # noqa: E402
+from appliance.evaluate import names  # noqa: E402
 from tui.screens.export import BITS, ExportScreen, estimate_bytes, size  # noqa: E402
 
 LOCKED = "the vault is locked in this session; unlock it on the Data screen (key 4) first."
@@ -75,14 +76,16 @@ async def test_evaluate_shows_base_against_tuned_with_live_progress(exported_hom
         assert bar.total == bar.progress == 8
         shown = text_of(app, "#ev-report")
         assert "4 examples" in shown
+        assert "test split" in shown and "95% interval" in shown and {"perplexity", "rouge_l", "chrf", "bleu"} <= set(report["metrics"])
         for m in report["metrics"]:
             b, t = report["base"][m], report["tuned"][m]
-            line = next(x for x in shown.splitlines() if x.startswith(m + " "))
-            assert line.split()[1:4] == [pct(b), pct(t), f"{(t - b) * 100:+.1f}"], line
+            line = next(x for x in shown.splitlines() if x.startswith(names.label(m) + "  "))
+            assert f"{names.value(m, b):>7}  {names.value(m, t):>7}  {names.delta(m, t - b):>11}" in line, line
+            assert names.span(m, report["differences"][m]) in line
         # the held-out examples side by side: prompt and reference from the split, the answers from the report
         examples = rendered(app, "#ev-examples")
         assert all(h in examples for h in ("prompt", "reference", "base", "tuned"))
-        first = data.load_split(app_recipe_dataset(run_id), "validation")[0]["messages"][-1]["content"]
+        first = data.load_split(app_recipe_dataset(run_id), "test")[0]["messages"][-1]["content"]
         assert " ".join(first.split())[:12] in " ".join(examples.split()).replace("│ ", "")
         assert table.get_row_at(0)[4] == "4 samples"  # the list re-read: eval.json is there now
 

@@ -15,7 +15,7 @@ def parsers(add) -> None:
     checkpoint_flag(x)
     x.add_argument("--quant", default=None, help="comma-separated: f16,q8_0,q4_k_m (default: the recipe's)")
 
-    e = add("eval", "score base vs tuned on the held-out split")
+    e = add("eval", "score base vs tuned on the test split, with 95% intervals")
     e.add_argument("run")
     e.add_argument("--samples", type=int, default=48)
 

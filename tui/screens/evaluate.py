@@ -1,4 +1,4 @@
-"""Evaluate: the tuned model against its base on the held-out split (what `appliance eval RUN` does).
+"""Evaluate: the tuned model against its base on the test split (what `appliance eval RUN` does).
 
 The runs, each with its saved report (``runs/<id>/eval.json``: the scores only); a run selected shows its scores
 base against tuned with the difference. Evaluating runs ``appliance.evaluate.evaluate`` in a thread, with its stage
@@ -23,7 +23,7 @@ from .base import Pane, require_unlocked
 
 DEFAULT_SAMPLES = 48
 EXAMPLE_CHARS = 160  # of each text in the side-by-side examples
-HINT = "e evaluates the selected run: base and tuned answer the same held-out prompts"
+HINT = "e evaluates the selected run: base and tuned answer the same test prompts"
 NO_RUNS = "no runs yet: train one on the Plan screen (key 5)"
 
 
@@ -39,33 +39,34 @@ def load_runs() -> list[dict]:
     return out
 
 
-def pct(x: float) -> str:
-    return f"{x:.1%}"
-
-
 def report_text(report: dict, run_id: str) -> str:
-    """The scores, base against tuned, and the difference in points (Textual markup: theme colours)."""
+    """The scores, base against tuned, and the difference with its 95% interval (Textual markup: theme colours;
+    a difference within the noise of the test set is not coloured)."""
+    from appliance.evaluate.names import better, delta, label, span, value
+
     metrics = report["metrics"]
-    width = max(len("metric"), *(len(m) for m in metrics))
-    lines = [f"[b]{escape(run_id)}[/]: held-out split, {report['samples']} examples (runs/…/eval.json)"
-             + (f"; base = {escape(report['reference'])}" if report.get("reference") else ""),
-             f"[b]{'metric':<{width}}  {'base':>7}  {'tuned':>7}  {'difference':>11}[/]"]
+    width = max(len("metric"), *(len(label(m)) for m in metrics))
+    lines = [f"[b]{escape(run_id)}[/]: {report.get('split', 'held-out')} split, {report['samples']} examples "
+             "(runs/…/eval.json)" + (f"; base = {escape(report['reference'])}" if report.get("reference") else "")]
+    if report.get("note"):
+        lines.append(f"[$warning]{escape(report['note'])}[/]")
+    lines.append(f"[b]{'metric':<{width}}  {'base':>7}  {'tuned':>7}  {'difference':>11}  95% interval[/]")
     for m in metrics:
         b, t = float(report["base"][m]), float(report["tuned"][m])
-        diff = f"{(t - b) * 100:+.1f} pts"
-        style = "$success" if t > b else ("$error" if t < b else "")
+        diff = delta(m, t - b)
+        style = ("$success" if better(m, t, b) else "$error") if m in report.get("significant", [m]) else ""
         cell = f"[{style}]{diff:>11}[/]" if style else f"{diff:>11}"
-        lines.append(f"{m:<{width}}  {pct(b):>7}  {pct(t):>7}  {cell}")
-    last = "preference_accuracy" if "preference_accuracy" in metrics else metrics[-1]
-    if "preference_margin" in report["base"]:
-        lines.append(f"{'preference margin':<{width}}  {report['base']['preference_margin']:>7.2f}  "
-                     f"{report['tuned']['preference_margin']:>7.2f}  (mean log-probability, chosen - rejected)")
+        lines.append(f"{label(m):<{width}}  {value(m, b):>7}  {value(m, t):>7}  {cell}  "
+                     f"{escape(span(m, report.get('differences', {}).get(m)))}")
+    decisive = label(report.get("decisive") or metrics[-1])
     if report.get("tuned_beats_base"):
-        lines.append(f"[$success]the tuned model beats its base on {last}[/]")
+        lines.append(f"[$success]the tuned model beats its base on {decisive}[/]")
     else:
-        lines.append(f"[$warning]the tuned model does not beat its base on {last}[/]")
-    improved = report.get("improved") or []
-    lines.append(f"improved: {', '.join(improved) if improved else 'none'}")
+        lines.append(f"[$warning]the tuned model does not beat its base on {decisive}[/]")
+    improved = [label(m) for m in report.get("improved") or []]
+    significant = [label(m) for m in report.get("significant") or []]
+    lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
+                 f"{', '.join(significant) if significant else 'none'}")
     return "\n".join(lines)
 
 
@@ -94,7 +95,7 @@ def examples_table(examples: list[dict]):
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="held-out examples, side by side", title_justify="left", show_lines=True, expand=True)
+    table = Table(title="test examples, side by side", title_justify="left", show_lines=True, expand=True)
     for name in ("prompt", "reference", "base", "tuned"):
         table.add_column(name, ratio=1, overflow="fold")
     for e in examples:
@@ -133,7 +134,7 @@ class EvaluateScreen(Pane):
         table.add_columns("id", "state", "base model", "GGUF", "evaluated")
         yield table
         with Horizontal(id="ev-form"):
-            yield Label("held-out samples")
+            yield Label("test samples")
             yield Input(str(DEFAULT_SAMPLES), type="integer", id="ev-samples")
             yield Button("Evaluate", id="ev-go", variant="primary")
         with Horizontal(id="ev-progress-row"):
@@ -197,12 +198,12 @@ class EvaluateScreen(Pane):
             report.update(f"[b]{escape(run_id)}[/] has no f16 GGUF yet: export it on the Export screen (key 8), "
                           "then press e here")
         else:
-            report.update(f"[b]{escape(run_id)}[/] is not evaluated yet: e scores it and its base on the held-out "
+            report.update(f"[b]{escape(run_id)}[/] is not evaluated yet: e scores it and its base on the test "
                           "split")
         if self.examples.get(run_id):
             examples.update(examples_table(self.examples[run_id]))
         elif r.get("eval"):
-            examples.update("[dim]held-out examples show after an evaluation in this session: eval.json keeps the "
+            examples.update("[dim]test examples show after an evaluation in this session: eval.json keeps the "
                             "scores only (no dataset text leaves the vault)[/]")
         else:
             examples.update("")
@@ -238,25 +239,25 @@ class EvaluateScreen(Pane):
             raise InvalidInput(f"run {run_id} has no f16 GGUF; export it on the Export screen (key 8) first.")
         raw = self.query_one("#ev-samples", Input).value.strip()
         if not raw.isdigit() or int(raw) < 1:
-            raise InvalidInput(f"the number of held-out samples must be a whole number of at least 1, not {raw!r}.")
+            raise InvalidInput(f"the number of test samples must be a whole number of at least 1, not {raw!r}.")
         samples = int(raw)
         self.working = run_id
         self.progress_events = 0
         bar = self.query_one("#ev-bar", ProgressBar)
         bar.update(total=None, progress=0)
         bar.add_class("shown")
-        self.stage(f"evaluating {run_id} on {samples} held-out samples…")
+        self.stage(f"evaluating {run_id} on {samples} test samples…")
 
         def emit(e) -> None:
             self.app.call_from_thread(self.on_eval_event, e)
 
         def job():
-            require_unlocked()  # the held-out split is read from the vault
+            require_unlocked()  # the test split is read from the vault
             from appliance import data, runs
             from appliance.evaluate import evaluate
 
             report = evaluate(run_id, samples=samples, emit=emit)
-            records = [{"messages": c} for c in data.heldout(runs.load_recipe(run_id), samples)]
+            records = [{"messages": c} for c in data.heldout(runs.load_recipe(run_id), samples, report["split"])]
             return run_id, report, pair_examples(report, records)
 
         self.call(job, self.evaluated, group="evaluate")
@@ -268,7 +269,7 @@ class EvaluateScreen(Pane):
             total = int(e.data["total"])
             done = int(e.data["done"]) + (total if e.data["model"] == "tuned" else 0)
             bar.update(total=2 * total, progress=done)
-            self.stage(f"{e.data['model']} model: {e.data['done']}/{total} held-out prompts answered")
+            self.stage(f"{e.data['model']} model: {e.data['done']}/{total} test prompts answered")
         elif e.type == "stage" and e.message:
             self.stage(e.message)
         elif e.type == "warning" and e.message:

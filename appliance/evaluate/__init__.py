@@ -1,0 +1,116 @@
+"""Evaluation: the base model against the tuned one on the test split, with intervals.
+
+Both answer every test prompt greedily through llama.cpp from their f16 GGUFs (the base converted from its
+imported weights, the tuned one from the run's export), rendered with the same chat template, and both score the
+reference answers (perplexity). Text metrics apply to any dataset (exact match, token F1, ROUGE-L, chrF, BLEU);
+when the reference answers are JSON objects, the structured ones apply too (valid JSON, exact key set, field
+accuracy). Every figure has its 95% bootstrap interval and every difference its paired one (``metrics``). The
+report goes to ``runs/<id>/eval.json`` (figures only: no dataset text, no answers).
+"""
+
+from __future__ import annotations
+
+from .. import data, runs
+from ..errors import NotFound
+from ..events import Emit, Event, ignore
+from ..native_crash import step
+from ..workspace import write_json
+from .names import better
+
+STAGE = "eval"
+
+
+def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = ignore) -> dict:
+    from ..convert import base_gguf
+    from . import metrics
+
+    run = runs.run_dir(run_id)
+    recipe = runs.load_recipe(run_id)
+    tuned_path = run / "gguf" / "model-f16.gguf"
+    if not tuned_path.is_file():
+        raise NotFound(f"run {run_id} has no f16 GGUF; run `appliance export {run_id}` first.")
+    split = data.test_split(recipe.dataset_path())
+    conversations = data.heldout(recipe, samples, split)
+    references = [c[-1]["content"] for c in conversations]
+    structured = all(metrics.json_object(r) is not None for r in references)
+    pairs = data.load_pairs(recipe.dataset_path(), split)[:samples] if recipe.method == "dpo" else []
+    start = recipe.dpo.from_run if pairs and recipe.dpo.from_run else None
+    if start:
+        # A DPO run is compared with the SFT model it started from, which is what DPO is meant to improve.
+        base_path = runs.run_dir(start) / "gguf" / "model-f16.gguf"
+        if not base_path.is_file():
+            raise NotFound(f"run {run_id} started from run {start}, which has no f16 GGUF to compare with; run "
+                           f"`appliance export {start}` first.")
+        reference = f"SFT run {start}"
+    else:
+        emit(Event("stage", STAGE, f"converting base model {recipe.base_model} to GGUF (once)"))
+        base_path, reference = base_gguf(recipe.base_model), f"base model {recipe.base_model}"
+    report: dict = {"run": run_id, "samples": len(conversations), "split": split, "reference": reference,
+                    "examples": []}
+    if split != "test":
+        report["note"] = (f"dataset {recipe.dataset_path().name} has no test split (imported before there was one): "
+                          "its validation split, which also chose the checkpoint, serves as test; re-import it for "
+                          "an honest test split")
+    if pairs:
+        report["pairs"] = len(pairs)
+    measures: dict[str, dict] = {}
+    for name, path in (("base", base_path), ("tuned", tuned_path)):
+        answered = answer_and_score(name, path, recipe, conversations, max_tokens, emit)
+        measures[name] = metrics.text_measures(answered["answers"], references, structured)
+        measures[name]["perplexity"] = metrics.perplexity(answered["nll"])
+        if pairs:
+            measures[name].update(preferences(name, path, recipe, pairs, emit))
+        report["examples"] += [{"model": name, "index": i, "answer": a} for i, a in enumerate(answered["answers"][:3])]
+    report["metrics"] = list(measures["tuned"])
+    report.update({name: {m: v.value for m, v in measures[name].items()} for name in ("base", "tuned")})
+    report["intervals"] = {name: {m: metrics.interval(v) for m, v in measures[name].items()}
+                           for name in ("base", "tuned")}
+    report["differences"] = {m: metrics.difference(measures["tuned"][m], measures["base"][m]) for m in report["metrics"]}
+    report["improved"] = [m for m in report["metrics"] if better(m, report["tuned"][m], report["base"][m])]
+    report["significant"] = [m for m in report["metrics"]
+                             if better(m, report["differences"][m][0], 0) or better(m, 0, report["differences"][m][1])]
+    decisive = "preference_accuracy" if pairs else ("field_accuracy" if structured else "token_f1")
+    report["decisive"] = decisive
+    report["tuned_beats_base"] = better(decisive, report["tuned"][decisive], report["base"][decisive])
+    write_json(run / "eval.json", {k: v for k, v in report.items() if k != "examples"})
+    emit(Event("finished", STAGE, "evaluated", {k: report[k] for k in ("base", "tuned")}))
+    return report
+
+
+def answer_and_score(name, path, recipe, conversations, max_tokens, emit) -> dict:
+    """Greedy answers to the test prompts, and the negative log-likelihood of each reference answer (for
+    perplexity), through llama.cpp in one load of the model."""
+    from .. import infer
+    from ..chat_format import with_system
+    from .scoring import N_CTX, answer_logprob
+
+    emit(Event("stage", STAGE, f"answering {len(conversations)} test prompts with the {name} model"))
+    answers, nll = [], []
+    with infer.load(path, n_ctx=N_CTX, logits_all=True) as llm, step(f"answering test prompts with the {name} model"):
+        for i, conversation in enumerate(conversations):
+            msgs = with_system(conversation, recipe.system_prompt)
+            prompt = infer.tokenize(llm, infer.render(llm, msgs[:-1], add_generation_prompt=True))
+            answers.append(infer.generate(llm, prompt, max_tokens=max_tokens)["text"])
+            logprob, tokens = answer_logprob(llm, conversation[:-1], conversation[-1]["content"], recipe.system_prompt)
+            nll.append((-logprob, tokens))
+            emit(Event("progress", STAGE, "", {"model": name, "done": i + 1, "total": len(conversations)}))
+    return {"answers": answers, "nll": nll}
+
+
+def preferences(name, path, recipe, pairs, emit) -> dict:
+    """Test preference accuracy: the share of pairs whose chosen answer the model finds more likely than the
+    rejected one (summed log-probabilities of the answer's tokens, end-of-turn included), and the mean margin."""
+    from .. import infer
+    from .metrics import mean
+    from .scoring import N_CTX, answer_logprob
+
+    emit(Event("stage", STAGE, f"scoring {len(pairs)} test preference pairs with the {name} model"))
+    margins = []
+    with infer.load(path, n_ctx=N_CTX, logits_all=True) as llm, step(f"scoring preference pairs with the {name} model"):
+        for pair in pairs:
+            chosen, _ = answer_logprob(llm, pair["prompt"], pair["chosen"], recipe.system_prompt)
+            rejected, _ = answer_logprob(llm, pair["prompt"], pair["rejected"], recipe.system_prompt)
+            margins.append(chosen - rejected)
+    return {"preference_accuracy": mean([m > 0 for m in margins]), "preference_margin": mean(margins)}
+
+

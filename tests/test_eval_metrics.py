@@ -1,0 +1,91 @@
+"""Issue 15's metrics: ROUGE-L that keeps every script, sacrebleu's chrF and BLEU, perplexity from llama.cpp's
+log-probabilities, and bootstrap intervals that are honest about small test sets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from appliance.evaluate import metrics, names
+
+
+def test_rouge_l_keeps_non_ascii_text_that_rouge_scores_default_tokenizer_drops():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    ref, ans = "Jürgen Müller wohnt in Köln", "Müller wohnt in Köln"
+    default = RougeScorer(["rougeL"]).score(ref, ans)["rougeL"].fmeasure
+    ours = metrics.text_measures([ans], [ref], False)["rouge_l"].value
+    assert ours == pytest.approx(2 * 1 * 0.8 / 1.8)  # 4 of 5 words, all of them in order
+    assert ours != pytest.approx(default)  # the default splits "Müller" into "m ller"
+    greek = metrics.text_measures(["καλημέρα κόσμε"], ["καλημέρα κόσμε"], False)["rouge_l"].value
+    assert greek == 1.0  # the default tokenizer keeps nothing of Greek: 0
+    assert metrics._Tokenizer().tokenize("東京に住む Ana") == ["東", "京", "に", "住", "む", "ana"]
+
+
+def test_chrf_and_bleu_are_sacrebleus_corpus_scores():
+    from sacrebleu.metrics import BLEU, CHRF
+
+    answers = ["the cat sat on the mat today", "a quick brown fox jumps", "hello there my friend"]
+    refs = ["the cat sat on a mat today", "the quick brown fox jumps", "hello my good friend"]
+    m = metrics.text_measures(answers, refs, False)
+    assert m["chrf"].value == pytest.approx(CHRF().corpus_score(answers, [refs]).score)
+    assert m["bleu"].value == pytest.approx(BLEU(effective_order=True).corpus_score(answers, [refs]).score)
+    perfect = metrics.text_measures(refs, refs, False)
+    assert perfect["bleu"].value == pytest.approx(100) and perfect["chrf"].value == pytest.approx(100)
+
+
+def test_intervals_hold_the_value_shrink_with_more_examples_and_differences_are_paired():
+    rng = np.random.default_rng(1)
+    small = metrics.mean(rng.random(12) < 0.5)
+    large = metrics.mean(rng.random(1200) < 0.5)
+    for m in (small, large):
+        lo, hi = metrics.interval(m)
+        assert lo <= m.value <= hi
+    assert np.diff(metrics.interval(small))[0] > 3 * np.diff(metrics.interval(large))[0]
+    # The same 40 examples, tuned right on 8 more of them: unpaired intervals overlap, the paired difference
+    # excludes 0.
+    base = rng.random(40) < 0.5
+    tuned = base.copy()
+    tuned[np.flatnonzero(~base)[:8]] = True
+    lo, hi = metrics.difference(metrics.mean(tuned), metrics.mean(base))
+    assert 0 < lo <= 8 / 40 <= hi
+    assert metrics.interval(metrics.mean(tuned))[0] < metrics.interval(metrics.mean(base))[1]
+    assert metrics.difference(metrics.mean(base), metrics.mean(base)) == [0.0, 0.0]
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll():
+    m = metrics.perplexity([(2.0, 2), (6.0, 2)])
+    assert m.value == pytest.approx(math.exp(2.0))
+    lo, hi = metrics.interval(m)
+    assert math.exp(1.0) <= lo <= m.value <= hi <= math.exp(3.0)
+
+
+def test_values_read_in_their_units():
+    assert names.value("exact_match", 0.5) == "50.0%" and names.value("bleu", 41.23) == "41.2"
+    assert names.value("perplexity", 3.14159) == "3.14" and names.span("chrf", [40, 50]) == "[40.0, 50.0]"
+    assert names.span("token_f1", [0.1, 0.25]) == "[10.0, 25.0]%" and names.delta("token_f1", 0.05) == "+5.0 pts"
+    assert names.better("perplexity", 2.0, 3.0) and not names.better("bleu", 2.0, 3.0)
+
+
+def test_llama_cpp_scoring_covers_each_answer_token_once_and_windows_like_llama_perplexity(exported_home):
+    from appliance import infer
+    from appliance.evaluate import scoring
+
+    home, run_id = exported_home
+    prompt = [{"role": "user", "content": "Convert this record to JSON.\nAda Weber, 41, baker in Graz."}]
+    answer = '{"first_name": "Ada", "last_name": "Weber", "age": 41, "occupation": "baker", "city": "Graz"}'
+    with infer.load(home / "runs" / run_id / "gguf" / "model-f16.gguf", n_ctx=scoring.N_CTX, logits_all=True) as llm:
+        ids, start = scoring.answer_ids(llm, prompt, answer, None)
+        total, n = scoring.answer_logprob(llm, prompt, answer, None)
+        assert n == len(ids) - start > 10
+        llm.reset()
+        llm.eval(ids)
+        rows = scoring.log_softmax(np.asarray(llm.scores[start - 1: len(ids) - 1]))
+        assert total == pytest.approx(rows[np.arange(n), ids[start:]].sum(), rel=1e-5)
+        # Windows of 16 tokens, half overlapping: every position from the first answer token on, once, in order.
+        positions = [p for p, _ in scoring.distributions(llm, ids, start, n_ctx=16)]
+        assert positions == list(range(start, len(ids)))
+        windowed = sum(float(row[ids[p]]) for p, row in scoring.distributions(llm, ids, start, n_ctx=16))
+        assert windowed != pytest.approx(total)  # less context, other log-probabilities: what llama-perplexity does
