@@ -97,6 +97,29 @@ def eval_table(report: dict):
     return table
 
 
+def judge_table(judge: dict):
+    """The judge's tally: tuned wins, ties, base wins (with 95% intervals), its consistency, and that it is
+    advisory."""
+    from rich.table import Table
+
+    from .evaluate.names import span
+
+    caption = judge["advisory"] + (f"; {judge['note']}" if judge.get("note") else "")
+    table = Table(title=f"judge {judge['model']}: {judge['items']} pairs, each asked in both orders",
+                  title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("verdict")
+    table.add_column("pairs", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("95%", justify="right", style="dim")
+    tally = judge["tally"]
+    for key, name, count in (("tuned", "tuned better", tally["tuned_wins"]), ("tie", "tie (or inconsistent)",
+                             tally["ties"]), ("base", "base better", tally["base_wins"])):
+        table.add_row(name, str(count), f"{judge['shares'][key]:.1%}", span("share", judge["share_intervals"][key]))
+    table.add_row("tuned win rate (ties half)", "", f"{judge['win_rate']:.1%}", span("share", judge["win_rate_interval"]))
+    table.add_row("judge consistency", "", f"{judge['consistency']:.1%}", span("share", judge["consistency_interval"]))
+    return table
+
+
 def import_report(report: dict):
     """The import report as a rich renderable: what was read, kept, rejected (with examples) and split."""
     from rich.console import Group

@@ -241,6 +241,13 @@ def test_training_from_the_vault_leaves_no_plaintext_on_disk(tiny_home, tmp_path
     cli_json("merge", st["id"], home=home, env=env)
     cli_json("export", st["id"], "--quant", "f16", home=home, env=env)
     cli_json("ask", st["id"], "--prompt", "Convert this record to JSON.", "--max-tokens", "4", home=home, env=env)
+    # Evaluation keeps both models' answers for a blind review, encrypted with the dataset's key.
+    report = cli_json("eval", st["id"], "--samples", "3", "--judge", "tiny", home=home, env=env)
+    assert report["split"] == "test" and report["judge"]["items"] == 3
+    assert (home / "runs" / st["id"] / "eval-answers.c2sp").is_file()
+    reviewed = run_cli("eval", st["id"], "--review", "--reviewer", "dana", "--json", home=home, env=env,
+                       input="t\nt\nt\n")
+    assert json.loads(reviewed.stdout)["items"] == 3
     # DPO on encrypted pairs, started from that run, exported and scored (TRL tokenizes the pairs itself).
     from appliance.demo_data import preference_splits
 

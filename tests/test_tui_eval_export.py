@@ -90,6 +90,42 @@ async def test_evaluate_shows_base_against_tuned_with_live_progress(exported_hom
         assert table.get_row_at(0)[4] == "4 samples"  # the list re-read: eval.json is there now
 
 
+@aio
+async def test_evaluate_with_a_judge_then_a_blind_review_in_the_dialog(exported_home):
+    import getpass
+
+    from tui.screens.evaluate import ReviewDialog
+
+    home, run_id = exported_home
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_screen(pilot, "7")
+        screen = app.query_one(EvaluateScreen)
+        app.query_one("#ev-samples", Input).value = "3"
+        await type_into(pilot, "#ev-judge", "tiny")
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.report is not None)
+        assert screen.report["judge"]["items"] == 3 and screen.progress_events == 3 * 3
+        bar = app.query_one("#ev-bar", ProgressBar)
+        assert bar.total == bar.progress == 9
+        assert "judge tiny" in text_of(app, "#ev-report") and "consistency" in text_of(app, "#ev-report")
+
+        app.query_one("#ev-runs", DataTable).focus()
+        await pilot.press("v")
+        await until(pilot, lambda: isinstance(app.screen, ReviewDialog) or bool(
+            read_json(home / "runs" / run_id / "eval.json").get("reviews")))
+        if isinstance(app.screen, ReviewDialog):  # (nothing to show when the tiny model answered alike)
+            shown = str(app.screen.query_one("#rv-text", Static).render())
+            assert "A:" in shown and "B:" in shown and "reference:" in shown and "tuned" not in shown
+            await pilot.press("t")
+            await pilot.press("escape")
+            await settle(pilot)
+        assert not isinstance(app.screen, ReviewDialog)
+        reviews = read_json(home / "runs" / run_id / "eval.json")["reviews"]
+        assert len(reviews) == 1 and reviews[0]["reviewer"] == getpass.getuser()
+        await until(pilot, lambda: "review by" in text_of(app, "#ev-report"))
+
+
 def text_of(app, selector: str) -> str:
     return str(app.screen.query_one(selector, Static).render())
 

@@ -17,7 +17,13 @@ def parsers(add) -> None:
 
     e = add("eval", "score base vs tuned on the test split, with 95% intervals")
     e.add_argument("run")
-    e.add_argument("--samples", type=int, default=48)
+    e.add_argument("--samples", type=int, default=48, help="test examples to answer (default 48)")
+    e.add_argument("--judge", metavar="MODEL",
+                   help="a local judge (model id, run id or .gguf) compares the answers pairwise, in both orders")
+    e.add_argument("--review", action="store_true",
+                   help="review the last evaluation's answers yourself, blind (A/B in random order)")
+    e.add_argument("--reviewer", help="who reviews (default: your login name); recorded in the audit log")
+    e.add_argument("--limit", type=int, help="review at most this many items")
 
 
 def checkpoint_flag(parser) -> None:
@@ -60,12 +66,83 @@ def _export(args) -> int:
 
 @command("eval")
 def _eval(args) -> int:
+    from ..errors import InvalidInput
     from ..evaluate import evaluate
     from ..render import eval_table, reporter
 
-    report = evaluate(args.run, samples=args.samples, emit=reporter(args.json))
+    if args.samples < 1:
+        raise InvalidInput(f"--samples {args.samples} must be at least 1.")
+    if args.review:
+        if args.judge:
+            raise InvalidInput("--review and --judge are separate steps: evaluate (with --judge) first, then review.")
+        return _review(args)
+    report = evaluate(args.run, samples=args.samples, judge=args.judge, emit=reporter(args.json))
     if args.json:
         print_json(report)
     else:
+        from ..render import judge_table
+
         rich_console().print(eval_table(report))
+        if report.get("judge"):
+            rich_console().print(judge_table(report["judge"]))
+        print(f"review the answers yourself, blind: appliance eval {args.run} --review")
+    return 0
+
+
+def _ask(prompt: str, json_mode: bool) -> str:
+    """A line from stdin; with --json the question goes to stderr, so stdout holds only the tally."""
+    import sys
+
+    if not json_mode:
+        return input(prompt)
+    print(prompt, end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def _review(args) -> int:
+    """The blind A/B review at the terminal: a prompt, its reference, answers A and B; a, b, t(ie), s(kip), q(uit)."""
+    import getpass
+
+    from rich.markup import escape
+
+    from ..errors import InvalidInput
+    from ..evaluate.review import Review
+
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInput(f"--limit {args.limit} must be at least 1.")
+    session = Review(args.run, args.reviewer or getpass.getuser(), limit=args.limit)
+    console = rich_console()
+    keys = {"a": "a", "b": "b", "t": "tie", "s": "skip"}
+    if not args.json:
+        console.print(f"blind review of run {escape(args.run)}: {len(session.items)} items ({session.identical} "
+                      "identical answers count as ties); a or b: that answer is better, t: a tie, s: skip, q: stop")
+    while (item := session.current()) is not None:
+        if not args.json:
+            console.rule(f"{item['number']}/{item['total']}")
+            for turn in item["prompt"]:
+                console.print(f"[bold]{turn['role']}:[/] {escape(turn['content'])}")
+            console.print(f"[dim]reference:[/] {escape(item['reference'])}")
+            console.print(f"[bold cyan]A:[/] {escape(item['a'])}")
+            console.print(f"[bold magenta]B:[/] {escape(item['b'])}")
+        try:
+            answer = _ask("better? [a/b/t/s/q] ", args.json).strip().lower()
+        except EOFError:
+            break
+        if answer == "q":
+            break
+        if answer in keys:
+            session.vote(keys[answer])
+        else:
+            print("answer a, b, t (tie), s (skip) or q (stop)")
+    tally = session.save()
+    if args.json:
+        print_json(tally)
+    else:
+        rate = f"{tally['win_rate']:.1%}" if tally["win_rate"] is not None else "-"
+        print(f"{tally['reviewer']}: tuned better {tally['tuned_wins']}, ties {tally['ties']}, base better "
+              f"{tally['base_wins']}, skipped {tally['skipped']}, not reached {tally['unreviewed']}; tuned win rate "
+              f"{rate} (ties count half); saved to eval.json and the audit log")
     return 0

@@ -4,11 +4,16 @@ Both answer every test prompt greedily through llama.cpp from their f16 GGUFs (t
 imported weights, the tuned one from the run's export), rendered with the same chat template, and both score the
 reference answers (perplexity). Text metrics apply to any dataset (exact match, token F1, ROUGE-L, chrF, BLEU);
 when the reference answers are JSON objects, the structured ones apply too (valid JSON, exact key set, field
-accuracy). Every figure has its 95% bootstrap interval and every difference its paired one (``metrics``). The
-report goes to ``runs/<id>/eval.json`` (figures only: no dataset text, no answers).
+accuracy). Every figure has its 95% bootstrap interval and every difference its paired one (``metrics``).
+With ``judge``, a local model compares the two answers to each prompt in both orders (``judge``); the answers
+are kept encrypted for a blind review by people (``review``). The report goes to ``runs/<id>/eval.json``
+(figures only: no dataset text, no answers); a new evaluation starts a new set of reviews (the audit log keeps
+the earlier tallies).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from .. import data, runs
 from ..errors import NotFound
@@ -20,9 +25,13 @@ from .names import better
 STAGE = "eval"
 
 
-def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = ignore) -> dict:
+def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | None = None,
+             emit: Emit = ignore) -> dict:
+    """``judge``: a GGUF path, run id or model id (``infer.resolve``) to compare the answers pairwise."""
+    from .. import infer
     from ..convert import base_gguf
-    from . import metrics
+    from ..trust import audit
+    from . import metrics, review
 
     run = runs.run_dir(run_id)
     recipe = runs.load_recipe(run_id)
@@ -45,6 +54,7 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     else:
         emit(Event("stage", STAGE, f"converting base model {recipe.base_model} to GGUF (once)"))
         base_path, reference = base_gguf(recipe.base_model), f"base model {recipe.base_model}"
+    judge_path = infer.resolve(judge) if judge else None  # a wrong name fails before any work
     report: dict = {"run": run_id, "samples": len(conversations), "split": split, "reference": reference,
                     "examples": []}
     if split != "test":
@@ -54,8 +64,10 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     if pairs:
         report["pairs"] = len(pairs)
     measures: dict[str, dict] = {}
+    answers: dict[str, list[str]] = {}
     for name, path in (("base", base_path), ("tuned", tuned_path)):
         answered = answer_and_score(name, path, recipe, conversations, max_tokens, emit)
+        answers[name] = answered["answers"]
         measures[name] = metrics.text_measures(answered["answers"], references, structured)
         measures[name]["perplexity"] = metrics.perplexity(answered["nll"])
         if pairs:
@@ -72,7 +84,22 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, emit: Emit = 
     decisive = "preference_accuracy" if pairs else ("field_accuracy" if structured else "token_f1")
     report["decisive"] = decisive
     report["tuned_beats_base"] = better(decisive, report["tuned"][decisive], report["base"][decisive])
+    review.save_answers(run_id, recipe.dataset_path(), [
+        {"prompt": c[:-1], "reference": r, "base": b, "tuned": t}
+        for c, r, b, t in zip(conversations, references, answers["base"], answers["tuned"])])
+    if judge_path is not None:
+        from .judge import judge as run_judge
+
+        label = judge if judge_path.name == judge else f"{judge} ({judge_path.name})"
+        report["judge"] = run_judge(judge_path, label, [c[:-1] for c in conversations], references,
+                                    answers["base"], answers["tuned"], emit, STAGE)
+        if judge_path.resolve() in (Path(base_path).resolve(), tuned_path.resolve()):
+            report["judge"]["note"] = "the judge is one of the two models compared: it may favour its own answers"
     write_json(run / "eval.json", {k: v for k, v in report.items() if k != "examples"})
+    audit.record("eval", {"run": run_id}, {
+        "split": split, "samples": len(conversations), "reference": reference, "decisive": decisive,
+        "base": report["base"][decisive], "tuned": report["tuned"][decisive],
+        **({"judge": report["judge"]["model"], "judge_tally": report["judge"]["tally"]} if judge_path else {})})
     emit(Event("finished", STAGE, "evaluated", {k: report[k] for k in ("base", "tuned")}))
     return report
 

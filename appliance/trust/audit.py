@@ -43,7 +43,7 @@ EVENTS = (
     "dataset.import", "dataset.show", "dataset.export", "dataset.delete",
     "model.import", "plan",
     "train.start", "train.stop", "train.resume", "train.finish", "train.fail", "train.oom_recovery",
-    "merge", "export", "bundle",
+    "merge", "export", "bundle", "eval", "eval.review",
     "ask", "chat",
     "network.blocked",
     "audit.verify", "audit.repaired",

@@ -122,6 +122,29 @@ def read(vault, dataset_id: str, name: str) -> Iterator[dict]:
             raise CheckFailed(f"{path} does not authenticate ({e}); the file was damaged or replaced.") from None
 
 
+def write_derived(vault, dataset_id: str, path: Path, name: str, records: Iterable[dict]) -> None:
+    """Records derived from a dataset's text (a run's answers to its test prompts), encrypted with that dataset's
+    key to ``path`` (atomically), bound by their context to the dataset and ``name``: crypto-shredding the
+    dataset makes them unreadable too."""
+    from ..workspace import atomic_writer
+
+    enc = chunked.Encryptor(vault.data_key(dataset_id), context(dataset_id, name))
+    with atomic_writer(path) as f:
+        f.write(enc.header)
+        for record in records:
+            f.write(enc.update((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")))
+        f.write(enc.finalize())
+
+
+def read_derived(vault, dataset_id: str, path: Path, name: str) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        reader = chunked.DecryptingReader(vault.data_key(dataset_id), f, context(dataset_id, name))
+        try:
+            yield from _lines(reader)
+        except chunked.DecryptionError as e:
+            raise CheckFailed(f"{path} does not authenticate ({e}); the file was damaged or replaced.") from None
+
+
 def verify(vault: Unlocked) -> list[dict]:
     """Authenticate every file of every dataset; one entry per dataset with its problems (empty when sound)."""
     report = []

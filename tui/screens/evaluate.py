@@ -13,9 +13,10 @@ from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.markup import escape
+from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
@@ -23,7 +24,7 @@ from .base import Pane, require_unlocked
 
 DEFAULT_SAMPLES = 48
 EXAMPLE_CHARS = 160  # of each text in the side-by-side examples
-HINT = "e evaluates the selected run: base and tuned answer the same test prompts"
+HINT = "e evaluates the selected run: base and tuned answer the same test prompts · v reviews the answers blind"
 NO_RUNS = "no runs yet: train one on the Plan screen (key 5)"
 
 
@@ -67,6 +68,17 @@ def report_text(report: dict, run_id: str) -> str:
     significant = [label(m) for m in report.get("significant") or []]
     lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
                  f"{', '.join(significant) if significant else 'none'}")
+    if report.get("judge"):
+        j, t = report["judge"], report["judge"]["tally"]
+        lines.append(f"[b]judge {escape(j['model'])}[/] ({j['items']} pairs, both orders): tuned better "
+                     f"{t['tuned_wins']}, tie {t['ties']}, base better {t['base_wins']}; tuned win rate "
+                     f"{j['win_rate']:.1%} {span('share', j['win_rate_interval'])}, consistency {j['consistency']:.1%}")
+        lines.append(f"[dim]{escape(j['advisory'])}" + (f"; {escape(j['note'])}" if j.get("note") else "") + "[/]")
+    for rv in report.get("reviews", []):
+        rate = f"{rv['win_rate']:.1%} {span('share', rv['win_rate_interval'])}" if rv["win_rate"] is not None else "-"
+        lines.append(f"[b]review by {escape(rv['reviewer'])}[/] ({rv['items']} items): tuned better "
+                     f"{rv['tuned_wins']}, tie {rv['ties']}, base better {rv['base_wins']}, skipped {rv['skipped']}; "
+                     f"tuned win rate {rate}")
     return "\n".join(lines)
 
 
@@ -103,13 +115,66 @@ def examples_table(examples: list[dict]):
     return table
 
 
+class ReviewDialog(ModalScreen[dict | None]):
+    """One blind item at a time: the prompt, its reference, answers A and B (sides drawn at random); a or b picks
+    the better, t a tie, s skips; escape ends the review and saves the tally (who, counts) to eval.json and the
+    audit log."""
+
+    BINDINGS = [Binding("a", "vote('a')", "A better"), Binding("b", "vote('b')", "B better"),
+                Binding("t", "vote('tie')", "tie"), Binding("s", "vote('skip')", "skip"),
+                Binding("escape", "finish", "finish")]
+    DEFAULT_CSS = """
+    ReviewDialog { align: center middle; }
+    ReviewDialog > Vertical { width: 100; max-width: 95%; height: 90%; border: thick $accent; padding: 0 1;
+                              background: $surface; }
+    ReviewDialog #rv-item { height: 1fr; }
+    ReviewDialog #rv-keys { height: auto; color: $text-muted; }
+    """
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session = session
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            with VerticalScroll(id="rv-item"):
+                yield Static("", id="rv-text")
+            yield Label("a: A is better · b: B is better · t: tie · s: skip · escape: finish and save", id="rv-keys")
+
+    def on_mount(self) -> None:
+        self.show()
+
+    def show(self) -> None:
+        item = self.session.current()
+        if item is None:
+            self.action_finish()
+            return
+        prompt = "\n".join(f"[b]{t['role']}:[/] {escape(t['content'])}" for t in item["prompt"])
+        self.query_one("#rv-text", Static).update(
+            f"[b]{item['number']} of {item['total']}[/] (blind: A and B are drawn at random for each item)\n\n"
+            f"{prompt}\n\n[dim]reference:[/] {escape(item['reference'])}\n\n"
+            f"[b $accent]A:[/] {escape(item['a'])}\n\n[b $secondary]B:[/] {escape(item['b'])}")
+
+    def action_vote(self, choice: str) -> None:
+        self.session.vote(choice)
+        self.show()
+
+    def action_finish(self) -> None:
+        if not self.is_attached or getattr(self, "_finished", False):
+            return
+        self._finished = True
+        self.dismiss(self.session.save())
+
+
 class EvaluateScreen(Pane):
-    BINDINGS = [Binding("e", "evaluate", "evaluate"), Binding("s", "samples", "samples")]
+    BINDINGS = [Binding("e", "evaluate", "evaluate"), Binding("s", "samples", "samples"),
+                Binding("v", "review", "review")]
     DEFAULT_CSS = """
     EvaluateScreen #ev-runs { height: auto; max-height: 7; }
     EvaluateScreen #ev-form { height: auto; border-top: solid $accent; }
     EvaluateScreen #ev-form Label { padding: 1 1 0 1; }
     EvaluateScreen #ev-samples { width: 12; }
+    EvaluateScreen #ev-judge { width: 1fr; }
     EvaluateScreen #ev-go { min-width: 12; width: auto; }
     EvaluateScreen #ev-progress-row { height: auto; }
     EvaluateScreen #ev-stage { width: 1fr; height: auto; padding: 0 1; }
@@ -128,6 +193,7 @@ class EvaluateScreen(Pane):
         self.report: dict | None = None  # the last report evaluate() returned (examples included)
         self.examples: dict[str, list[dict]] = {}  # per run, this session only
         self.progress_events = 0
+        self.judging = False
 
     def compose(self) -> ComposeResult:
         table: DataTable = DataTable(id="ev-runs", cursor_type="row", zebra_stripes=True)
@@ -136,6 +202,8 @@ class EvaluateScreen(Pane):
         with Horizontal(id="ev-form"):
             yield Label("test samples")
             yield Input(str(DEFAULT_SAMPLES), type="integer", id="ev-samples")
+            yield Label("judge")
+            yield Input(placeholder="optional: model id, run id or .gguf", id="ev-judge")
             yield Button("Evaluate", id="ev-go", variant="primary")
         with Horizontal(id="ev-progress-row"):
             yield Label(HINT, id="ev-stage")
@@ -218,7 +286,7 @@ class EvaluateScreen(Pane):
             self.action_evaluate()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "ev-samples":
+        if event.input.id in ("ev-samples", "ev-judge"):
             self.action_evaluate()
 
     def action_samples(self) -> None:
@@ -241,6 +309,8 @@ class EvaluateScreen(Pane):
         if not raw.isdigit() or int(raw) < 1:
             raise InvalidInput(f"the number of test samples must be a whole number of at least 1, not {raw!r}.")
         samples = int(raw)
+        judge = self.query_one("#ev-judge", Input).value.strip() or None
+        self.judging = judge is not None
         self.working = run_id
         self.progress_events = 0
         bar = self.query_one("#ev-bar", ProgressBar)
@@ -256,7 +326,7 @@ class EvaluateScreen(Pane):
             from appliance import data, runs
             from appliance.evaluate import evaluate
 
-            report = evaluate(run_id, samples=samples, emit=emit)
+            report = evaluate(run_id, samples=samples, judge=judge, emit=emit)
             records = [{"messages": c} for c in data.heldout(runs.load_recipe(run_id), samples, report["split"])]
             return run_id, report, pair_examples(report, records)
 
@@ -266,10 +336,12 @@ class EvaluateScreen(Pane):
         bar = self.query_one("#ev-bar", ProgressBar)
         if e.type == "progress" and {"model", "done", "total"} <= set(e.data):
             self.progress_events += 1
-            total = int(e.data["total"])
-            done = int(e.data["done"]) + (total if e.data["model"] == "tuned" else 0)
-            bar.update(total=2 * total, progress=done)
-            self.stage(f"{e.data['model']} model: {e.data['done']}/{total} test prompts answered")
+            total, model = int(e.data["total"]), e.data["model"]
+            phases = ("base", "tuned", "judge") if self.judging else ("base", "tuned")
+            done = int(e.data["done"]) + total * phases.index(model)
+            bar.update(total=len(phases) * total, progress=done)
+            what = "pairs judged in both orders" if model == "judge" else "test prompts answered"
+            self.stage(f"{model}{'' if model == 'judge' else ' model'}: {e.data['done']}/{total} {what}")
         elif e.type == "stage" and e.message:
             self.stage(e.message)
         elif e.type == "warning" and e.message:
@@ -289,6 +361,35 @@ class EvaluateScreen(Pane):
             if self.selected() == run_id:
                 self.show_run(run_id)
         self.refresh_data()
+
+    def action_review(self) -> None:
+        """The blind A/B review of the selected run's last evaluation (its answers are read from the vault)."""
+        import getpass
+
+        from appliance.errors import InvalidInput
+
+        run_id = self.selected()
+        if run_id is None or not self.runs[run_id].get("eval"):
+            raise InvalidInput("there is no evaluation to review; evaluate the run first (e).")
+        if self.working:
+            raise InvalidInput(f"run {self.working} is being evaluated; review it when the evaluation has finished.")
+
+        def job():
+            require_unlocked()
+            from appliance.evaluate.review import Review
+
+            return Review(run_id, getpass.getuser())
+
+        def start(session) -> None:
+            def reviewed(tally: dict | None) -> None:
+                if tally:
+                    self.stage(f"review saved: tuned better {tally['tuned_wins']}, tie {tally['ties']}, base better "
+                               f"{tally['base_wins']} ({tally['reviewer']}, in eval.json and the audit log)")
+                self.refresh_data()
+
+            self.app.push_screen(ReviewDialog(session), reviewed)
+
+        self.call(job, start, group="review")
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group == "evaluate" and event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
