@@ -97,6 +97,26 @@ def eval_table(report: dict):
     return table
 
 
+def forgetting_table(f: dict):
+    """General ability, base against tuned, per task and overall, with the verdict."""
+    from rich.table import Table
+
+    from .evaluate.names import span
+
+    verdict = (f"[red]{f['warning']}[/]" if f["forgetting"] else
+               "no forgetting beyond the noise (the difference's 95% interval reaches zero or above)")
+    table = Table(title=f"forgetting check: {f['items']} general-ability items, {f['set']}; chance "
+                        f"{f['chance']:.1%}", title_justify="left", caption=verdict, caption_justify="left")
+    for name in ("task", "items", "base", "tuned"):
+        table.add_column(name, justify="left" if name == "task" else "right")
+    for task, t in f["tasks"].items():
+        table.add_row(task, str(t["items"]), f"{t['base']:.1%}", f"{t['tuned']:.1%}")
+    table.add_row("[bold]all", str(f["items"]), f"[bold]{f['base']:.1%}[/] {span('share', f['intervals']['base'])}",
+                  f"[bold]{f['tuned']:.1%}[/] {span('share', f['intervals']['tuned'])}")
+    table.add_row("difference", "", "", f"{(f['tuned'] - f['base']) * 100:+.1f} pts {span('share', f['difference'])}")
+    return table
+
+
 def judge_table(judge: dict):
     """The judge's tally: tuned wins, ties, base wins (with 95% intervals), its consistency, and that it is
     advisory."""

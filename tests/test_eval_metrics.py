@@ -89,3 +89,31 @@ def test_llama_cpp_scoring_covers_each_answer_token_once_and_windows_like_llama_
         assert positions == list(range(start, len(ids)))
         windowed = sum(float(row[ids[p]]) for p, row in scoring.distributions(llm, ids, start, n_ctx=16))
         assert windowed != pytest.approx(total)  # less context, other log-probabilities: what llama-perplexity does
+
+
+def test_forgetting_check_scores_both_caches_the_base_and_warns_only_beyond_the_noise(exported_home, monkeypatch):
+    from appliance.convert import base_gguf
+    from appliance.evaluate import general
+
+    home, run_id = exported_home
+    chosen = general.items(12)
+    assert [c["task"] for c in chosen[:6]] == list(dict.fromkeys(c["task"] for c in general.items()))  # round robin
+    assert all(c["target"] in c["choices"] for c in general.items()) and len(general.items()) == 240
+    base, tuned = base_gguf("tiny"), home / "runs" / run_id / "gguf" / "model-f16.gguf"
+    out = general.check(base, tuned, 12)
+    assert out["items"] == 12 and 0 <= out["base"] <= 1 and out["difference"][0] <= out["tuned"] - out["base"]
+    assert sum(t["items"] for t in out["tasks"].values()) == 12 and 0.3 < out["chance"] < 0.5
+    calls = []
+    real = general.answers
+    monkeypatch.setattr(general, "answers", lambda path, label, *a, **k: calls.append(label) or real(path, label, *a, **k))
+    again = general.check(base, tuned, 12)
+    assert calls == ["tuned"] and again["base"] == out["base"]  # the base's answers came from the cache
+
+    # The verdict: a drop within the noise is no forgetting; one beyond it warns and says what to do.
+    verdicts = {"base": [True] * 40, "tuned": [True] * 38 + [False] * 2}
+    monkeypatch.setattr(general, "cached_answers", lambda path, label, *a, **k: verdicts[label])
+    monkeypatch.setattr(general, "answers", lambda path, label, *a, **k: verdicts[label])
+    assert not general.check(base, tuned, 40)["forgetting"]
+    verdicts["tuned"] = [True] * 20 + [False] * 20
+    warned = general.check(base, tuned, 40)
+    assert warned["forgetting"] and "mix general data" in warned["warning"] and warned["difference"][1] < 0

@@ -284,7 +284,7 @@ async def test_a_locked_vault_and_user_mistakes_are_one_sentence_dialogs(exporte
 
         await type_into(pilot, "#ev-samples", "0")
         await pilot.press("enter")
-        assert error_message(app).startswith("the number of held-out samples must be a whole number")
+        assert error_message(app).startswith("the number of test samples must be a whole number")
         await pilot.press("escape")
 
         app.query_one("#ev-runs", DataTable).focus()  # (in the samples field, 8 is a digit)

@@ -20,6 +20,8 @@ def parsers(add) -> None:
     e.add_argument("--samples", type=int, default=48, help="test examples to answer (default 48)")
     e.add_argument("--judge", metavar="MODEL",
                    help="a local judge (model id, run id or .gguf) compares the answers pairwise, in both orders")
+    e.add_argument("--general", type=int, default=240, metavar="N",
+                   help="items of the forgetting check (BIG-Bench Hard, default all 240; 0 skips it)")
     e.add_argument("--review", action="store_true",
                    help="review the last evaluation's answers yourself, blind (A/B in random order)")
     e.add_argument("--reviewer", help="who reviews (default: your login name); recorded in the audit log")
@@ -76,13 +78,18 @@ def _eval(args) -> int:
         if args.judge:
             raise InvalidInput("--review and --judge are separate steps: evaluate (with --judge) first, then review.")
         return _review(args)
-    report = evaluate(args.run, samples=args.samples, judge=args.judge, emit=reporter(args.json))
+    if args.general < 0:
+        raise InvalidInput(f"--general {args.general} must be 0 (no forgetting check) or more.")
+    report = evaluate(args.run, samples=args.samples, judge=args.judge, general=args.general,
+                      emit=reporter(args.json))
     if args.json:
         print_json(report)
     else:
-        from ..render import judge_table
+        from ..render import forgetting_table, judge_table
 
         rich_console().print(eval_table(report))
+        if report.get("forgetting"):
+            rich_console().print(forgetting_table(report["forgetting"]))
         if report.get("judge"):
             rich_console().print(judge_table(report["judge"]))
         print(f"review the answers yourself, blind: appliance eval {args.run} --review")

@@ -5,6 +5,7 @@ imported weights, the tuned one from the run's export), rendered with the same c
 reference answers (perplexity). Text metrics apply to any dataset (exact match, token F1, ROUGE-L, chrF, BLEU);
 when the reference answers are JSON objects, the structured ones apply too (valid JSON, exact key set, field
 accuracy). Every figure has its 95% bootstrap interval and every difference its paired one (``metrics``).
+A forgetting check scores both on a general-ability set shipped with the project (``general``).
 With ``judge``, a local model compares the two answers to each prompt in both orders (``judge``); the answers
 are kept encrypted for a blind review by people (``review``). The report goes to ``runs/<id>/eval.json``
 (figures only: no dataset text, no answers); a new evaluation starts a new set of reviews (the audit log keeps
@@ -25,9 +26,13 @@ from .names import better
 STAGE = "eval"
 
 
+GENERAL_ITEMS = 240  # the whole general-ability set
+
+
 def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | None = None,
-             emit: Emit = ignore) -> dict:
-    """``judge``: a GGUF path, run id or model id (``infer.resolve``) to compare the answers pairwise."""
+             general: int = GENERAL_ITEMS, emit: Emit = ignore) -> dict:
+    """``judge``: a GGUF path, run id or model id (``infer.resolve``) to compare the answers pairwise;
+    ``general``: items of the forgetting check (0 skips it)."""
     from .. import infer
     from ..convert import base_gguf
     from ..trust import audit
@@ -87,6 +92,10 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     review.save_answers(run_id, recipe.dataset_path(), [
         {"prompt": c[:-1], "reference": r, "base": b, "tuned": t}
         for c, r, b, t in zip(conversations, references, answers["base"], answers["tuned"])])
+    if general:
+        from . import general as general_set
+
+        report["forgetting"] = general_set.check(Path(base_path), tuned_path, general, emit, STAGE)
     if judge_path is not None:
         from .judge import judge as run_judge
 
@@ -99,7 +108,9 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     audit.record("eval", {"run": run_id}, {
         "split": split, "samples": len(conversations), "reference": reference, "decisive": decisive,
         "base": report["base"][decisive], "tuned": report["tuned"][decisive],
-        **({"judge": report["judge"]["model"], "judge_tally": report["judge"]["tally"]} if judge_path else {})})
+        **({"judge": report["judge"]["model"], "judge_tally": report["judge"]["tally"]} if judge_path else {}),
+        **({"general_base": report["forgetting"]["base"], "general_tuned": report["forgetting"]["tuned"],
+            "forgetting": report["forgetting"]["forgetting"]} if general else {})})
     emit(Event("finished", STAGE, "evaluated", {k: report[k] for k in ("base", "tuned")}))
     return report
 

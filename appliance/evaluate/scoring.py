@@ -31,13 +31,26 @@ def distributions(llm, ids: list[int], start: int, n_ctx: int = N_CTX):
         window = ids[s:s + n_ctx]
         first = max(done, s + (half if s else 1))
         if first < s + len(window):
-            llm.reset()
-            llm.eval(window)
+            _eval(llm, window)
             rows = np.asarray(llm.scores[first - s - 1: len(window) - 1], dtype=np.float32)
             for offset, row in enumerate(log_softmax(rows)):
                 yield first + offset, row
             done = s + len(window)
         s += half
+
+
+def _eval(llm, ids: list[int]) -> None:
+    """Evaluate ``ids`` from position 0, reusing the KV cache of the longest prefix already evaluated: the choices
+    of one question, the verdicts of one judgement and the two answers of a pair share their prompt, which is
+    evaluated once (llama-cpp-python's eval drops the cache past ``n_tokens``; logit rows of the prefix stay)."""
+    n = min(llm.n_tokens, len(ids))
+    current = llm.input_ids[:n]
+    common = 0
+    while common < n and current[common] == ids[common]:
+        common += 1
+    common = min(common, len(ids) - 1)  # evaluate at least the last token again: its row is the one read last
+    llm.n_tokens = common
+    llm.eval(ids[common:])
 
 
 def answer_ids(llm, prompt: list[dict], answer: str, system: str | None) -> tuple[list[int], int]:

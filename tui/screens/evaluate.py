@@ -68,6 +68,13 @@ def report_text(report: dict, run_id: str) -> str:
     significant = [label(m) for m in report.get("significant") or []]
     lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
                  f"{', '.join(significant) if significant else 'none'}")
+    if report.get("forgetting"):
+        f = report["forgetting"]
+        style = "$error" if f["forgetting"] else "$success"
+        lines.append(f"[b]forgetting check[/] ({f['items']} general-ability items, chance {f['chance']:.1%}): base "
+                     f"{f['base']:.1%}, tuned {f['tuned']:.1%}, difference [{style}]{(f['tuned'] - f['base']) * 100:+.1f} "
+                     f"pts[/] {span('share', f['difference'])}" + (f"\n[$error]{escape(f['warning'])}[/]"
+                                                                  if f["forgetting"] else ""))
     if report.get("judge"):
         j, t = report["judge"], report["judge"]["tally"]
         lines.append(f"[b]judge {escape(j['model'])}[/] ({j['items']} pairs, both orders): tuned better "
@@ -335,9 +342,12 @@ class EvaluateScreen(Pane):
     def on_eval_event(self, e) -> None:
         bar = self.query_one("#ev-bar", ProgressBar)
         if e.type == "progress" and {"model", "done", "total"} <= set(e.data):
-            self.progress_events += 1
             total, model = int(e.data["total"]), e.data["model"]
             phases = ("base", "tuned", "judge") if self.judging else ("base", "tuned")
+            if model not in phases:  # the forgetting check's items: a stage of their own
+                self.stage(f"{model}: {e.data['done']}/{total} general-ability items")
+                return
+            self.progress_events += 1
             done = int(e.data["done"]) + total * phases.index(model)
             bar.update(total=len(phases) * total, progress=done)
             what = "pairs judged in both orders" if model == "judge" else "test prompts answered"
