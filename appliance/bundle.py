@@ -35,7 +35,33 @@ SUMS = "SHA256SUMS"
 PUBKEY = "signing-key.pub"
 
 
-def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, checkpoint: str = "best") -> dict:
+def pick_quant(run_id: str, max_bytes: int | None) -> tuple[str, str]:
+    """``--quant auto``: the exported quantization closest to f16 (lowest KL divergence on the test split) whose
+    file fits ``max_bytes``; returns it and why."""
+    from . import runs
+    from .evaluate.quants import best_fit
+    from .workspace import read_json
+
+    path = runs.run_dir(run_id) / "export.json"
+    quality = (read_json(path) if path.is_file() else {}).get("quality", {}).get("by_quant")
+    if not quality:
+        raise InvalidInput(f"run {run_id} has no measured quality per quantization; run `appliance export {run_id}` "
+                           "(it measures every file it writes), then bundle with --quant auto.")
+    pick = best_fit(quality, max_bytes)
+    if pick is None:
+        smallest = min(quality, key=lambda q: quality[q]["bytes"])
+        raise InvalidInput(f"no exported quantization of run {run_id} fits in {max_bytes / 2**20:.0f} MiB: the smallest, "
+                           f"{smallest}, is {quality[smallest]['bytes'] / 2**20:.0f} MiB; export a smaller one "
+                           f"(`appliance export {run_id} --quant q4_0`) or allow a larger --max-size.")
+    q = quality[pick]
+    limit = f"within {max_bytes / 2**20:.0f} MiB" if max_bytes else "with no size limit"
+    return pick, (f"{pick}: the lowest KL divergence from f16 ({q['kl_divergence']:.4f}, perplexity "
+                  f"{q['perplexity']:.3f}) {limit} ({q['bytes'] / 2**20:.0f} MiB)")
+
+
+def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, checkpoint: str = "best",
+           max_size: int | None = None) -> dict:
+    """``quant="auto"`` picks by measured quality within ``max_size`` bytes (``pick_quant``)."""
     from . import runs
     from .trust import audit, provenance
     from .workspace import read_json, staging
@@ -43,6 +69,12 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
     out = Path(out).expanduser()
     if out.exists():
         raise InvalidInput(f"{out} already exists; name a new folder for the bundle.")
+    reason = None
+    if quant == "auto":
+        quant, reason = pick_quant(run_id, max_size)
+        emit(Event("stage", STAGE, f"--quant auto: {reason}"))
+    elif max_size is not None:
+        raise InvalidInput("--max-size chooses among quantizations; use it with --quant auto.")
     run = runs.run_dir(run_id)
     gguf_dir = run / "gguf"
     gguf = gguf_dir / f"model-{quant}.gguf"
@@ -95,7 +127,8 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
     audit.record("bundle", {"run": run_id}, {"out": str(out.resolve()), "quant": quant,
                                              "manifest_sha256": manifest.sha256_file(out / manifest.NAME)})
     result = {"path": str(out), "files": sorted(p.name for p in out.iterdir()), "key": m["signature"]["key"],
-              "model": gguf.name, "bytes": (out / gguf.name).stat().st_size}
+              "model": gguf.name, "bytes": (out / gguf.name).stat().st_size, "quant": quant,
+              **({"chosen_because": reason} if reason else {})}
     emit(Event("finished", STAGE, f"bundle written to {out}", result))
     return result
 
@@ -294,10 +327,12 @@ def _model_card(run_id, recipe, gguf_manifest, check, generation, evaluation) ->
                f"through llama.cpp; end-of-turn token `{parity.get('eot_token')}` stops generation")
     for q, rate in sorted(gguf_manifest["details"].get("top1_agreement", {}).items()):
         out.append(f"- {q}: top-1 token agreement with the merged model {rate:.1%}")
-    out += ["", "## Evaluation (held-out split, base vs tuned)", ""]
+    out += ["", f"## Evaluation ({(evaluation or {}).get('split', 'held-out')} split, base vs tuned, 95% intervals)", ""]
     if evaluation:
         out.append("```json")
-        out.append(json.dumps({k: evaluation[k] for k in ("base", "tuned") if k in evaluation}, indent=2, sort_keys=True))
+        out.append(json.dumps({k: evaluation[k] for k in ("base", "tuned", "intervals", "differences", "forgetting",
+                                                          "judge", "reviews") if k in evaluation},
+                              indent=2, sort_keys=True, default=str))
         out.append("```")
     else:
         out.append(f"Not evaluated: `appliance eval {run_id}` before bundling records it here.")

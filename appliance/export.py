@@ -16,7 +16,10 @@ proves the result before it appears under ``runs/<id>/gguf/``:
     common and f16 flips them at random, while a broken conversion picks
     tokens far below the top.
 
-A failed check fails the export; nothing is left under the final name.
+A failed check fails the export; nothing is left under the final name. Then every
+file's quality on the test split (perplexity, KL divergence from f16:
+``evaluate.quants``) goes into ``export.json``, which is what picks a
+quantization for an edge box of a given size.
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
         # "expected quality" a user picks a quantization by.
         agreement = {q: parity["top1_agreement"] if q == "f16" else top1_agreement(p, reference)["rate"]
                      for q, p in files.items()}
+        # What each file loses against f16 on the test split (perplexity, KL divergence): what picks a quant.
+        from .evaluate.quants import quality as quant_quality
+
+        split = data.test_split(recipe.dataset_path())
+        tests = data.heldout(recipe, recipe.export.parity_samples, split)
+        quality = quant_quality(files, tests, recipe.system_prompt, emit, STAGE)
         manifest.write(tmp, "gguf", f"{run_id}/gguf", parents={"run": run_id, "merged": f"{run_id}/merged"},
                        parity=parity, top1_agreement=agreement, checkpoint=source["name"], step=source["step"],
                        hardware=hardware.summary())
@@ -100,6 +109,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
         "files": {q: {"path": str(out / p.name), "bytes": (out / p.name).stat().st_size,
                       "top1_agreement": agreement[q], **notes.get(q, {})} for q, p in files.items()},
         "parity": parity,
+        "quality": {"split": split, "samples": len(tests), "by_quant": quality},
     }
     write_json(run / "export.json", result)
     from .trust import audit

@@ -97,6 +97,31 @@ def eval_table(report: dict):
     return table
 
 
+def quant_table(quality: dict):
+    """Size against quality per exported quantization, and which fits edge boxes of common sizes."""
+    from rich.table import Table
+
+    from .evaluate.names import span
+    from .evaluate.quants import best_fit
+
+    by = quality["by_quant"]
+    fits = []
+    for gib in (0.5, 1, 2, 4, 8, 16):
+        pick = best_fit(by, int(gib * 2**30))
+        if pick and (not fits or fits[-1][1] != pick):
+            fits.append((gib, pick))
+    caption = "best fit (lowest KL within the size): " + ", ".join(f"{g:g} GiB: {q}" for g, q in fits) if fits else ""
+    table = Table(title=f"quality per quantization on {quality['samples']} {quality['split']} answers",
+                  title_justify="left", caption=caption, caption_justify="left")
+    for name in ("quant", "size", "perplexity", "95%", "KL vs f16", "95%", "same top-1"):
+        table.add_column(name, justify="left" if name == "quant" else "right", style="dim" if name == "95%" else None)
+    for q, v in by.items():
+        table.add_row(q, f"{v['bytes'] / 2**20:.1f} MiB", f"{v['perplexity']:.3f}",
+                      span("perplexity", v["perplexity_interval"]), f"{v['kl_divergence']:.4f}",
+                      span("perplexity", v["kl_interval"]), f"{v['same_top1']:.1%}")
+    return table
+
+
 def forgetting_table(f: dict):
     """General ability, base against tuned, per task and overall, with the verdict."""
     from rich.table import Table

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import cli_json, run_cli
+
 from appliance.evaluate import metrics, names
 
 
@@ -117,3 +119,33 @@ def test_forgetting_check_scores_both_caches_the_base_and_warns_only_beyond_the_
     verdicts["tuned"] = [True] * 20 + [False] * 20
     warned = general.check(base, tuned, 40)
     assert warned["forgetting"] and "mix general data" in warned["warning"] and warned["difference"][1] < 0
+
+
+def test_export_measures_each_quant_and_bundle_auto_picks_the_closest_that_fits(exported_home, tmp_path):
+    from appliance.evaluate import quants
+
+    home, run_id = exported_home
+    exported = cli_json("export", run_id, "--quant", "f16,q8_0,q4_0", home=home)
+    by = exported["quality"]["by_quant"]
+    assert set(by) == {"f16", "q8_0", "q4_0"} and exported["quality"]["split"] == "test"
+    assert by["f16"]["kl_divergence"] == 0 and by["f16"]["same_top1"] == 1
+    assert 0 < by["q8_0"]["kl_divergence"] < by["q4_0"]["kl_divergence"]  # fewer bits, further from f16
+    assert by["q4_0"]["bytes"] < by["q8_0"]["bytes"] < by["f16"]["bytes"]
+    for v in by.values():
+        lo, hi = v["perplexity_interval"]
+        assert lo <= v["perplexity"] <= hi
+    shown = run_cli("export", run_id, "--quant", "f16,q8_0,q4_0", home=home).stdout
+    assert "quality per quantization" in shown and "KL vs f16" in shown
+
+    assert quants.parse_size("2GB") == 2_000_000_000 and quants.parse_size("1.5GiB") == int(1.5 * 2**30)
+    between = (by["q8_0"]["bytes"] + by["q4_0"]["bytes"]) // 2
+    out = cli_json("bundle", run_id, "--out", str(tmp_path / "b1"), "--quant", "auto", "--max-size", str(between),
+                   home=home)
+    assert out["quant"] == "q4_0" and "lowest KL divergence" in out["chosen_because"]
+    assert cli_json("bundle", run_id, "--out", str(tmp_path / "b2"), "--quant", "auto", home=home)["quant"] == "f16"
+    tiny = run_cli("bundle", run_id, "--out", str(tmp_path / "b3"), "--quant", "auto", "--max-size", "1KB",
+                   home=home, check=False)
+    assert tiny.returncode == 2 and "no exported quantization" in tiny.stderr and not (tmp_path / "b3").exists()
+    bad = run_cli("bundle", run_id, "--out", str(tmp_path / "b4"), "--quant", "auto", "--max-size", "lots",
+                  home=home, check=False)
+    assert bad.returncode == 2 and "is not a size" in bad.stderr

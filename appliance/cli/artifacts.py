@@ -15,7 +15,7 @@ def parsers(add) -> None:
     checkpoint_flag(x)
     x.add_argument("--quant", default=None, help="comma-separated: f16,q8_0,q4_k_m (default: the recipe's)")
 
-    e = add("eval", "score base vs tuned on the test split, with 95% intervals")
+    e = add("eval", "score base vs tuned on the test split, with confidence intervals")
     e.add_argument("run")
     e.add_argument("--samples", type=int, default=48, help="test examples to answer (default 48)")
     e.add_argument("--judge", metavar="MODEL",
@@ -57,12 +57,15 @@ def _export(args) -> int:
     if args.json:
         print_json(result)
         return 0
+    from ..render import quant_table
+
     print(f"exported {result['label']}")
     for q, f in result["files"].items():
         print(f"{q:>8}: {f['path']} ({f['bytes'] / 2**20:.1f} MiB)")
     p = result["parity"]
     print(f"  checks: template tokens identical on {p['template_conversations']} conversations; "
           f"stops at {p['eot_token']!r}; top-1 agreement {p['top1_agreement']:.2%} over {p['positions']} positions")
+    rich_console().print(quant_table(result["quality"]))
     return 0
 
 

@@ -32,7 +32,9 @@ def parsers(add) -> None:
     from .artifacts import checkpoint_flag
 
     checkpoint_flag(b)
-    b.add_argument("--quant", default="q4_k_m", help="which exported GGUF to ship (default q4_k_m)")
+    b.add_argument("--quant", default="q4_k_m",
+                   help="which exported GGUF to ship (default q4_k_m); auto: the closest to f16 that fits --max-size")
+    b.add_argument("--max-size", help="with --quant auto: the largest model file the edge box takes, e.g. 2GB")
     b.add_argument("--pubkey", help="with `verify`: the trusted signing-key.pub of the appliance that made it")
     b.add_argument("--fingerprint", help="with `verify`: the trusted key's sha256 fingerprint (64 hex digits)")
 
@@ -125,8 +127,13 @@ def _bundle(args) -> int:
         raise InvalidInput(f"name a new folder for the bundle: `appliance bundle {args.run} --out DIR`.")
     from ..render import reporter
 
+    from ..evaluate.quants import parse_size
+
+    max_size = parse_size(args.max_size) if args.max_size else None
     result = bundle.create(args.run, Path(args.out), quant=args.quant, emit=reporter(args.json),
-                           checkpoint=args.checkpoint)
+                           checkpoint=args.checkpoint, max_size=max_size)
+    if result.get("chosen_because") and not args.json:
+        print(f"--quant auto chose {result['chosen_because']}")
     print_json(result) if args.json else print(
         f"bundle written to {result['path']} ({result['model']}, {result['bytes'] / 2**20:.0f} MiB), "
         f"signed by {result['key'][:16]}...\non the edge box: appliance bundle verify DIR --fingerprint {result['key']}")

@@ -20,7 +20,7 @@ from .. import data, runs
 from ..errors import NotFound
 from ..events import Emit, Event, ignore
 from ..native_crash import step
-from ..workspace import write_json
+from ..workspace import read_json, write_json
 from .names import better
 
 STAGE = "eval"
@@ -92,6 +92,9 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     review.save_answers(run_id, recipe.dataset_path(), [
         {"prompt": c[:-1], "reference": r, "base": b, "tuned": t}
         for c, r, b, t in zip(conversations, references, answers["base"], answers["tuned"])])
+    exported = run / "export.json"
+    if exported.is_file() and read_json(exported).get("quality"):  # measured by export, on the same test split
+        report["quants"] = read_json(exported)["quality"]
     if general:
         from . import general as general_set
 

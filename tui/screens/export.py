@@ -138,6 +138,24 @@ def results_text(run: dict) -> str:
             if q != "f16" and isinstance(f.get("top1_agreement"), (int, float)):
                 lines.append(f"·  {escape(q)} top-1 agreement {f['top1_agreement']:.2%} (lossy by design: its "
                              "expected quality)")
+        quality = ex.get("quality")
+        if quality:
+            from appliance.evaluate.quants import best_fit
+
+            by = quality["by_quant"]
+            lines += ["", f"[b]quality per quantization[/] on {quality['samples']} {quality['split']} answers",
+                      f"[b]{'quant':<7} {'size':>10} {'perplexity':>11} {'KL vs f16':>10} {'same top-1':>10}[/]"]
+            for q, v in by.items():
+                lines.append(f"{escape(q):<7} {size(v['bytes']):>10} {v['perplexity']:>11.3f} "
+                             f"{v['kl_divergence']:>10.4f} {v['same_top1']:>10.1%}")
+            fits = []
+            for gib in (0.5, 1, 2, 4, 8, 16):
+                pick = best_fit(by, int(gib * 2**30))
+                if pick and (not fits or fits[-1][1] != pick):
+                    fits.append((gib, pick))
+            if fits:
+                lines.append("for an edge box: " + ", ".join(f"{g:g} GiB → {escape(q)}" for g, q in fits)
+                             + " (bundle: GGUF auto + a max size)")
     if ex and ex.get("label"):
         lines += ["", f"[b]exported from[/] {escape(ex['label'])}"]
     if merge:
@@ -164,7 +182,8 @@ class ExportScreen(Pane):
     ExportScreen .form { height: auto; }
     ExportScreen .form Input { width: 1fr; }
     ExportScreen .form Button { min-width: 10; width: auto; }
-    ExportScreen #ex-bundle-quant { width: 16; }
+    ExportScreen #ex-bundle-quant { width: 20; }
+    ExportScreen #ex-bundle-max { width: 18; }
     ExportScreen #ex-results-view { height: 1fr; padding: 0 1; }
     ExportScreen #ex-results, ExportScreen #ex-bundle-result, ExportScreen #ex-verify-info { height: auto; }
     ExportScreen #ex-bundle-result, ExportScreen #ex-verify-info { padding: 0 1; }
@@ -211,6 +230,8 @@ class ExportScreen(Pane):
                 with Horizontal(classes="form"):
                     yield Input(placeholder="a new folder for the bundle", id="ex-bundle-out")
                     yield Select([], prompt="GGUF", id="ex-bundle-quant")
+                    yield Input(placeholder="max size (auto)", id="ex-bundle-max",
+                                tooltip="with GGUF auto: the largest model file the edge box takes, e.g. 2GB")
                     yield Button("Bundle", id="ex-bundle-go", variant="primary")
                 yield Static("a signed folder an edge box runs and checks: the GGUF, its chat template, a "
                              "Modelfile, the model card and every ancestor's signed manifest", id="ex-bundle-result")
@@ -293,7 +314,8 @@ class ExportScreen(Pane):
         files = list((r.get("export") or {}).get("files", {}))
         choice = self.query_one("#ex-bundle-quant", Select)
         current = choice.value
-        choice.set_options([(q, q) for q in files])
+        measured = bool((r.get("export") or {}).get("quality"))
+        choice.set_options([(q, q) for q in files] + ([("auto (best fit)", "auto")] if measured else []))
         if current in files and not changed:
             choice.value = current
         elif files:
@@ -464,13 +486,18 @@ class ExportScreen(Pane):
             raise InvalidInput(f"run {run_id} has no GGUF to bundle; export it first (e).")
         tabs.active = "ex-bundle"
         checkpoint = self.checkpoint()
+        from appliance.evaluate.quants import parse_size
+
+        raw_max = self.query_one("#ex-bundle-max", Input).value.strip()
+        max_size = parse_size(raw_max) if raw_max and quant == "auto" else None
         self.query_one("#ex-bundle-result", Static).update(Content(f"bundling {quant} of {run_id} into {out}…"))
 
         def job():
             require_unlocked()  # the bundle's manifest is signed
             from appliance import bundle
 
-            return bundle.create(run_id, Path(out), quant=str(quant), emit=self._emit, checkpoint=checkpoint)
+            return bundle.create(run_id, Path(out), quant=str(quant), emit=self._emit, checkpoint=checkpoint,
+                                 max_size=max_size)
 
         self._start("bundle", run_id, 2, job, self.bundle_done)
 
@@ -480,10 +507,10 @@ class ExportScreen(Pane):
         self.finish_bar()
         self.stage(f"bundle written to {result['path']}")
         self.query_one("#ex-bundle-result", Static).update(Content.from_markup(
-            "[b]bundle written[/] to $path ($model, $size)\nfiles: $files\n[b]signed by the key with fingerprint[/]\n"
+            "[b]bundle written[/] to $path ($model, $size)$why\nfiles: $files\n[b]signed by the key with fingerprint[/]\n"
             "[$accent]$key[/]\non the edge box: appliance bundle verify DIR --fingerprint $key",
             path=result["path"], model=result["model"], size=size(result["bytes"]), files=", ".join(result["files"]),
-            key=result["key"]))
+            key=result["key"], why=f"\nauto chose {result['chosen_because']}" if result.get("chosen_because") else ""))
 
     def action_lineage(self) -> None:
         from appliance.errors import InvalidInput
