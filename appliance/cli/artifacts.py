@@ -22,6 +22,8 @@ def parsers(add) -> None:
                    help="a local judge (model id, run id or .gguf) compares the answers pairwise, in both orders")
     e.add_argument("--general", type=int, default=240, metavar="N",
                    help="items of the forgetting check (BIG-Bench Hard, default all 240; 0 skips it)")
+    e.add_argument("--examples", type=int, default=0, metavar="N",
+                   help="write N test examples side by side into eval.html (dataset text in plaintext; audited)")
     e.add_argument("--review", action="store_true",
                    help="review the last evaluation's answers yourself, blind (A/B in random order)")
     e.add_argument("--reviewer", help="who reviews (default: your login name); recorded in the audit log")
@@ -83,8 +85,10 @@ def _eval(args) -> int:
         return _review(args)
     if args.general < 0:
         raise InvalidInput(f"--general {args.general} must be 0 (no forgetting check) or more.")
+    if args.examples < 0:
+        raise InvalidInput(f"--examples {args.examples} must be 0 or more.")
     report = evaluate(args.run, samples=args.samples, judge=args.judge, general=args.general,
-                      emit=reporter(args.json))
+                      examples=args.examples, emit=reporter(args.json))
     if args.json:
         print_json(report)
     else:
@@ -95,6 +99,7 @@ def _eval(args) -> int:
             rich_console().print(forgetting_table(report["forgetting"]))
         if report.get("judge"):
             rich_console().print(judge_table(report["judge"]))
+        print(f"the report to read: {report['html']} (opens offline in any browser)")
         print(f"review the answers yourself, blind: appliance eval {args.run} --review")
     return 0
 

@@ -30,9 +30,10 @@ GENERAL_ITEMS = 240  # the whole general-ability set
 
 
 def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | None = None,
-             general: int = GENERAL_ITEMS, emit: Emit = ignore) -> dict:
+             general: int = GENERAL_ITEMS, examples: int = 0, emit: Emit = ignore) -> dict:
     """``judge``: a GGUF path, run id or model id (``infer.resolve``) to compare the answers pairwise;
-    ``general``: items of the forgetting check (0 skips it)."""
+    ``general``: items of the forgetting check (0 skips it); ``examples``: test examples written side by side into
+    ``eval.html`` (dataset text in plaintext: only when asked, and recorded in the audit log)."""
     from .. import infer
     from ..convert import base_gguf
     from ..trust import audit
@@ -107,8 +108,15 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
                                     answers["base"], answers["tuned"], emit, STAGE)
         if judge_path.resolve() in (Path(base_path).resolve(), tuned_path.resolve()):
             report["judge"]["note"] = "the judge is one of the two models compared: it may favour its own answers"
+    from . import html
+
+    shown = [{"prompt": "\n".join(t["content"] for t in c[:-1] if t["role"] != "system"), "reference": r,
+              "base": b, "tuned": t}
+             for c, r, b, t in zip(conversations, references, answers["base"], answers["tuned"])][:examples]
+    report["html"] = str(html.write(run_id, {k: v for k, v in report.items() if k != "examples"}, shown or None))
     write_json(run / "eval.json", {k: v for k, v in report.items() if k != "examples"})
     audit.record("eval", {"run": run_id}, {
+        "html": report["html"], "examples_in_html": len(shown),
         "split": split, "samples": len(conversations), "reference": reference, "decisive": decisive,
         "base": report["base"][decisive], "tuned": report["tuned"][decisive],
         **({"judge": report["judge"]["model"], "judge_tally": report["judge"]["tally"]} if judge_path else {}),

@@ -115,6 +115,10 @@ class Review:
         report = read_json(path) if path.is_file() else {}
         report.setdefault("reviews", []).append(tally)
         write_json(path, report)
+        if report.get("metrics"):  # the page shows the tally too (rewritten without examples)
+            from . import html
+
+            html.write(self.run_id, report)
         audit.record("eval.review", {"run": self.run_id}, {k: v for k, v in tally.items() if k != "at"})
         return tally
 

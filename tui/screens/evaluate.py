@@ -68,6 +68,8 @@ def report_text(report: dict, run_id: str) -> str:
     significant = [label(m) for m in report.get("significant") or []]
     lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
                  f"{', '.join(significant) if significant else 'none'}")
+    if report.get("html"):
+        lines.append(f"the report to read, with its charts: {escape(report['html'])} (opens offline in a browser)")
     if report.get("forgetting"):
         f = report["forgetting"]
         style = "$error" if f["forgetting"] else "$success"
