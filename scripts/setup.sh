@@ -31,8 +31,9 @@ fi
 llama_wheel=$(PYTHON="$PY" packaging/llama-wheel.sh)
 "$PY" -m pip install --force-reinstall --no-deps "$llama_wheel"
 # On a CUDA workstation also Liger's Triton kernels (training.kernels: auto); Triton comes with CUDA torch.
-extras=test
-if [ -n "${APPLIANCE_TORCH_INDEX:-}" ]; then extras=test,cuda; fi
+# lm-evaluation-harness (eval --harness) is an optional extra; setup installs it with the tests.
+extras=test,harness
+if [ -n "${APPLIANCE_TORCH_INDEX:-}" ]; then extras=test,harness,cuda; fi
 "$PY" -m pip install -e ".[$extras]"
 
 # The embedded default model, hash-checked.

@@ -67,3 +67,28 @@ def test_examples_reach_the_page_only_when_asked_and_are_audited(exported_home):
 
     assert html.escape(reference) in page
     assert audit.entries(event="eval")[-1]["details"]["examples_in_html"] == 2
+
+
+def test_lm_evaluation_harness_runs_a_local_task_offline_on_base_and_merged(exported_home, tmp_path):
+    pytest.importorskip("lm_eval", reason="the harness extra is not installed (scripts/setup.sh installs it)")
+    home, run_id = exported_home
+    run_cli("merge", run_id, home=home)
+    result = cli_json("eval", run_id, "--harness", "--harness-limit", "6", home=home)
+    for name in ("base", "tuned"):
+        acc = result[name]["appliance_general"]["acc"]
+        assert 0 <= acc <= 1 and "acc_stderr" in result[name]["appliance_general"]
+    assert json.loads((home / "runs" / run_id / "eval.json").read_text())["harness"]["tasks"] == ["appliance_general"]
+    # A task of the user's own, on local JSON.
+    items = tmp_path / "qa.jsonl"
+    items.write_text("".join(json.dumps({"q": f"Is {i} even?", "choices": ["yes", "no"], "a": i % 2}) + "\n"
+                             for i in range(4)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "parity.yaml").write_text(
+        f"task: parity\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {items}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    own = cli_json("eval", run_id, "--harness", "parity", "--harness-tasks", str(tasks), home=home)
+    assert set(own["tuned"]) == {"parity"}
+    unknown = run_cli("eval", run_id, "--harness", "mmlu_nope", home=home, check=False)
+    assert unknown.returncode == 2 and "knows no task 'mmlu_nope'" in unknown.stderr

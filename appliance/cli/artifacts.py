@@ -24,6 +24,11 @@ def parsers(add) -> None:
                    help="items of the forgetting check (BIG-Bench Hard, default all 240; 0 skips it)")
     e.add_argument("--examples", type=int, default=0, metavar="N",
                    help="write N test examples side by side into eval.html (dataset text in plaintext; audited)")
+    e.add_argument("--harness", nargs="?", const="appliance_general", metavar="TASKS",
+                   help="lm-evaluation-harness on base and merged model instead (comma-separated tasks; default "
+                        "appliance_general); the optional extra, offline, local JSON tasks only")
+    e.add_argument("--harness-tasks", metavar="DIR", help="a folder of your own harness task YAMLs (local data files)")
+    e.add_argument("--harness-limit", type=int, metavar="N", help="at most N items a task")
     e.add_argument("--review", action="store_true",
                    help="review the last evaluation's answers yourself, blind (A/B in random order)")
     e.add_argument("--reviewer", help="who reviews (default: your login name); recorded in the audit log")
@@ -79,6 +84,8 @@ def _eval(args) -> int:
 
     if args.samples < 1:
         raise InvalidInput(f"--samples {args.samples} must be at least 1.")
+    if args.harness:
+        return _harness(args)
     if args.review:
         if args.judge:
             raise InvalidInput("--review and --judge are separate steps: evaluate (with --judge) first, then review.")
@@ -101,6 +108,37 @@ def _eval(args) -> int:
             rich_console().print(judge_table(report["judge"]))
         print(f"the report to read: {report['html']} (opens offline in any browser)")
         print(f"review the answers yourself, blind: appliance eval {args.run} --review")
+    return 0
+
+
+def _harness(args) -> int:
+    from pathlib import Path
+
+    from ..errors import InvalidInput
+    from ..evaluate import harness
+    from ..render import reporter
+
+    if args.harness_limit is not None and args.harness_limit < 1:
+        raise InvalidInput(f"--harness-limit {args.harness_limit} must be at least 1.")
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    result = harness.run(args.run, tasks, Path(args.harness_tasks).expanduser() if args.harness_tasks else None,
+                         args.harness_limit, emit=reporter(args.json))
+    harness.save(args.run, result)
+    if args.json:
+        print_json(result)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"lm-evaluation-harness on run {args.run}", title_justify="left")
+    for name in ("task", "metric", "base", "tuned", "stderr"):
+        table.add_column(name, justify="left" if name in ("task", "metric") else "right")
+    for task, metrics in result["base"].items():
+        for metric, b in metrics.items():
+            if not metric.endswith("_stderr"):
+                t = result["tuned"].get(task, {}).get(metric)
+                se = result["tuned"].get(task, {}).get(metric + "_stderr")
+                table.add_row(task, metric, f"{b:.3f}", "-" if t is None else f"{t:.3f}", "" if se is None else f"±{se:.3f}")
+    rich_console().print(table)
     return 0
 
 

@@ -68,6 +68,12 @@ def report_text(report: dict, run_id: str) -> str:
     significant = [label(m) for m in report.get("significant") or []]
     lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
                  f"{', '.join(significant) if significant else 'none'}")
+    hx = report.get("harness")
+    if hx and hx.get("base"):
+        cells = [f"{escape(task)} {metric} {v:.3f} → {hx['tuned'].get(task, {}).get(metric, float('nan')):.3f}"
+                 for task, metrics in hx["base"].items() for metric, v in metrics.items()
+                 if not metric.endswith("_stderr")]
+        lines.append(f"[b]lm-evaluation-harness[/] (base → tuned): {'; '.join(cells)}")
     if report.get("html"):
         lines.append(f"the report to read, with its charts: {escape(report['html'])} (opens offline in a browser)")
     if report.get("forgetting"):
