@@ -45,7 +45,7 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     from .export import export
     from .infer import ask
     from .merge import merge
-    from .render import eval_table, follow_training, reporter
+    from .render import eval_table, follow_training, forgetting_table, quant_table, reporter
     from .trust import keys, store
     from .workspace import folder
 
@@ -111,12 +111,15 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     exported = export(run_id, emit=emit)
     for q, f in exported["files"].items():
         console.print(f"  {q:>7}: {f['bytes'] / 2**20:6.1f} MiB, top-1 agreement with the merged model {f['top1_agreement']:.2%}")
+    console.print(quant_table(exported["quality"]))
     timings["export"] = time.perf_counter() - t
 
-    t = stage("6/6 base vs tuned on held-out records, through llama.cpp")
+    t = stage("6/6 base vs tuned on the test records, and the forgetting check, through llama.cpp")
     report = evaluate(run_id, samples=eval_samples, emit=emit)
     console.print(eval_table(report))
-    sample = next(store.read(vault, DATASET_ID, "validation"))["messages"]
+    console.print(forgetting_table(report["forgetting"]))
+    console.print(f"[dim]the report to read:[/] {report['html']}")
+    sample = next(store.read(vault, DATASET_ID, report["split"]))["messages"]
     console.print(f"[dim]ask the tuned model:[/] {sample[0]['content']!r}")
     answer = ask(run_id, sample[0]["content"], max_tokens=96)
     console.print(f"[bold green]{answer['text']}[/]  [dim]({answer['completion_tokens']} tokens, "
@@ -136,7 +139,8 @@ def run_demo(base: str | None = None, steps: int | None = None, eval_samples: in
     console.print(f"artifacts: adapter {run / 'adapter'}\n           merged  {merged['path']}\n"
                   + "".join(f"           {q:<7} {f['path']}\n" for q, f in exported["files"].items()))
     console.print(f"try: appliance ask {run_id} --prompt $'Convert this record to JSON.\\nAda Weber, 41, baker in Graz.'")
-    return {"run": run_id, "model": model["id"], "timings_s": timings, "eval": {k: report[k] for k in ("base", "tuned", "samples")},
+    return {"run": run_id, "model": model["id"], "timings_s": timings,
+            "eval": {k: report[k] for k in ("base", "tuned", "samples", "split", "intervals", "forgetting", "html")},
             "merge": merged, "export": exported, "answer": answer, "tuned_beats_base": report["tuned_beats_base"]}
 
 

@@ -71,29 +71,32 @@ def follow_training(events: Iterable[Event], quiet: bool = False) -> None:
 
 
 def eval_table(report: dict):
-    """Base against tuned, each figure with its 95% interval and the paired difference's; a difference whose
-    interval excludes zero is coloured (green better, red worse), one within the noise is not."""
+    """Base against tuned, each figure over its 95% interval (dim) and the paired difference's; a difference whose
+    interval excludes zero is coloured (green better, red worse), one within the noise is not. Fits 80 columns."""
     from rich.table import Table
 
     from .evaluate.names import better, delta, label, span, value
 
     base = f"; base = {report['reference']}" if report.get("reference") else ""
-    table = Table(title=f"{report.get('split', 'held-out')} split: {report['samples']} examples{base}",
-                  title_justify="left", caption=report.get("note"), caption_justify="left")
+    table = Table(title=f"{report.get('split', 'held-out')} split: {report['samples']} examples{base}; under each "
+                        "figure its 95% interval", title_justify="left", caption=report.get("note"),
+                  caption_justify="left")
     table.add_column("metric")
     for name in ("base", "tuned", "difference"):
         table.add_column(name, justify="right")
-        table.add_column("95%", justify="right", style="dim")
     intervals, differences = report.get("intervals", {}), report.get("differences", {})
+
+    def cell(metric, text, pair, style=""):
+        shown = f"[{style}]{text}[/]" if style else text
+        return f"{shown}\n[dim]{span(metric, pair)}[/]" if pair else shown
+
     for metric in report["metrics"]:
         b, t = report["base"][metric], report["tuned"][metric]
-        d = differences.get(metric)
         significant = metric in report.get("significant", [])
         style = ("green" if better(metric, t, b) else "red") if significant else ""
-        diff = delta(metric, t - b)
-        table.add_row(label(metric), value(metric, b), span(metric, intervals.get("base", {}).get(metric)),
-                      value(metric, t), span(metric, intervals.get("tuned", {}).get(metric)),
-                      f"[{style}]{diff}[/]" if style else diff, span(metric, d) if d else "")
+        table.add_row(label(metric), cell(metric, value(metric, b), intervals.get("base", {}).get(metric)),
+                      cell(metric, value(metric, t), intervals.get("tuned", {}).get(metric)),
+                      cell(metric, delta(metric, t - b), differences.get(metric), style))
     return table
 
 
@@ -113,12 +116,13 @@ def quant_table(quality: dict):
     caption = "best fit (lowest KL within the size): " + ", ".join(f"{g:g} GiB: {q}" for g, q in fits) if fits else ""
     table = Table(title=f"quality per quantization on {quality['samples']} {quality['split']} answers",
                   title_justify="left", caption=caption, caption_justify="left")
-    for name in ("quant", "size", "perplexity", "95%", "KL vs f16", "95%", "same top-1"):
-        table.add_column(name, justify="left" if name == "quant" else "right", style="dim" if name == "95%" else None)
+    for name in ("quant", "size", "perplexity", "KL vs f16", "same top-1"):
+        table.add_column(name, justify="left" if name == "quant" else "right")
     for q, v in by.items():
-        table.add_row(q, f"{v['bytes'] / 2**20:.1f} MiB", f"{v['perplexity']:.3f}",
-                      span("perplexity", v["perplexity_interval"]), f"{v['kl_divergence']:.4f}",
-                      span("perplexity", v["kl_interval"]), f"{v['same_top1']:.1%}")
+        lo, hi = v["kl_interval"]
+        table.add_row(q, f"{v['bytes'] / 2**20:.1f} MiB",
+                      f"{v['perplexity']:.3f}\n[dim]{span('perplexity', v['perplexity_interval'])}[/]",
+                      f"{v['kl_divergence']:.4f}\n[dim][{lo:.4f}, {hi:.4f}][/]", f"{v['same_top1']:.1%}")
     return table
 
 

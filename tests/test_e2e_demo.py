@@ -39,6 +39,16 @@ def test_demo_on_the_embedded_model(home, tmp_path):
     base, tuned = result["eval"]["base"], result["eval"]["tuned"]
     assert tuned["field_accuracy"] >= base["field_accuracy"] + 0.3, (base, tuned)
     assert tuned["valid_json"] >= 0.9
+    # Issue 15 on the demo run: the test split, every metric with its interval, the forgetting check, the page.
+    ev = result["eval"]
+    assert ev["split"] == "test" and {"rouge_l", "chrf", "bleu", "perplexity"} <= set(tuned)
+    assert tuned["perplexity"] < base["perplexity"] and tuned["chrf"] > base["chrf"]
+    for name in ("base", "tuned"):
+        for metric, (lo, hi) in ev["intervals"][name].items():
+            assert lo <= ev[name][metric] <= hi, (name, metric)
+    assert ev["forgetting"]["items"] == 240 and 0 < ev["forgetting"]["base"] < 1
+    assert (home / "runs" / result["run"] / "eval.html").is_file()
+    assert set(result["export"]["quality"]["by_quant"]) == {"f16", "q8_0", "q4_k_m"}
     assert result["merge"]["max_abs_logit_diff"] < 1e-3
     parity = result["export"]["parity"]
     assert parity["top1_agreement"] >= 0.99 and parity["eot_token"] == "<|im_end|>"

@@ -57,6 +57,14 @@ def test_intervals_hold_the_value_shrink_with_more_examples_and_differences_are_
     assert metrics.difference(metrics.mean(base), metrics.mean(base)) == [0.0, 0.0]
 
 
+def test_a_share_of_right_answers_gets_wilsons_interval_not_a_degenerate_bootstrap():
+    none_right = metrics.interval(metrics.mean([0] * 48))
+    assert none_right[0] == 0 and 0.07 < none_right[1] < 0.08  # not [0, 0]: 48 examples cannot say "never"
+    lo, hi = metrics.interval(metrics.mean([1] * 30 + [0] * 10))
+    assert lo < 0.75 < hi and hi - lo < 0.3
+    assert not metrics.mean([0.5, 1.0]).binary  # token F1 and the like: bootstrap
+
+
 def test_perplexity_is_exp_of_the_mean_token_nll():
     m = metrics.perplexity([(2.0, 2), (6.0, 2)])
     assert m.value == pytest.approx(math.exp(2.0))

@@ -205,6 +205,26 @@ def test_estimates_follow_the_bits_per_weight_of_a_large_model():
 # -- bundle and lineage -----------------------------------------------------------------------
 
 @aio
+async def test_bundle_auto_picks_the_quant_that_fits_a_max_size(exported_home, tmp_path):
+    home, run_id = exported_home
+    by = read_json(home / "runs" / run_id / "export.json")["quality"]["by_quant"]
+    out = tmp_path / "edge-auto"
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_screen(pilot, "8")
+        screen = app.query_one(ExportScreen)
+        assert "quality per quantization" in text_of(app, "#ex-results") and "KL vs f16" in text_of(app, "#ex-results")
+        await pilot.press("b")
+        app.query_one("#ex-bundle-quant", Select).value = "auto"
+        app.query_one("#ex-bundle-max", Input).value = str((by["f16"]["bytes"] + by["q8_0"]["bytes"]) // 2)
+        await type_into(pilot, "#ex-bundle-out", str(out))
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.bundled is not None)
+        assert screen.bundled["quant"] == "q8_0" and (out / "model-q8_0.gguf").is_file()
+        assert "auto chose q8_0" in " ".join(text_of(app, "#ex-bundle-result").split())
+
+
+@aio
 async def test_bundle_shows_the_key_and_lineage_verifies(exported_home, tmp_path):
     home, run_id = exported_home
     out = tmp_path / "edge"

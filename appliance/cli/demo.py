@@ -9,7 +9,7 @@ def demo_parser(add) -> None:
     d = add("demo", "the whole pipeline on the embedded default model and the demo dataset")
     d.add_argument("--base", help="a .gguf file to use instead of the embedded SmolLM2-135M-Instruct")
     d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
-    d.add_argument("--eval-samples", type=int, default=48, help="held-out examples scored for base vs tuned")
+    d.add_argument("--eval-samples", type=int, default=48, help="test examples scored for base vs tuned")
     d.add_argument("--dpo", action="store_true", help="then DPO: the demo run trains on generated preference pairs "
                    "and is scored against itself on held-out pairs (runs the demo first if it has not run)")
 

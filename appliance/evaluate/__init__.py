@@ -85,8 +85,9 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
                            for name in ("base", "tuned")}
     report["differences"] = {m: metrics.difference(measures["tuned"][m], measures["base"][m]) for m in report["metrics"]}
     report["improved"] = [m for m in report["metrics"] if better(m, report["tuned"][m], report["base"][m])]
+    # beyond the noise: the paired difference's interval excludes zero (either way)
     report["significant"] = [m for m in report["metrics"]
-                             if better(m, report["differences"][m][0], 0) or better(m, 0, report["differences"][m][1])]
+                             if report["differences"][m][0] > 0 or report["differences"][m][1] < 0]
     decisive = "preference_accuracy" if pairs else ("field_accuracy" if structured else "token_f1")
     report["decisive"] = decisive
     report["tuned_beats_base"] = better(decisive, report["tuned"][decisive], report["base"][decisive])

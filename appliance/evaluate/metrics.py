@@ -5,7 +5,8 @@ Every metric is kept as per-example sufficient statistics and a function from th
 log-likelihood, tokens]``; BLEU and chrF sum sacrebleu's own n-gram statistics, so the corpus score is
 sacrebleu's. The interval is a percentile bootstrap over examples (1,000 resamples, seeded): each resample sums
 the statistics of the examples drawn and recomputes the value, which is what sacrebleu's own bootstrap does for
-BLEU. The difference between two models is bootstrapped paired (the same draw of examples for both), so it says
+BLEU. A share of right/wrong answers (exact match, valid JSON...) gets the Wilson score interval instead: the
+bootstrap of 0 right out of 48 is [0, 0], which claims certainty that 48 examples cannot give (Wilson: [0, 7.4%]). The difference between two models is bootstrapped paired (the same draw of examples for both), so it says
 whether a change is larger than the noise of this test set.
 """
 
@@ -34,6 +35,7 @@ class Measure:
 
     stats: np.ndarray
     reduce: Callable[[np.ndarray], float]
+    binary: bool = False  # a share of 0/1 outcomes: Wilson interval
 
     @property
     def value(self) -> float:
@@ -41,8 +43,9 @@ class Measure:
 
 
 def mean(values) -> Measure:
-    return Measure(np.column_stack([np.asarray(values, dtype=np.float64), np.ones(len(values))]),
-                   lambda s: s[0] / s[1] if s[1] else float("nan"))
+    v = np.asarray(values, dtype=np.float64)
+    return Measure(np.column_stack([v, np.ones(len(v))]), lambda s: s[0] / s[1] if s[1] else float("nan"),
+                   binary=bool(len(v)) and bool(np.isin(v, (0.0, 1.0)).all()))
 
 
 def perplexity(nll_and_tokens: list[tuple[float, int]]) -> Measure:
@@ -55,8 +58,20 @@ def _resampled(n: int, resamples: int = RESAMPLES) -> np.ndarray:
     return np.random.default_rng(SEED).integers(0, n, size=(resamples, n))
 
 
+def wilson(successes: float, n: float, z: float = 1.959964) -> list[float]:
+    if not n:
+        return [float("nan"), float("nan")]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def interval(m: Measure) -> list[float]:
-    """The 95% percentile bootstrap interval of ``m.value``."""
+    """The 95% interval of ``m.value``: Wilson for a share of 0/1 outcomes, percentile bootstrap otherwise."""
+    if m.binary:
+        s = m.stats.sum(0)
+        return wilson(s[0], s[1])
     if len(m.stats) < 2:
         return [m.value, m.value]
     values = [m.reduce(row) for row in m.stats[_resampled(len(m.stats))].sum(1)]
