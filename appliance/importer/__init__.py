@@ -11,10 +11,10 @@ records' hashes and their entries in the LSH index, never with their text):
 2. drop every record whose prompt got different answers; only if there are any, read the file again to
    redo the near-duplicate search without them (one of them may have been kept as a cluster's first);
 3. split the survivors deterministically (a seeded hash decides: train / validation / test, 80/10/10 by
-   default) and check for leakage: one more pass puts every record's MinHash signature into the LSH index of
-   its split at the ``leakage`` threshold (lower than the near-duplicate one); a held-out record similar to a
-   record of an earlier split moves there (test -> validation -> train), so an example and its near-copy are
-   on one side only (the report names both lines);
+   default) and check for leakage: two more passes index the held-out records' MinHash signatures by split
+   at the ``leakage`` threshold (lower than the near-duplicate one) and look every record up in the other
+   splits' indexes; a held-out record similar to a record of an earlier split moves there (test ->
+   validation -> train), so an example and its near-copy are on one side only (the report names both lines);
 4. encrypt the records into the vault with the report.
 
 If anything fails before the dataset is published, nothing is left: no folder,
@@ -346,38 +346,37 @@ LEAKS_LISTED = 1000  # pairs named in the report (all of them are moved)
 
 
 def _leaks(path, fmt, salvage, rejected, heldout: dict[int, str], threshold: float, clock: "_Clock") -> list[dict]:
-    """Records with a near-copy (Jaccard >= threshold) in an earlier split (train, then validation, then test),
-    in one pass: every signature goes into the index of its split and is looked up in the others', so a pair is
-    found whichever comes first in the file. Of each pair the record of the later split moves to the earlier one
-    (a test record like a training record trains; one like a validation record validates): an example and its
-    near-copy end up on one side. One round: a record that moves is not looked up again from its new side.
+    """Records with a near-copy (Jaccard >= threshold) in an earlier split (train, then validation, then test).
+    Of each pair the record of the later split moves to the earlier one (a test record like a training record
+    trains; one like a validation record validates): an example and its near-copy end up on one side. One round:
+    a record that moves is not looked up again from its new side.
 
-    Unlike the near-duplicate search, the LSH bands favour recall (datasketch's default weighs missed pairs and
-    false candidates alike, and finds only ~40% of the pairs right at the threshold; these weights find ~87%)
-    and every candidate is confirmed by its signatures' estimated Jaccard similarity. The signatures stay in
-    memory for that (512 bytes a record, less than the near-duplicate index held before this pass).
-    Returns {index, where, split, to, similar_to}, in file order."""
+    Two passes, so that only the held-out records (a fifth by default) are indexed: the first signs the held-out
+    records into one LSH index per split, each looked up in the other split's index as it comes (a pair is found
+    whichever comes first); the second signs the training records and looks each up in both. The LSH bands favour
+    recall (datasketch's default weighs missed pairs and false candidates alike, and finds only ~40% of the pairs
+    right at the threshold; these weights find ~87%), and every candidate is confirmed by the signatures'
+    estimated Jaccard similarity. Returns {index, where, split, to, similar_to}, in file order."""
     import numpy as np
     from datasketch import LeanMinHash, MinHashLSH
 
     order = ("train", *HELD_OUT)
     sides = {s: MinHashLSH(threshold=threshold, num_perm=minhash.NUM_PERM, weights=(0.1, 0.9), hashfunc=hash)
-             for s in order}
-    signatures: dict[int, np.ndarray] = {}
+             for s in HELD_OUT}
+    signatures: dict[int, np.ndarray] = {}  # held-out records only
     where: dict[int, str] = {}
     moves: dict[int, tuple[str, int]] = {}  # index -> (the split it moves to, the record it is like)
-    batch: list[tuple[int, str, str]] = []
 
     def move(i: int, to: str, like: int) -> None:
         if i not in moves or order.index(to) < order.index(moves[i][0]):
             moves[i] = (to, like)
 
-    def flush():
+    def sign(batch: list[tuple[int, str, str]], held: bool) -> None:
         started = time.perf_counter()
         for (i, at, _), hashvalues in zip(batch, minhash.signatures([text for _, _, text in batch])):
             mh = LeanMinHash(seed=1, hashvalues=hashvalues, scheme="affine32")
-            side, where[i], signatures[i] = heldout.get(i, "train"), at, hashvalues
-            for other in order:
+            side = heldout.get(i, "train")
+            for other in HELD_OUT:
                 if other == side:
                     continue
                 for j in sides[other].query(mh):
@@ -387,15 +386,21 @@ def _leaks(path, fmt, salvage, rejected, heldout: dict[int, str], threshold: flo
                         move(i, other, j)
                     else:
                         move(j, side, i)
-            sides[side].insert(i, mh, check_duplication=False)
+                        where.setdefault(i, at)
+            if held:
+                where[i], signatures[i] = at, hashvalues
+                sides[side].insert(i, mh, check_duplication=False)
         batch.clear()
         clock.add("leakage", time.perf_counter() - started)
 
-    for i, record, item in _accepted(path, fmt, salvage, rejected, clock):
-        batch.append((i, item.where, formats.all_text(record)))
-        if len(batch) >= _NearDuplicates.BATCH_RECORDS:
-            flush()
-    flush()
+    for held in (True, False):
+        batch: list[tuple[int, str, str]] = []
+        for i, record, item in _accepted(path, fmt, salvage, rejected, clock):
+            if (i in heldout) == held:
+                batch.append((i, item.where, formats.all_text(record)))
+                if len(batch) >= _NearDuplicates.BATCH_RECORDS:
+                    sign(batch, held)
+        sign(batch, held)
     return [{"index": i, "where": where[i], "split": heldout[i], "to": to, "similar_to": where[like]}
             for i, (to, like) in sorted(moves.items())]
 
