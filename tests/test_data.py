@@ -49,3 +49,13 @@ def test_structured_scores_are_strict():
 def test_token_f1_counts_overlap():
     assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
     assert token_f1("", "") == 1.0
+
+
+def test_a_dataset_without_a_test_split_has_its_validation_split_serve_as_test(tmp_path):
+    from appliance.demo_data import generate
+
+    old = generate(tmp_path / "old", train=8, validation=4, test=0)
+    new = generate(tmp_path / "new", train=8, validation=4, test=4)
+    assert not (old / "test.jsonl").exists() and data.test_split(old) == "validation"
+    assert data.test_split(new) == "test" and data.stats(new)["test"]["records"] == 4
+    assert len(data.load_split(new, "test")) == 4

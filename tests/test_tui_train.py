@@ -400,9 +400,9 @@ async def test_data_x_imports_the_demo_dataset_the_demo_recipe_names(vault_home)
         await wait_for(pilot, lambda: sorted(r["id"] for r in screen.rows) == sorted([DATASET_ID, PREFERENCES_ID]),
                        "the demo datasets")
         row = next(r for r in screen.rows if r["id"] == DATASET_ID)
-        assert (row["train"], row["validation"]) == (400, 48)
-        assert f"{DATASET_ID}: 400 train + 48 held-out records" in rendered(app, "#ds-output")
-        assert f"{PREFERENCES_ID}: 240 train + 48 held-out preference pairs" in rendered(app, "#ds-output")
+        assert (row["train"], row["validation"], row["test"]) == (400, 48, 48)
+        assert f"{DATASET_ID}: 400 train + 48 validation + 48 test records" in rendered(app, "#ds-output")
+        assert f"{PREFERENCES_ID}: 240 train + 48 validation + 48 test preference pairs" in rendered(app, "#ds-output")
         await pilot.press("x")  # once only: a second press finds it there
         await settle(pilot)
     assert recipes.load(recipe_path()).dataset == DATASET_ID

@@ -413,7 +413,8 @@ class DatasetsScreen(Pane):
                 f"[b]{DATASET_ID}[/]: {records['train']} train + {records['validation']} validation + "
                 f"{records.get('test', 0)} test records, generated "
                 f"here and encrypted (the demo recipe's dataset); [b]{PREFERENCES_ID}[/]: {pairs['train']} train + "
-                f"{pairs['validation']} held-out preference pairs (recipes/demo-dpo.yaml's)")
+                f"{pairs['validation']} validation + {pairs.get('test', 0)} test preference pairs "
+                "(recipes/demo-dpo.yaml's)")
             self.call(list_datasets, self.show_datasets, group="list")
 
         self.query_one("#ds-output", Static).update(f"generating and encrypting {DATASET_ID}…")

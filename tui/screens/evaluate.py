@@ -68,6 +68,11 @@ def report_text(report: dict, run_id: str) -> str:
     significant = [label(m) for m in report.get("significant") or []]
     lines.append(f"improved: {', '.join(improved) if improved else 'none'}; beyond the noise (95%): "
                  f"{', '.join(significant) if significant else 'none'}")
+    q = report.get("quants")
+    if q:
+        cells = [f"{escape(name)} {v['bytes'] / 2**20:.0f} MiB ppl {v['perplexity']:.3f} KL {v['kl_divergence']:.4f}"
+                 for name, v in q["by_quant"].items()]
+        lines.append(f"[b]quantizations[/] ({q['samples']} {q['split']} answers): {'; '.join(cells)}")
     hx = report.get("harness")
     if hx and hx.get("base"):
         cells = [f"{escape(task)} {metric} {v:.3f} → {hx['tuned'].get(task, {}).get(metric, float('nan')):.3f}"
