@@ -124,8 +124,19 @@ def stats(dataset: Path) -> dict[str, dict[str, int]]:
 
 
 def test_split(dataset: Path) -> str:
-    """The split the final evaluation reads: "test", or "validation" where the dataset has no test records."""
-    return "test" if stats(dataset)["test"]["records"] else "validation"
+    """The split the final evaluation reads: "test", or "validation" where the dataset has no test records (its
+    manifest's count, or a non-empty test.jsonl: nothing else is read)."""
+    from .trust import manifest
+
+    if is_encrypted(dataset):
+        has = manifest.read(dataset)["details"].get("records", {}).get("test", 0) > 0
+    else:
+        path = dataset / "test.jsonl"
+        has = False
+        if path.is_file():
+            with open(path, "rb") as f:
+                has = any(line.strip() for line in f)
+    return "test" if has else "validation"
 
 
 def load_split(dataset: Path, split: str) -> list[dict]:

@@ -105,14 +105,10 @@ def quant_table(quality: dict):
     from rich.table import Table
 
     from .evaluate.names import span
-    from .evaluate.quants import best_fit
+    from .evaluate.quants import fits_by_size
 
     by = quality["by_quant"]
-    fits = []
-    for gib in (0.5, 1, 2, 4, 8, 16):
-        pick = best_fit(by, int(gib * 2**30))
-        if pick and (not fits or fits[-1][1] != pick):
-            fits.append((gib, pick))
+    fits = fits_by_size(by)
     caption = "best fit (lowest KL within the size): " + ", ".join(f"{g:g} GiB: {q}" for g, q in fits) if fits else ""
     table = Table(title=f"quality per quantization on {quality['samples']} {quality['split']} answers",
                   title_justify="left", caption=caption, caption_justify="left")

@@ -132,12 +132,8 @@ def _harness(args) -> int:
     table = Table(title=f"lm-evaluation-harness on run {args.run}", title_justify="left")
     for name in ("task", "metric", "base", "tuned", "stderr"):
         table.add_column(name, justify="left" if name in ("task", "metric") else "right")
-    for task, metrics in result["base"].items():
-        for metric, b in metrics.items():
-            if not metric.endswith("_stderr"):
-                t = result["tuned"].get(task, {}).get(metric)
-                se = result["tuned"].get(task, {}).get(metric + "_stderr")
-                table.add_row(task, metric, f"{b:.3f}", "-" if t is None else f"{t:.3f}", "" if se is None else f"±{se:.3f}")
+    for task, metric, b, t, se in harness.rows(result):
+        table.add_row(task, metric, f"{b:.3f}", "-" if t is None else f"{t:.3f}", "" if se is None else f"±{se:.3f}")
     rich_console().print(table)
     return 0
 

@@ -72,12 +72,13 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     measures: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     for name, path in (("base", base_path), ("tuned", tuned_path)):
-        answered = answer_and_score(name, path, recipe, conversations, max_tokens, emit)
+        answered = answer_and_score(name, path, recipe, conversations, pairs, max_tokens, emit)
         answers[name] = answered["answers"]
         measures[name] = metrics.text_measures(answered["answers"], references, structured)
         measures[name]["perplexity"] = metrics.perplexity(answered["nll"])
         if pairs:
-            measures[name].update(preferences(name, path, recipe, pairs, emit))
+            measures[name].update(preference_accuracy=metrics.mean([m > 0 for m in answered["margins"]]),
+                                  preference_margin=metrics.mean(answered["margins"]))
         report["examples"] += [{"model": name, "index": i, "answer": a} for i, a in enumerate(answered["answers"][:3])]
     report["metrics"] = list(measures["tuned"])
     report.update({name: {m: v.value for m, v in measures[name].items()} for name in ("base", "tuned")})
@@ -94,9 +95,9 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     review.save_answers(run_id, recipe.dataset_path(), [
         {"prompt": c[:-1], "reference": r, "base": b, "tuned": t}
         for c, r, b, t in zip(conversations, references, answers["base"], answers["tuned"])])
-    exported = run / "export.json"
-    if exported.is_file() and read_json(exported).get("quality"):  # measured by export, on the same test split
-        report["quants"] = read_json(exported)["quality"]
+    exported = read_json(run / "export.json") if (run / "export.json").is_file() else {}
+    if exported.get("quality"):  # measured by export, on the same test split
+        report["quants"] = exported["quality"]
     if general:
         from . import general as general_set
 
@@ -127,15 +128,16 @@ def evaluate(run_id: str, samples: int = 48, max_tokens: int = 96, judge: str | 
     return report
 
 
-def answer_and_score(name, path, recipe, conversations, max_tokens, emit) -> dict:
-    """Greedy answers to the test prompts, and the negative log-likelihood of each reference answer (for
-    perplexity), through llama.cpp in one load of the model."""
+def answer_and_score(name, path, recipe, conversations, pairs, max_tokens, emit) -> dict:
+    """In one load of the model through llama.cpp: greedy answers to the test prompts, the negative
+    log-likelihood of each reference answer (for perplexity), and for each preference pair the margin of the
+    chosen answer's summed log-probability over the rejected one's (end-of-turn included)."""
     from .. import infer
     from ..chat_format import with_system
     from .scoring import N_CTX, answer_logprob
 
     emit(Event("stage", STAGE, f"answering {len(conversations)} test prompts with the {name} model"))
-    answers, nll = [], []
+    answers, nll, margins = [], [], []
     with infer.load(path, n_ctx=N_CTX, logits_all=True) as llm, step(f"answering test prompts with the {name} model"):
         for i, conversation in enumerate(conversations):
             msgs = with_system(conversation, recipe.system_prompt)
@@ -144,23 +146,10 @@ def answer_and_score(name, path, recipe, conversations, max_tokens, emit) -> dic
             logprob, tokens = answer_logprob(llm, conversation[:-1], conversation[-1]["content"], recipe.system_prompt)
             nll.append((-logprob, tokens))
             emit(Event("progress", STAGE, "", {"model": name, "done": i + 1, "total": len(conversations)}))
-    return {"answers": answers, "nll": nll}
-
-
-def preferences(name, path, recipe, pairs, emit) -> dict:
-    """Test preference accuracy: the share of pairs whose chosen answer the model finds more likely than the
-    rejected one (summed log-probabilities of the answer's tokens, end-of-turn included), and the mean margin."""
-    from .. import infer
-    from .metrics import mean
-    from .scoring import N_CTX, answer_logprob
-
-    emit(Event("stage", STAGE, f"scoring {len(pairs)} test preference pairs with the {name} model"))
-    margins = []
-    with infer.load(path, n_ctx=N_CTX, logits_all=True) as llm, step(f"scoring preference pairs with the {name} model"):
-        for pair in pairs:
-            chosen, _ = answer_logprob(llm, pair["prompt"], pair["chosen"], recipe.system_prompt)
-            rejected, _ = answer_logprob(llm, pair["prompt"], pair["rejected"], recipe.system_prompt)
-            margins.append(chosen - rejected)
-    return {"preference_accuracy": mean([m > 0 for m in margins]), "preference_margin": mean(margins)}
-
-
+        if pairs:
+            emit(Event("stage", STAGE, f"scoring {len(pairs)} test preference pairs with the {name} model"))
+            for pair in pairs:
+                chosen, _ = answer_logprob(llm, pair["prompt"], pair["chosen"], recipe.system_prompt)
+                rejected, _ = answer_logprob(llm, pair["prompt"], pair["rejected"], recipe.system_prompt)
+                margins.append(chosen - rejected)
+    return {"answers": answers, "nll": nll, "margins": margins}

@@ -127,16 +127,11 @@ def page(run_id: str, r: dict, losses: dict[str, list[tuple[float, float]]], exa
     hx = r.get("harness")
     if hx:
         parts.append("<h2>lm-evaluation-harness</h2>")
-        rows = []
-        for task in hx["base"]:
-            for metric, b in hx["base"][task].items():
-                if metric.endswith("_stderr"):
-                    continue
-                t = hx["tuned"].get(task, {}).get(metric)
-                se = hx["tuned"].get(task, {}).get(metric + "_stderr")
-                rows.append(f"<tr><td>{e(task)}</td><td>{e(metric)}</td><td>{b:.3f}</td>"
-                            f"<td>{'-' if t is None else f'{t:.3f}'}</td><td class='dim'>"
-                            f"{'' if se is None else f'± {se:.3f}'}</td></tr>")
+        from .harness import rows as harness_rows
+
+        rows = [f"<tr><td>{e(task)}</td><td>{e(metric)}</td><td>{b:.3f}</td>"
+                f"<td>{'-' if t is None else f'{t:.3f}'}</td><td class='dim'>"
+                f"{'' if se is None else f'± {se:.3f}'}</td></tr>" for task, metric, b, t, se in harness_rows(hx)]
         parts.append("<table><tr><th>task</th><th>metric</th><th>base</th><th>tuned</th><th>stderr</th></tr>"
                      + "".join(rows) + f"</table><p class='dim'>{e(hx['backend'])}"
                      + (f", {hx['limit']} items a task" if hx.get("limit") else "") + "</p>")

@@ -74,7 +74,7 @@ def judge(path, label: str, prompts: list[list[dict]], references: list[str], ba
             emit(Event("progress", stage, "", {"model": "judge", "done": i + 1, "total": len(prompts)}))
     finals = [it["final"] for it in items]
     n = len(items)
-    score = metrics.mean([{"tuned": 1.0, "tie": 0.5, "base": 0.0}[f] for f in finals])
+    score = metrics.win_rate(finals)
     shares = {k: metrics.mean([f == k for f in finals]) for k in ("tuned", "tie", "base")}
     consistent = metrics.mean([it["base_first"] == it["tuned_first"] for it in items])
     return {"model": label, "items": n, "advisory": ADVISORY,

@@ -48,6 +48,11 @@ def mean(values) -> Measure:
                    binary=bool(len(v)) and bool(np.isin(v, (0.0, 1.0)).all()))
 
 
+def win_rate(outcomes: list[str]) -> Measure:
+    """The tuned model's share of pairwise outcomes ("tuned", "tie", "base"), a tie counting half."""
+    return mean([{"tuned": 1.0, "tie": 0.5, "base": 0.0}[o] for o in outcomes])
+
+
 def perplexity(nll_and_tokens: list[tuple[float, int]]) -> Measure:
     """exp(total negative log-likelihood / total tokens): llama-perplexity's figure, over the reference answers."""
     return Measure(np.asarray(nll_and_tokens, dtype=np.float64).reshape(-1, 2),

@@ -76,6 +76,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+EDGE_SIZES_GIB = (0.5, 1, 2, 4, 8, 16)
+
+
+def fits_by_size(quality_by_quant: dict[str, dict]) -> list[tuple[float, str]]:
+    """(GiB, quantization) for edge boxes of common sizes, the best fit of each, where it changes."""
+    fits: list[tuple[float, str]] = []
+    for gib in EDGE_SIZES_GIB:
+        pick = best_fit(quality_by_quant, int(gib * 2**30))
+        if pick and (not fits or fits[-1][1] != pick):
+            fits.append((gib, pick))
+    return fits
+
+
 def best_fit(quality_by_quant: dict[str, dict], max_bytes: int | None) -> str | None:
     """The quantization with the lowest KL divergence from f16 (then the smallest) whose file fits ``max_bytes``;
     None when none fits."""

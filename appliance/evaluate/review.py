@@ -98,7 +98,7 @@ class Review:
         from . import metrics
 
         counted = [v for v in self.votes if v != "skip"] + ["tie"] * self.identical
-        score = metrics.mean([{"tuned": 1.0, "tie": 0.5, "base": 0.0}[v] for v in counted]) if counted else None
+        score = metrics.win_rate(counted) if counted else None
         return {"reviewer": self.reviewer, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "items": len(counted), "tuned_wins": counted.count("tuned"), "ties": counted.count("tie"),
                 "base_wins": counted.count("base"), "skipped": self.votes.count("skip"),

@@ -75,9 +75,10 @@ def report_text(report: dict, run_id: str) -> str:
         lines.append(f"[b]quantizations[/] ({q['samples']} {q['split']} answers): {'; '.join(cells)}")
     hx = report.get("harness")
     if hx and hx.get("base"):
-        cells = [f"{escape(task)} {metric} {v:.3f} → {hx['tuned'].get(task, {}).get(metric, float('nan')):.3f}"
-                 for task, metrics in hx["base"].items() for metric, v in metrics.items()
-                 if not metric.endswith("_stderr")]
+        from appliance.evaluate.harness import rows
+
+        cells = [f"{escape(task)} {metric} {b:.3f} → {float('nan') if t is None else t:.3f}"
+                 for task, metric, b, t, _ in rows(hx)]
         lines.append(f"[b]lm-evaluation-harness[/] (base → tuned): {'; '.join(cells)}")
     if report.get("html"):
         lines.append(f"the report to read, with its charts: {escape(report['html'])} (opens offline in a browser)")
@@ -154,6 +155,7 @@ class ReviewDialog(ModalScreen[dict | None]):
     def __init__(self, session) -> None:
         super().__init__()
         self.session = session
+        self.finished = False  # escape and the last vote may both ask to finish: save once
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -180,9 +182,9 @@ class ReviewDialog(ModalScreen[dict | None]):
         self.show()
 
     def action_finish(self) -> None:
-        if not self.is_attached or getattr(self, "_finished", False):
+        if not self.is_attached or self.finished:
             return
-        self._finished = True
+        self.finished = True
         self.dismiss(self.session.save())
 
 

@@ -140,7 +140,7 @@ def results_text(run: dict) -> str:
                              "expected quality)")
         quality = ex.get("quality")
         if quality:
-            from appliance.evaluate.quants import best_fit
+            from appliance.evaluate.quants import fits_by_size
 
             by = quality["by_quant"]
             lines += ["", f"[b]quality per quantization[/] on {quality['samples']} {quality['split']} answers",
@@ -148,11 +148,7 @@ def results_text(run: dict) -> str:
             for q, v in by.items():
                 lines.append(f"{escape(q):<7} {size(v['bytes']):>10} {v['perplexity']:>11.3f} "
                              f"{v['kl_divergence']:>10.4f} {v['same_top1']:>10.1%}")
-            fits = []
-            for gib in (0.5, 1, 2, 4, 8, 16):
-                pick = best_fit(by, int(gib * 2**30))
-                if pick and (not fits or fits[-1][1] != pick):
-                    fits.append((gib, pick))
+            fits = fits_by_size(by)
             if fits:
                 lines.append("for an edge box: " + ", ".join(f"{g:g} GiB → {escape(q)}" for g, q in fits)
                              + " (bundle: GGUF auto + a max size)")
