@@ -132,7 +132,9 @@ def _harness(args) -> int:
     table = Table(title=f"lm-evaluation-harness on run {args.run}", title_justify="left")
     for name in ("task", "metric", "base", "tuned", "stderr"):
         table.add_column(name, justify="left" if name in ("task", "metric") else "right")
-    for task, metric, b, t, se in harness.rows(result):
+    from ..evaluate.names import harness_rows
+
+    for task, metric, b, t, se in harness_rows(result):
         table.add_row(task, metric, f"{b:.3f}", "-" if t is None else f"{t:.3f}", "" if se is None else f"±{se:.3f}")
     rich_console().print(table)
     return 0

@@ -81,17 +81,6 @@ def run(run_id: str, tasks: list[str] | None = None, task_dir: Path | None = Non
     return out
 
 
-def rows(result: dict) -> list[tuple[str, str, float, float | None, float | None]]:
-    """(task, metric, base, tuned, tuned's stderr) for every metric of the result: what each face shows."""
-    out = []
-    for task, metrics in result["base"].items():
-        tuned = result["tuned"].get(task, {})
-        for metric, b in metrics.items():
-            if not metric.endswith("_stderr"):
-                out.append((task, metric, b, tuned.get(metric), tuned.get(metric + "_stderr")))
-    return out
-
-
 def save(run_id: str, result: dict) -> None:
     """The harness's figures into eval.json (and the page), beside the appliance's own evaluation."""
     from .. import runs

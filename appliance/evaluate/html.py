@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .names import LOWER_BETTER, SCORES, better, delta, label, span, value
+from .names import LOWER_BETTER, SCORES, better, delta, harness_rows, label, span, value
 
 BASE, TUNED, ACCENT = "#7f8c9a", "#2a7de1", "#e8a33d"
 CSS = """
@@ -127,8 +127,6 @@ def page(run_id: str, r: dict, losses: dict[str, list[tuple[float, float]]], exa
     hx = r.get("harness")
     if hx:
         parts.append("<h2>lm-evaluation-harness</h2>")
-        from .harness import rows as harness_rows
-
         rows = [f"<tr><td>{e(task)}</td><td>{e(metric)}</td><td>{b:.3f}</td>"
                 f"<td>{'-' if t is None else f'{t:.3f}'}</td><td class='dim'>"
                 f"{'' if se is None else f'± {se:.3f}'}</td></tr>" for task, metric, b, t, se in harness_rows(hx)]

@@ -43,3 +43,15 @@ def delta(metric: str, d: float) -> str:
 
 def better(metric: str, tuned: float, base: float) -> bool:
     return tuned < base if metric in LOWER_BETTER else tuned > base
+
+
+def harness_rows(result: dict) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(task, metric, base, tuned, tuned's stderr) for every metric of an lm-evaluation-harness result: what the
+    CLI table, the page and the Eval screen show."""
+    out = []
+    for task, metrics in result["base"].items():
+        tuned = result["tuned"].get(task, {})
+        for metric, b in metrics.items():
+            if not metric.endswith("_stderr"):
+                out.append((task, metric, b, tuned.get(metric), tuned.get(metric + "_stderr")))
+    return out

@@ -75,10 +75,10 @@ def report_text(report: dict, run_id: str) -> str:
         lines.append(f"[b]quantizations[/] ({q['samples']} {q['split']} answers): {'; '.join(cells)}")
     hx = report.get("harness")
     if hx and hx.get("base"):
-        from appliance.evaluate.harness import rows
+        from appliance.evaluate.names import harness_rows
 
         cells = [f"{escape(task)} {metric} {b:.3f} → {float('nan') if t is None else t:.3f}"
-                 for task, metric, b, t, _ in rows(hx)]
+                 for task, metric, b, t, _ in harness_rows(hx)]
         lines.append(f"[b]lm-evaluation-harness[/] (base → tuned): {'; '.join(cells)}")
     if report.get("html"):
         lines.append(f"the report to read, with its charts: {escape(report['html'])} (opens offline in a browser)")
