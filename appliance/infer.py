@@ -48,8 +48,10 @@ def resolve(model: str) -> Path:
 
 
 @contextlib.contextmanager
-def load(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Iterator:
-    """Open a GGUF with llama.cpp; always closed explicitly (its destructor can raise at interpreter exit)."""
+def load(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False,
+         lora: Path | None = None) -> Iterator:
+    """Open a GGUF with llama.cpp (with a GGUF LoRA adapter applied, if given); always closed explicitly (its
+    destructor can raise at interpreter exit)."""
     from .llama_runtime import lib
 
     llama_cpp = lib()
@@ -59,7 +61,7 @@ def load(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: 
     try:
         with step(f"loading {path.name} with llama.cpp"):
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                                  logits_all=logits_all, verbose=False)
+                                  logits_all=logits_all, verbose=False, lora_path=str(lora) if lora else None)
     except ValueError as e:
         raise InvalidInput(f"llama.cpp cannot load {path} ({e}); the file is not a valid GGUF model.") from None
     try:

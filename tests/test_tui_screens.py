@@ -317,6 +317,14 @@ def test_snapshot_models(vault_home, tiny_model_dir, monkeypatch, snap_compare):
     async def run_before(pilot):
         await pilot.press("3")
         await settle(pilot)
+        # The shot waits for what it shows, not for a time: the row listed, the table focused, its detail drawn.
+        table = pilot.app.query_one("#model-table", DataTable)
+        for _ in range(400):
+            if (table.row_count == 1 and pilot.app.focused is table
+                    and "hidden 128" in str(pilot.app.query_one("#model-info", Static).render())):
+                break
+            await asyncio.sleep(0.05)
+        await pilot.wait_for_scheduled_animations()
         await pilot.pause()
 
     assert snap_compare(ApplianceApp(simulate="cpu-only"), terminal_size=SIZE, run_before=run_before)

@@ -214,8 +214,9 @@ async def test_train_follows_a_cli_run_live_stops_it_and_resumes_it_to_the_end(t
         await pilot.pause(0.3)
         stats = text(app, "#stats")
         assert "lr " in stats and "tok/s" in stats and "ETA" in stats and "elapsed" in stats, stats
-        chart = str(app.query_one("#chart").render())
-        assert f"train {screen.view.latest('train'):.4f}" in chart
+        # A step may land between the chart's last draw and this look: the chart catches up on its next draw.
+        await wait_for(pilot, lambda: f"train {screen.view.latest('train'):.4f}" in str(app.query_one("#chart").render()),
+                       "the chart's legend to show the latest loss")
         bar = app.query_one(".gauge ProgressBar", ProgressBar)
         assert "RAM" in str(app.query_one(".gauge Label").render()) and 0 < bar.progress < bar.total
         assert not app.query_one("#stop").disabled and app.query_one("#resume").disabled

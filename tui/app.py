@@ -31,14 +31,15 @@ SCREENS = (
     ("evaluate", "Eval", "7", "score the tuned model against its base on the held-out split"),
     ("export", "Export", "8", "merge and export GGUF files; sizes, expected quality, the parity checks"),
     ("chat", "Chat", "9", "chat with a GGUF through llama.cpp; base and tuned side by side"),
+    ("serve", "Serve", "w", "an OpenAI-compatible endpoint: start, stop, its address, API keys, tenants, live counts"),
     ("audit", "Audit", "0", "the audit log, filtered by event and time; verify it"),
     ("doctor", "Doctor", "g", "the air-gap status: egress guard, offline switches, interfaces, routes; hardware"),
 )
 
 # Keys that belong to no one screen (each screen's own keys come from its BINDINGS).
 KEYS = [
-    ("1-9, 0, g", "show a screen (the tabs, in the order of the pipeline; the mouse works too)"),
-    ("alt+1 … alt+g", "the same from inside a text field, where the plain keys type"),
+    ("1-9, w, 0, g", "show a screen (the tabs, in the order of the pipeline; the mouse works too)"),
+    ("alt+1 … alt+g, alt+w", "the same from inside a text field, where the plain keys type"),
     ("r", "reload the current screen from the workspace"),
     ("tab / shift+tab", "move between widgets (tabs, tables, inputs, buttons)"),
     ("enter", "choose the selected row; press the focused button"),
@@ -93,6 +94,10 @@ class HelpScreen(ModalScreen[None]):
 class ApplianceApp(App):
     TITLE = "appliance"
     SUB_TITLE = "offline fine-tuning"
+    # Twelve tabs fit in 80 columns with one space between titles (Textual's default padding puts two).
+    CSS = """
+    Tabs Tab { padding: 0 0 0 1; }
+    """
     BINDINGS = [
         # One footer entry for the number keys (the tabs name the screens; `?` lists them): at 80 columns the
         # footer keeps room for the current screen's own keys.

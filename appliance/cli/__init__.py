@@ -6,7 +6,7 @@ never a traceback. Heavy libraries load inside the commands that need them, so
 ``appliance --help`` is instant.
 
 One module per group of commands (models; vault and data; plan, train and
-runs; merge, export and eval; ask and chat; audit, verify and bundle; doctor
+runs; merge, export and eval; ask and chat; serve; audit, verify and bundle; doctor
 and hw; demo and tui), each with its ``parsers(add)`` and its commands
 registered with ``@command``; this module assembles the parser and runs one.
 """
@@ -18,7 +18,7 @@ import os
 import sys
 
 from ..errors import ApplianceError
-from . import answers, artifacts, data, demo, models, records, system, training
+from . import answers, artifacts, data, demo, models, records, serving, system, training
 from .common import COMMANDS, version
 
 
@@ -27,15 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"appliance {version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    def add(name: str, help: str, json_out: bool = True, **kw) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, **kw)
+    def add(name: str, help: str, json_out: bool = True, hidden: bool = False, **kw) -> argparse.ArgumentParser:
+        # hidden: reached through another command's words (`serve keys` -> serve-keys), not listed on its own
+        sp = sub.add_parser(name, description=help, **({} if hidden else {"help": help}), **kw)
         if json_out:
             sp.add_argument("--json", action="store_true", help="print one JSON object")
         return sp
 
     # In the order `appliance --help` lists them: the pipeline's, from the demo to the terminal UI.
     for parsers in (demo.demo_parser, system.parsers, models.parsers, data.parsers, training.parsers,
-                    artifacts.parsers, answers.parsers, records.parsers, demo.tui_parser):
+                    artifacts.parsers, answers.parsers, serving.parsers, records.parsers, demo.tui_parser):
         parsers(add)
     return p
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None  # the `appliance` command itself, not a caller passing arguments in-process
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(serving.rewrite(sys.argv[1:] if argv is None else list(argv)))
     if args.cmd is None:
         if not (sys.stdin.isatty() and sys.stdout.isatty()):  # a pipe or a script: the help, as always
             parser.print_help()

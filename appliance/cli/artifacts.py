@@ -14,6 +14,9 @@ def parsers(add) -> None:
     x.add_argument("run")
     checkpoint_flag(x)
     x.add_argument("--quant", default=None, help="comma-separated: f16,q8_0,q4_k_m (default: the recipe's)")
+    x.add_argument("--adapter", action="store_true",
+                   help="write the LoRA adapter as a GGUF adapter instead (for `serve BASE --adapter TENANT=RUN`), "
+                        "checked against the merged model")
 
     e = add("eval", "score base vs tuned on the test split, with confidence intervals")
     e.add_argument("run")
@@ -59,6 +62,20 @@ def _export(args) -> int:
     from ..export import export
     from ..render import reporter
 
+    if args.adapter:
+        from ..errors import InvalidInput
+        from ..export import export_adapter
+
+        if args.quant:
+            raise InvalidInput("--adapter writes the adapter in f16; --quant applies to the merged model's files.")
+        done = export_adapter(args.run, emit=reporter(args.json), checkpoint=args.checkpoint)
+        if args.json:
+            print_json(done)
+        else:
+            print(f"adapter of {done['label']} written to {done['path']} ({done['bytes'] / 2**20:.1f} MiB); with "
+                  f"{done['base_model']} it agrees with the merged model on the top-1 token at "
+                  f"{done['top1_agreement']:.2%} of {done['positions']} positions")
+        return 0
     quants = [q.strip() for q in args.quant.split(",")] if args.quant else None
     result = export(args.run, quants, emit=reporter(args.json), checkpoint=args.checkpoint)
     if args.json:

@@ -43,8 +43,10 @@ EVENTS = (
     "dataset.import", "dataset.show", "dataset.export", "dataset.delete",
     "model.import", "plan",
     "train.start", "train.stop", "train.resume", "train.finish", "train.fail", "train.oom_recovery",
-    "merge", "export", "bundle", "eval", "eval.review",
+    "merge", "export", "export.adapter", "bundle", "eval", "eval.review",
     "ask", "chat",
+    "serve.start", "serve.stop", "serve.usage", "serve.denied", "serve.key.create", "serve.key.revoke",
+    "serve.listen.allow", "serve.listen.remove",
     "network.blocked",
     "audit.verify", "audit.repaired",
 )

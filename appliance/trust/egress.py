@@ -40,7 +40,9 @@ Deliberate choices beyond the letter of the issue:
 - Binding to the unspecified address (0.0.0.0, ::) or any non-loopback address
   is refused: a listener there accepts connections from the network, which is
   a connection that is not loopback just as much as an outgoing one. Servers of
-  the appliance listen on loopback only.
+  the appliance listen on loopback only, unless the operator declared an address
+  (``appliance serve allow ADDRESS``, audited) and the server is started there
+  with ``--host``: that process alone then may listen there (:func:`allow_listen`).
 - Other address families (AF_PACKET raw frames, AF_VSOCK, Bluetooth, CAN, ...)
   are refused on connect/sendto/bind: they reach beyond this host.
 
@@ -114,6 +116,9 @@ class EgressBlocked(PermissionError):
 # (normalized loopback address, port or None) -> why: "test policy" or "self-test". Only ever grows.
 _forbidden: dict[tuple[str, int | None], str] = {}
 _ignored: list[str] = []  # entries of APPLIANCE_EGRESS_FORBID that are not loopback addresses
+# Non-loopback addresses this process may listen on: only what the operator declared (`appliance serve allow`),
+# added by the one command that serves there. Only ever grows; connections to them are still refused.
+_listen: set[str] = set()
 _installed = False
 
 
@@ -161,10 +166,18 @@ def forbid(address: str) -> None:
     _forbidden.setdefault(_parse_entry(address), "test policy")
 
 
+def allow_listen(address: str) -> None:
+    """Let this process listen on a numeric non-loopback address the operator declared; it cannot be undone."""
+    ip = _ip(address)
+    if ip is None:
+        raise ValueError(f"{address!r} is not a numeric IP address")
+    _listen.add(str(ip))
+
+
 def policy() -> dict:
     """What the guard allows and what the test policy forbids in this process."""
     return {"installed": _installed, "forbidden": [_format(a, p) for (a, p) in sorted(_forbidden, key=str)],
-            "ignored_entries": list(_ignored)}
+            "ignored_entries": list(_ignored), "listen": sorted(_listen)}
 
 
 def installed() -> bool:
@@ -227,6 +240,8 @@ def _check_bind(sock, address):
             return None
         if ip is not None and ip.is_loopback:
             return None  # the test policy never applies to bind: tests listen on forbidden addresses
+        if ip is not None and str(ip) in _listen:
+            return None  # declared by the operator for this process (`appliance serve --host`)
         shown = str(ip) if ip is not None else (str(host) or ("::" if family == _AF_INET6 else "0.0.0.0"))
         return ("listen", shown, port, "not loopback")
     return ("listen", repr(address), None, f"address family {_FAMILY_NAMES.get(family, family)} is not allowed")
@@ -400,20 +415,26 @@ _LAUNCH = "import sys, appliance.trust.egress as g; sys.exit(g.launch(sys.argv[1
 
 
 def module_command(module: str, *args) -> list[str]:
-    """The command that runs ``python -m MODULE ARGS`` with the egress guard installed first."""
+    """The command that runs ``python -m MODULE ARGS`` (or ``python FILE.py ARGS``) with the egress guard installed
+    first."""
     return [sys.executable, "-c", _LAUNCH, module, *(str(a) for a in args)]
 
 
 def launch(argv: list[str]) -> int:
-    """Install the guard, then run ``argv[0]`` as ``__main__`` with ``sys.argv = argv`` (what ``-m`` does)."""
+    """Install the guard, then run ``argv[0]`` as ``__main__`` with ``sys.argv = argv``: a module as ``-m`` does,
+    or a ``.py`` file as ``python FILE`` does (its folder first on ``sys.path``)."""
     import runpy
 
     install()
     if not argv:
-        print("usage: python -c '...launch...' MODULE [ARGS...]", file=sys.stderr)
+        print("usage: python -c '...launch...' MODULE|FILE.py [ARGS...]", file=sys.stderr)
         return 2
     sys.argv = list(argv)
-    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    if argv[0].endswith(".py"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        runpy.run_path(argv[0], run_name="__main__")
+    else:
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
     return 0
 
 

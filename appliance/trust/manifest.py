@@ -127,4 +127,4 @@ def check_signature(manifest: object, public_raw: bytes, path: Path) -> None:
 
 
 # Kinds whose manifest covers every file of their folder (a run's folder also holds live files: events, checkpoints).
-WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "full-model", "merged-model", "gguf", "bundle")
+WHOLE_FOLDER_KINDS = ("dataset", "model", "adapter", "full-model", "merged-model", "gguf", "adapter-gguf", "bundle")

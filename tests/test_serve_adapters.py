@@ -1,0 +1,93 @@
+"""Per-tenant adapters on one resident base ("Option B"): two runs of the tiny model exported as GGUF adapters,
+served on the tiny base to two tenants, each answered through its own adapter and never the other's."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import cli_json, run_cli, write_recipe
+from tests.test_serve import Served, client
+
+openai = pytest.importorskip("openai")
+PROMPTS = ["Name a colour.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def two_runs(exported_workspace, demo_dataset, tmp_path_factory):
+    """The session's exported run and a second one trained harder on the same base, both with GGUF adapters."""
+    src, first = exported_workspace
+    base = tmp_path_factory.mktemp("adapters")
+    home = base / "home"
+    shutil.copytree(src, home, symlinks=True)
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(src.parent / "passphrase")}  # the session workspace's vault
+    recipe = write_recipe(base / "second.yaml", demo_dataset, max_steps=10, learning_rate=0.02)
+    second = cli_json("train", str(recipe), home=home, env=env)["id"]
+    run_cli("export", second, "--quant", "f16", home=home, env=env)
+    adapters = {run: cli_json("export", run, "--adapter", home=home, env=env) for run in (first, second)}
+    return home, first, second, adapters
+
+
+def greedy(home, gguf: str, prompt: str) -> str:
+    return cli_json("ask", gguf, "--prompt", prompt, "--max-tokens", "6", home=home)["text"]
+
+
+def test_export_adapter_writes_a_checked_gguf_adapter(two_runs, monkeypatch):
+    home, first, second, adapters = two_runs
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    for run in (first, second):
+        done = adapters[run]
+        assert done["path"] == str(home / "runs" / run / "adapter-gguf" / "adapter-f16.gguf")
+        assert done["top1_agreement"] >= 0.99 and done["positions"] > 0 and done["base_model"] == "tiny"
+        assert cli_json("verify", done["path"], home=home)["ok"]
+    from appliance.trust import audit
+
+    assert {e["subjects"]["run"] for e in audit.entries(event="export.adapter")} >= {first, second}
+
+
+def test_two_tenants_are_served_through_their_own_adapters_on_one_base(two_runs, monkeypatch):
+    home, first, second, _ = two_runs
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    made = {t: cli_json("serve", "keys", "create", "--tenant", t, home=home)["key"] for t in ("acme", "globex")}
+    # What each run's own merged GGUF answers (llama-cpp-python, in process): the reference for its tenant.
+    merged = {run: [greedy(home, str(home / "runs" / run / "gguf" / "model-f16.gguf"), p) for p in PROMPTS]
+              for run in (first, second)}
+    assert merged[first] != merged[second], "the two runs must answer differently for this test to mean anything"
+    server = Served(home, "tiny", "--adapter", f"acme={first}", "--adapter", f"globex={second}", "--parallel", "2",
+                    "--ctx", "256")
+    try:
+        for tenant, run, other in (("acme", first, second), ("globex", second, first)):
+            c = client(server, made[tenant])
+            assert [m.id for m in c.models.list().data] == [run]
+            answers = [c.chat.completions.create(model=run, messages=[{"role": "user", "content": p}], max_tokens=6,
+                                                 temperature=0).choices[0].message.content for p in PROMPTS]
+            assert answers == merged[run], tenant
+            with pytest.raises(openai.NotFoundError):  # the other tenant's model does not exist for this key
+                c.chat.completions.create(model=other, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+            # A client's own `lora` field is dropped: it cannot switch itself to the other tenant's adapter.
+            forced = c.chat.completions.create(
+                model=run, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=6, temperature=0,
+                extra_body={"lora": [{"id": 0, "scale": 1.0 if tenant == "globex" else 0.0},
+                                     {"id": 1, "scale": 1.0 if tenant == "acme" else 0.0}]})
+            assert forced.choices[0].message.content == merged[run][0]
+    finally:
+        rc, err = server.stop()
+    assert rc == 0, err
+    from appliance.trust import audit
+
+    start = audit.entries(event="serve.start")[-1]["details"]
+    assert start["mode"] == "adapters" and start["adapters"] == {"acme": first, "globex": second}
+    assert {e["details"]["tenant"]: e["details"]["requests"] for e in audit.entries(event="serve.usage")} == {
+        "acme": 4, "globex": 4}  # two answers, one refused model, one forced lora each
+
+
+def test_an_adapter_is_served_only_on_its_own_base(two_runs):
+    home, first, _, _ = two_runs
+    cli_json("serve", "keys", "create", "--tenant", "acme", home=home)
+    proc = run_cli("serve", "no-such-base", "--adapter", f"acme={first}", "--port", "0", home=home, check=False)
+    assert proc.returncode == 2 and "neither a .gguf file, a run id nor a model id" in proc.stderr
+    proc = run_cli("serve", first, "--adapter", f"acme={first}", "--port", "0", home=home, check=False)
+    assert proc.returncode == 2 and f"run {first} was trained on tiny, not {first}" in proc.stderr
+    proc = run_cli("serve", "tiny", "--adapter", "acme=no-such-run", "--port", "0", home=home, check=False)
+    assert proc.returncode == 2 and "run 'no-such-run' does not exist" in proc.stderr
