@@ -9,14 +9,19 @@
     MODEL_CARD.md            base model, dataset ids and hashes (never content), recipe, evaluation, parity
     provenance/<sha256>.json every ancestor's signed manifest, named by its own sha256
     signing-key.pub          the appliance's public key
-    manifest.json            the bundle's signed manifest (parents: the run's GGUF artifact)
+    serve.json               how `appliance serve DIR` serves it: the model file and its name (the run id);
+                             with --adapter, the adapter file, its base model and the sha256 of the base GGUF
+                             it must be served on (`serve BASE.gguf --adapter TENANT=DIR`)
+    adapter-f16.gguf         with --adapter: the run's LoRA as a GGUF adapter (``export RUN --adapter``)
+    manifest.json            the bundle's signed manifest (parents: the run's GGUF artifact, and its adapter GGUF)
     SHA256SUMS               every other file, in `sha256sum -c` format
 
 ``verify_bundle`` needs only this package: no vault, no workspace. It checks
 SHA256SUMS (no file missing, changed or added), the signature of the bundle's
 manifest and of every ancestor manifest, that each ancestor is the one its
 child recorded, that the GGUF is byte for byte the one the export checked, and
-that chat_template.jinja is the GGUF's own template.
+that chat_template.jinja is the GGUF's own template (and that a bundled adapter is the one its export
+checked).
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ def pick_quant(run_id: str, max_bytes: int | None) -> tuple[str, str]:
 
 
 def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, checkpoint: str = "best",
-           max_size: int | None = None) -> dict:
-    """``quant="auto"`` picks by measured quality within ``max_size`` bytes (``pick_quant``)."""
+           max_size: int | None = None, adapter: bool = False) -> dict:
+    """``quant="auto"`` picks by measured quality within ``max_size`` bytes (``pick_quant``); ``adapter`` adds the
+    run's GGUF adapter (one base on the edge box then serves several tenants' adapters)."""
     from . import runs
     from .trust import audit, provenance
     from .workspace import read_json, staging
@@ -93,6 +99,31 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
         bad = next(i for i in check["lineage"] if i["status"] == "bad")
         raise CheckFailed(f"refusing to bundle: {bad['problem']}")
     recipe = runs.load_recipe(run_id)
+    lineage = list(check["lineage"])
+    parents = {"gguf": f"{run_id}/gguf"}
+    serve = {"format": 1, "engine": "llama-server", "model": {"name": run_id, "file": gguf.name}}
+    adapter_file = None
+    if adapter:
+        from .convert import base_gguf
+        from .export import ADAPTER_DIR, ADAPTER_FILE
+
+        adapter_file = run / ADAPTER_DIR / ADAPTER_FILE
+        if not adapter_file.is_file():
+            raise NotFound(f"run {run_id} has no adapter GGUF; run `appliance export {run_id} --adapter` first.")
+        made = manifest.read(adapter_file.parent)["details"]
+        if made.get("step") != source["step"]:
+            raise InvalidInput(f"run {run_id}'s adapter GGUF is from step {made.get('step')}, not the bundled "
+                               f"{source['label']}; run `appliance export {run_id} --adapter --checkpoint "
+                               f"{checkpoint}` first.")
+        adapter_check = provenance.verify(adapter_file)
+        if not adapter_check["ok"]:
+            bad = next(i for i in adapter_check["lineage"] if i["status"] == "bad")
+            raise CheckFailed(f"refusing to bundle the adapter: {bad['problem']}")
+        lineage += adapter_check["lineage"]
+        parents["adapter_gguf"] = f"{run_id}/{ADAPTER_DIR}"
+        emit(Event("stage", STAGE, f"hashing {recipe.base_model}'s f16 GGUF, the base the adapter is served on"))
+        serve["adapter"] = {"name": run_id, "file": ADAPTER_FILE, "base_model": recipe.base_model,
+                            "base_gguf_sha256": manifest.sha256_file(base_gguf(recipe.base_model))}
     gguf_manifest = manifest.read(gguf_dir)
     meta = gguf_metadata(gguf)
     template = meta.get("tokenizer.chat_template")
@@ -108,6 +139,9 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
     with staging(out) as tmp:
         emit(Event("stage", STAGE, f"copying {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB)"))
         shutil.copyfile(gguf, tmp / gguf.name)
+        if adapter_file is not None:
+            shutil.copyfile(adapter_file, tmp / adapter_file.name)
+        (tmp / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         (tmp / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / "Modelfile").write_text(_modelfile(gguf.name, template, system, stops))
@@ -115,12 +149,12 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
                                                        read_json(run / "eval.json") if (run / "eval.json").is_file() else None))
         prov = tmp / "provenance"
         prov.mkdir()
-        for item in check["lineage"]:
+        for item in lineage:
             if item["status"] == "ok":
                 src = Path(item["path"]) / manifest.NAME
                 shutil.copyfile(src, prov / f"{manifest.sha256_file(src)}.json")
         signing.export_public(signing.workspace_public(), tmp / PUBKEY)
-        m = manifest.write(tmp, "bundle", f"{run_id}/bundle-{quant}", parents={"gguf": f"{run_id}/gguf"},
+        m = manifest.write(tmp, "bundle", f"{run_id}/bundle-{quant}", parents=parents,
                            quant=quant, model_file=gguf.name, run=run_id, base_model=recipe.base_model,
                            hardware=hardware.summary())
         _write_sums(tmp, m["files"])
@@ -128,6 +162,7 @@ def create(run_id: str, out: Path, quant: str = "q4_k_m", emit: Emit = ignore, c
                                              "manifest_sha256": manifest.sha256_file(out / manifest.NAME)})
     result = {"path": str(out), "files": sorted(p.name for p in out.iterdir()), "key": m["signature"]["key"],
               "model": gguf.name, "bytes": (out / gguf.name).stat().st_size, "quant": quant,
+              **({"adapter": serve["adapter"]} if adapter else {}),
               **({"chosen_because": reason} if reason else {})}
     emit(Event("finished", STAGE, f"bundle written to {out}", result))
     return result
@@ -163,7 +198,7 @@ def verify_bundle(folder: Path, public_raw: bytes | None = None, fingerprint: st
     key = public_raw or bundled
     top = _verify_manifest(folder / manifest.NAME, key)
     lineage = [{"kind": top["kind"], "id": top["id"], "status": "ok"}]
-    gguf_manifest = None
+    gguf_manifest = adapter_manifest = None
     queue = [top]
     while queue:
         node = queue.pop(0)
@@ -182,6 +217,8 @@ def verify_bundle(folder: Path, public_raw: bytes | None = None, fingerprint: st
             lineage.append({"kind": parent["kind"], "id": parent["id"], "status": "ok"})
             if parent["kind"] == "gguf" and gguf_manifest is None:
                 gguf_manifest = parent
+            if parent["kind"] == "adapter-gguf":
+                adapter_manifest = parent
             queue.append(parent)
     model_file = top["details"].get("model_file")
     if gguf_manifest is None or model_file not in gguf_manifest["files"]:
@@ -191,8 +228,16 @@ def verify_bundle(folder: Path, public_raw: bytes | None = None, fingerprint: st
     template = gguf_metadata(folder / model_file).get("tokenizer.chat_template")
     if template != (folder / "chat_template.jinja").read_text(encoding="utf-8"):
         raise CheckFailed(f"{folder / 'chat_template.jinja'} differs from the template inside {model_file}.")
+    served = json.loads((folder / "serve.json").read_text()) if (folder / "serve.json").is_file() else {}
+    adapter = served.get("adapter")
+    if adapter:
+        name = adapter.get("file")
+        if adapter_manifest is None or name not in adapter_manifest["files"]:
+            raise CheckFailed(f"{folder} carries no signed adapter manifest listing {name}; its origin cannot be shown.")
+        if manifest.sha256_file(folder / name) != adapter_manifest["files"][name]:
+            raise CheckFailed(f"{folder / name} is not the adapter the appliance exported and checked.")
     dataset = next((m for m in lineage if m["kind"] == "dataset"), None)
-    return {"ok": True, "bundle": str(folder), "key": signing.fingerprint(key), "trusted_key": trusted,
+    return {"ok": True, "adapter": adapter.get("file") if adapter else None, "bundle": str(folder), "key": signing.fingerprint(key), "trusted_key": trusted,
             "model": model_file, "lineage": lineage, "dataset": dataset["id"] if dataset else None}
 
 

@@ -99,7 +99,7 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     out = tmp_path / "edge"
     made = cli_json("bundle", run_id, "--out", str(out), "--quant", "q8_0", home=home)
     assert {"model-q8_0.gguf", "chat_template.jinja", "Modelfile", "MODEL_CARD.md", "SHA256SUMS", "manifest.json",
-            "signing-key.pub", "generation.json", "provenance"} == set(made["files"])
+            "signing-key.pub", "generation.json", "provenance", "serve.json"} == set(made["files"])
     assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
     elsewhere = {"APPLIANCE_HOME": str(tmp_path / "edge-box-home"), "APPLIANCE_PASSPHRASE_FILE": ""}
     ok = cli_json("bundle", "verify", str(out), "--fingerprint", made["key"], home=home, env=elsewhere)

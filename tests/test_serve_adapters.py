@@ -3,6 +3,7 @@ served on the tiny base to two tenants, each answered through its own adapter an
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -21,12 +22,17 @@ def two_runs(exported_workspace, demo_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("adapters")
     home = base / "home"
     shutil.copytree(src, home, symlinks=True)
-    env = {"APPLIANCE_PASSPHRASE_FILE": str(src.parent / "passphrase")}  # the session workspace's vault
+    shutil.copyfile(src.parent / "passphrase", _passphrase(home))  # the session workspace's vault
+    env = {"APPLIANCE_PASSPHRASE_FILE": str(_passphrase(home))}
     recipe = write_recipe(base / "second.yaml", demo_dataset, max_steps=10, learning_rate=0.02)
     second = cli_json("train", str(recipe), home=home, env=env)["id"]
     run_cli("export", second, "--quant", "f16", home=home, env=env)
     adapters = {run: cli_json("export", run, "--adapter", home=home, env=env) for run in (first, second)}
     return home, first, second, adapters
+
+
+def _passphrase(home):
+    return home.parent / "passphrase"  # written beside the workspace by the two_runs fixture
 
 
 def greedy(home, gguf: str, prompt: str) -> str:
@@ -91,3 +97,41 @@ def test_an_adapter_is_served_only_on_its_own_base(two_runs):
     assert proc.returncode == 2 and f"run {first} was trained on tiny, not {first}" in proc.stderr
     proc = run_cli("serve", "tiny", "--adapter", "acme=no-such-run", "--port", "0", home=home, check=False)
     assert proc.returncode == 2 and "run 'no-such-run' does not exist" in proc.stderr
+
+
+def test_an_edge_bundle_carries_the_adapter_and_its_serve_configuration(two_runs, tmp_path, monkeypatch):
+    """The bundle holds the run's GGUF, its adapter and serve.json; on an edge box with no vault and nothing
+    imported, `serve DIR` serves the bundle and `serve BASE.gguf --adapter TENANT=DIR` its adapter, and an adapter
+    is refused on a base it was not trained on."""
+    home, first, _, _ = two_runs
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    out = tmp_path / "edge"
+    made = cli_json("bundle", first, "--out", str(out), "--quant", "f16", "--adapter", home=home,
+                    env={"APPLIANCE_PASSPHRASE_FILE": str(_passphrase(home))})
+    assert {"adapter-f16.gguf", "serve.json"} <= set(made["files"]) and made["adapter"]["base_model"] == "tiny"
+    served = json.loads((out / "serve.json").read_text())
+    assert served["model"] == {"name": first, "file": "model-f16.gguf"} and served["adapter"]["file"] == "adapter-f16.gguf"
+    edge = tmp_path / "edge-box"
+    checked = cli_json("bundle", "verify", str(out), "--fingerprint", made["key"], home=edge)
+    assert checked["ok"] and checked["adapter"] == "adapter-f16.gguf"
+
+    base = tmp_path / "base-f16.gguf"  # the base GGUF the edge box already has (here: the workspace's conversion)
+    shutil.copyfile(home / "models" / ".gguf-tiny" / "model-f16.gguf", base)
+    key = cli_json("serve", "keys", "create", "--tenant", "acme", home=edge)["key"]
+    expected = greedy(home, str(home / "runs" / first / "gguf" / "model-f16.gguf"), PROMPTS[0])
+    for args in ((str(out),), (str(base), "--adapter", f"acme={out}")):
+        server = Served(edge, *args, "--parallel", "1", "--ctx", "256")
+        try:
+            c = client(server, key)
+            assert [m.id for m in c.models.list().data] == [first]
+            answer = c.chat.completions.create(model=first, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                               max_tokens=6, temperature=0).choices[0].message.content
+            assert answer == expected, args
+        finally:
+            server.stop()
+    wrong = run_cli("serve", str(out / "model-f16.gguf"), "--adapter", f"acme={out}", "--port", "0", home=edge,
+                    check=False)
+    assert wrong.returncode == 2 and "fits only tiny's f16 GGUF" in wrong.stderr
+    (out / "serve.json").write_text((out / "serve.json").read_text().replace(first, "someone-else"))
+    tampered = run_cli("serve", str(out), "--port", "0", home=edge, check=False)
+    assert tampered.returncode == 3 and "serve.json" in tampered.stderr

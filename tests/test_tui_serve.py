@@ -61,3 +61,21 @@ async def test_serve_screen_makes_a_key_starts_counts_and_stops(exported_home):
     from appliance.trust import audit
 
     assert [e["details"]["tenant"] for e in audit.entries(event="serve.usage")] == ["acme"]
+
+
+@aio
+async def test_export_screen_writes_the_adapter_gguf_the_serve_screen_needs(exported_home):
+    from textual.widgets import Label
+
+    from tests.test_tui_eval_export import open_screen as open_settled, until
+
+    home, run_id = exported_home
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_settled(pilot, "8")
+        app.query_one("#ex-runs", DataTable).focus()
+        await pilot.press("a")
+        await until(pilot, lambda: "adapter GGUF of" in str(app.query_one("#ex-stage", Label).render()))
+        stage = str(app.query_one("#ex-stage", Label).render())
+        assert f"adapter GGUF of {run_id}" in stage and "serve it on tiny" in stage
+    assert (home / "runs" / run_id / "adapter-gguf" / "adapter-f16.gguf").is_file()

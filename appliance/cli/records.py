@@ -35,6 +35,8 @@ def parsers(add) -> None:
     b.add_argument("--quant", default="q4_k_m",
                    help="which exported GGUF to ship (default q4_k_m); auto: the closest to f16 that fits --max-size")
     b.add_argument("--max-size", help="with --quant auto: the largest model file the edge box takes, e.g. 2GB")
+    b.add_argument("--adapter", action="store_true",
+                   help="also carry the run's GGUF adapter (`export RUN --adapter`), to serve on its base at the edge")
     b.add_argument("--pubkey", help="with `verify`: the trusted signing-key.pub of the appliance that made it")
     b.add_argument("--fingerprint", help="with `verify`: the trusted key's sha256 fingerprint (64 hex digits)")
 
@@ -131,7 +133,7 @@ def _bundle(args) -> int:
 
     max_size = parse_size(args.max_size) if args.max_size else None
     result = bundle.create(args.run, Path(args.out), quant=args.quant, emit=reporter(args.json),
-                           checkpoint=args.checkpoint, max_size=max_size)
+                           checkpoint=args.checkpoint, max_size=max_size, adapter=args.adapter)
     if result.get("chosen_because") and not args.json:
         print(f"--quant auto chose {result['chosen_because']}")
     print_json(result) if args.json else print(

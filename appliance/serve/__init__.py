@@ -9,6 +9,10 @@ address. Two ways to serve:
 - **adapters** (``serve BASE --adapter TENANT=RUN ...``): one resident base, each tenant answered through its own
   LoRA (``export RUN --adapter``), called by the run's id; a tenant without an adapter has no model here.
 
+On an edge box, MODEL may be an edge bundle folder (``bundle RUN --out DIR``: its ``serve.json`` names the
+model file), and RUN a bundle made with ``--adapter`` (its adapter served on the base GGUF whose sha256 it
+records); a bundle is verified before it is served.
+
 While it runs, ``serve/running/<pid>.json`` says where it listens and what it has served (the TUI's Serve
 screen and ``doctor`` read it); per-tenant counts go to the audit log (``serve.usage``) every minute and at the
 end. Starting and stopping are audited too (``serve.start``, ``serve.stop``), with the address.
@@ -137,12 +141,50 @@ def plan(model: str, adapters: list[str] | None = None) -> Plan:
         if tenant in pairs:
             raise InvalidInput(f"--adapter names tenant {tenant!r} twice; give each tenant one adapter.")
         pairs[tenant] = run
-    gguf = resolve(model)
-    name = Path(model).stem if model.endswith(".gguf") else model
-    files = [adapter_gguf(run, model) for run in pairs.values()]
-    return Plan(gguf=gguf, name=name, adapters=files, tenants=pairs,
+    served = _bundle_config(model)
+    if served is not None:  # an edge bundle: its model file, under its run's name
+        gguf, name = Path(model) / served["model"]["file"], served["model"]["name"]
+    else:
+        gguf = resolve(model)
+        name = Path(model).stem if model.endswith(".gguf") else model
+    files, names = [], {}
+    for tenant, run in pairs.items():
+        carried = _bundle_config(run)
+        if carried is not None:  # an edge bundle carrying an adapter: it fits only the base GGUF it names
+            files.append(_bundled_adapter(Path(run), carried, gguf))
+            names[tenant] = carried["adapter"]["name"]
+        else:
+            files.append(adapter_gguf(run, model))
+            names[tenant] = run
+    return Plan(gguf=gguf, name=name, adapters=files, tenants=names,
                 describe={"model": name, "gguf": str(gguf), "mode": "adapters" if pairs else "merged",
-                          "adapters": {t: r for t, r in pairs.items()}})
+                          "adapters": dict(names)})
+
+
+def _bundle_config(path: str) -> dict | None:
+    """The serve.json of an edge bundle folder, its bundle verified first (integrity and signatures, by the key
+    it carries: `bundle verify --fingerprint` is how an operator checks its origin); None if not a bundle."""
+    folder = Path(path).expanduser()
+    if not (folder / "serve.json").is_file():
+        return None
+    from .. import bundle
+    from ..workspace import read_json
+
+    bundle.verify_bundle(folder)
+    return read_json(folder / "serve.json")
+
+
+def _bundled_adapter(folder: Path, served: dict, base: Path) -> Path:
+    from ..trust import manifest
+
+    adapter = served.get("adapter")
+    if not adapter:
+        raise InvalidInput(f"the bundle {folder} carries no adapter; bundle the run with `appliance bundle RUN "
+                           "--adapter`, or serve the bundle itself (`appliance serve DIR`).")
+    if manifest.sha256_file(base) != adapter["base_gguf_sha256"]:
+        raise InvalidInput(f"the adapter in {folder} fits only {adapter['base_model']}'s f16 GGUF (sha256 "
+                           f"{adapter['base_gguf_sha256'][:16]}...), and {base} is another file; serve that base.")
+    return folder / adapter["file"]
 
 
 def adapter_gguf(run: str, base: str) -> Path:

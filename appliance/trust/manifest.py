@@ -46,7 +46,7 @@ def file_hashes(root: Path, names: list[str] | None = None) -> dict[str, str]:
 
 # Which folder a parent of each role lives in. Sub-artifacts of a run are named "<run>/<part>".
 _ROLE_FOLDERS = {"dataset": "datasets", "base_model": "models", "model": "models", "run": "runs", "sft_run": "runs",
-                 "adapter": "runs", "merged": "runs", "gguf": "runs", "bundle": "bundles"}
+                 "adapter": "runs", "merged": "runs", "gguf": "runs", "adapter_gguf": "runs", "bundle": "bundles"}
 
 
 def locate(role: str, artifact_id: str) -> Path | None:

@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.markup import escape
-from textual.widgets import (Button, DataTable, Input, Label, Log, ProgressBar, Select, SelectionList, Static,
+from textual.widgets import (Button, Checkbox, DataTable, Input, Label, Log, ProgressBar, Select, SelectionList, Static,
                              TabbedContent, TabPane)
 from textual.widgets.selection_list import Selection
 from textual.worker import Worker, WorkerState
@@ -36,7 +36,7 @@ MiB, GiB = 2**20, 2**30
 BITS = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5}
 Q6_K = 6.5625  # llama.cpp keeps the output matrix at Q6_K below 8 bits (Q8_0 when its rows are not 256-multiples)
 TOKENIZER_BYTES = 36  # per vocabulary entry: the token text, its type and the BPE merges in the file's metadata
-HINT = "e export · m merge · b bundle · l lineage (space checks a quantization)"
+HINT = "e export · m merge · a adapter GGUF · b bundle · l lineage (space checks a quantization)"
 NO_RUNS = "no finished runs yet: train one on the Plan screen (key 5), follow it on Train (key 6)"
 TYPICAL = {"f16": "the reference: held to ≥ 99% top-1", "bf16": "lossless: the merged weights",
            "q8_0": "near-lossless", "q5_k_m": "very small quality loss", "q4_k_m": "small quality loss",
@@ -163,6 +163,10 @@ def results_text(run: dict) -> str:
 
 class ExportScreen(Pane):
     BINDINGS = [Binding("e", "export", "export"), Binding("m", "merge", "merge"),
+                # Not in the footer (at 80 columns it would push out the quit key); the hint line and `?` show it.
+                Binding("a", "export_adapter", "adapter GGUF", show=False,
+                        tooltip="the LoRA as a GGUF adapter, checked against the merged model (`export --adapter`): "
+                                "one base then serves each tenant its adapter (Serve, key w)"),
                 Binding("b", "bundle", "bundle"), Binding("l", "lineage", "lineage")]
     DEFAULT_CSS = """
     ExportScreen #ex-runs { height: auto; max-height: 6; }
@@ -228,6 +232,9 @@ class ExportScreen(Pane):
                     yield Select([], prompt="GGUF", id="ex-bundle-quant")
                     yield Input(placeholder="max size (auto)", id="ex-bundle-max",
                                 tooltip="with GGUF auto: the largest model file the edge box takes, e.g. 2GB")
+                    yield Checkbox("adapter", id="ex-bundle-adapter",
+                                   tooltip="also carry the run's GGUF adapter (key a) and say in serve.json which "
+                                           "base it is served on")
                     yield Button("Bundle", id="ex-bundle-go", variant="primary")
                 yield Static("a signed folder an edge box runs and checks: the GGUF, its chat template, a "
                              "Modelfile, the model card and every ancestor's signed manifest", id="ex-bundle-result")
@@ -465,6 +472,28 @@ class ExportScreen(Pane):
             self.show_run(run_id, force=True)
         self.refresh_data()
 
+    def action_export_adapter(self) -> None:
+        run_id = self._run()
+        checkpoint = self.checkpoint()
+        self.log_line(f"export {run_id} --adapter ({checkpoint})")
+        self.query_one("#ex-tabs", TabbedContent).active = "ex-quantize"
+
+        def job():
+            require_unlocked()  # the adapter GGUF's manifest is signed; the check reads held-out prompts
+            from appliance.export import export_adapter
+
+            return run_id, export_adapter(run_id, emit=self._emit, checkpoint=checkpoint)
+
+        self._start("adapter", run_id, 2, job, self.adapter_exported)
+
+    def adapter_exported(self, out: tuple) -> None:
+        run_id, result = out
+        self.working = None
+        self.finish_bar()
+        self.stage(f"adapter GGUF of {run_id} ({result['label']}): {size(result['bytes'])}, top-1 agreement with the "
+                   f"merged model {result['top1_agreement']:.2%}; serve it on {result['base_model']} (Serve, key w)")
+        self.refresh_data()
+
     def action_bundle(self) -> None:
         from appliance.errors import InvalidInput
 
@@ -486,6 +515,7 @@ class ExportScreen(Pane):
 
         raw_max = self.query_one("#ex-bundle-max", Input).value.strip()
         max_size = parse_size(raw_max) if raw_max and quant == "auto" else None
+        with_adapter = self.query_one("#ex-bundle-adapter", Checkbox).value
         self.query_one("#ex-bundle-result", Static).update(Content(f"bundling {quant} of {run_id} into {out}…"))
 
         def job():
@@ -493,7 +523,7 @@ class ExportScreen(Pane):
             from appliance import bundle
 
             return bundle.create(run_id, Path(out), quant=str(quant), emit=self._emit, checkpoint=checkpoint,
-                                 max_size=max_size)
+                                 max_size=max_size, adapter=with_adapter)
 
         self._start("bundle", run_id, 2, job, self.bundle_done)
 
