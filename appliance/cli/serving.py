@@ -75,8 +75,8 @@ def _serve(args) -> int:
         print_json({"stopped": True, **result})
     else:
         served = result["usage"]["tenants"]
-        print(f"stopped; {sum(t['requests'] for t in served.values())} requests served, "
-              f"{result['usage']['denied']} refused for want of a valid key")
+        print(f"stopped; requests served: {sum(t['requests'] for t in served.values())}, refused for want of a "
+              f"valid key: {result['usage']['denied']}")
     return 0
 
 

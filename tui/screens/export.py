@@ -448,19 +448,25 @@ class ExportScreen(Pane):
         value = self.query_one("#ex-checkpoint", Select).value
         return "best" if value == Select.NULL else str(value)
 
-    def action_merge(self) -> None:
+    def _at_checkpoint(self, what: str, command: str, steps: int, stage: str, done) -> None:
+        """Run one of the library's stages (``"module:function"``, imported in the worker) on the selected run at
+        the chosen checkpoint; its manifest is signed and its check reads held-out prompts: the vault must be open."""
         run_id = self._run()
         checkpoint = self.checkpoint()
-        self.log_line(f"merge {run_id} ({checkpoint})")
+        self.log_line(f"{command} {run_id} ({checkpoint})")
         self.query_one("#ex-tabs", TabbedContent).active = "ex-quantize"
 
         def job():
-            require_unlocked()  # the merged model's manifest is signed; the check reads held-out prompts
-            from appliance.merge import merge
+            import importlib
 
-            return run_id, merge(run_id, emit=self._emit, checkpoint=checkpoint)
+            require_unlocked()
+            module, name = stage.split(":")
+            return run_id, getattr(importlib.import_module(module), name)(run_id, emit=self._emit, checkpoint=checkpoint)
 
-        self._start("merge", run_id, 1, job, self.merged)
+        self._start(what, run_id, steps, job, done)
+
+    def action_merge(self) -> None:
+        self._at_checkpoint("merge", "merge", 1, "appliance.merge:merge", self.merged)
 
     def merged(self, out: tuple) -> None:
         run_id, result = out
@@ -473,18 +479,7 @@ class ExportScreen(Pane):
         self.refresh_data()
 
     def action_export_adapter(self) -> None:
-        run_id = self._run()
-        checkpoint = self.checkpoint()
-        self.log_line(f"export {run_id} --adapter ({checkpoint})")
-        self.query_one("#ex-tabs", TabbedContent).active = "ex-quantize"
-
-        def job():
-            require_unlocked()  # the adapter GGUF's manifest is signed; the check reads held-out prompts
-            from appliance.export import export_adapter
-
-            return run_id, export_adapter(run_id, emit=self._emit, checkpoint=checkpoint)
-
-        self._start("adapter", run_id, 2, job, self.adapter_exported)
+        self._at_checkpoint("adapter", "export --adapter", 2, "appliance.export:export_adapter", self.adapter_exported)
 
     def adapter_exported(self, out: tuple) -> None:
         run_id, result = out
