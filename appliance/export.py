@@ -53,8 +53,6 @@ _FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "
 def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, checkpoint: str = "best") -> dict:
     """Export the run's adapter at ``checkpoint`` (best, last or a step), merging it first unless the merged model
     already is that checkpoint's."""
-    from .merge import merge, merged_dir
-    from .workspace import read_json
     from .trust import keys
 
     run = runs.run_dir(run_id)
@@ -67,10 +65,7 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
     if "f16" not in quants:
         quants = ["f16", *quants]  # the parity check needs the f16 reference
     source = runs.adapter(run_id, checkpoint)
-    merged = merged_dir(run_id)
-    done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
-    if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
-        merge(run_id, emit=emit, checkpoint=str(source["step"]))
+    merged = merged_at(run_id, source, emit)
     conversations = [with_system(c, recipe.system_prompt) for c in data.heldout(recipe, recipe.export.parity_samples)]
 
     out = run / "gguf"
@@ -121,6 +116,18 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
     return result
 
 
+def merged_at(run_id: str, source: dict, emit: Emit = ignore) -> Path:
+    """The run's merged model at ``source``'s step (``runs.adapter``), merging it first unless it already is."""
+    from .merge import merge, merged_dir
+    from .workspace import read_json
+
+    run, merged = runs.run_dir(run_id), merged_dir(run_id)
+    done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
+    if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
+        merge(run_id, emit=emit, checkpoint=str(source["step"]))
+    return merged
+
+
 ADAPTER_DIR = "adapter-gguf"
 ADAPTER_FILE = "adapter-f16.gguf"
 
@@ -134,10 +141,9 @@ def export_adapter(run_id: str, emit: Emit = ignore, checkpoint: str = "best") -
     (this checkpoint's) on the top-1 token at >= 99% of the positions of held-out conversations. The merged
     GGUF is held to the same bar against the same reference, so the two serve the same answers."""
     from .convert import base_gguf, convert_lora
-    from .merge import check_base, merge, merged_dir
+    from .merge import check_base
     from .models import model_dir
     from .trust import audit, keys
-    from .workspace import read_json
 
     run = runs.run_dir(run_id)
     recipe = runs.load_recipe(run_id)
@@ -148,10 +154,7 @@ def export_adapter(run_id: str, emit: Emit = ignore, checkpoint: str = "best") -
                            f"GGUF instead (`appliance export {run_id}`, then `appliance serve {run_id}`).")
     base = model_dir(recipe.base_model)
     check_base(run, base)
-    merged = merged_dir(run_id)
-    done = read_json(run / "merge.json") if (run / "merge.json").is_file() else {}
-    if not (merged / manifest.NAME).is_file() or done.get("step", source["step"]) != source["step"]:
-        merge(run_id, emit=emit, checkpoint=str(source["step"]))
+    merged = merged_at(run_id, source, emit)
     conversations = [with_system(c, recipe.system_prompt) for c in data.heldout(recipe, recipe.export.parity_samples)]
     out = run / ADAPTER_DIR
     with staging(out, replace=True) as tmp:

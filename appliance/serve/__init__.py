@@ -35,11 +35,9 @@ DEFAULT_PORT = 8080
 # -- where it may listen ------------------------------------------------------------------------------------------
 
 def _network_file() -> Path:
-    from ..workspace import home
+    from .keys import serve_dir
 
-    folder = home() / "serve"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "network.json"
+    return serve_dir() / "network.json"
 
 
 def allowed_hosts() -> list[str]:
@@ -91,10 +89,10 @@ def check_host(host: str) -> str:
 # -- what runs ----------------------------------------------------------------------------------------------------
 
 def running_dir() -> Path:
-    from ..workspace import home
+    from .keys import serve_dir
 
-    folder = home() / "serve" / "running"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = serve_dir() / "running"
+    folder.mkdir(exist_ok=True)
     return folder
 
 
@@ -366,9 +364,9 @@ def launch(model: str, port: int = DEFAULT_PORT, parallel: int = 4, adapters: li
     import sys
 
     from ..workspace import home
+    from .keys import serve_dir
 
-    log = home() / "serve" / "launch.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = serve_dir() / "launch.log"
     cmd = [sys.executable, "-m", "appliance.cli", "serve", model, "--port", str(port), "--parallel", str(parallel)]
     for item in adapters or []:
         cmd += ["--adapter", item]
@@ -378,9 +376,9 @@ def launch(model: str, port: int = DEFAULT_PORT, parallel: int = 4, adapters: li
 
 
 def launch_error() -> str:
-    from ..workspace import home
+    from .keys import serve_dir
 
-    log = home() / "serve" / "launch.log"
+    log = serve_dir() / "launch.log"
     lines = [line for line in (log.read_text(errors="replace").splitlines() if log.is_file() else []) if line.strip()]
     return lines[-1].removeprefix("error: ") if lines else "it exited without a word"
 

@@ -82,14 +82,14 @@ class Keys:
     """The active keys, re-read whenever keys.json changes."""
 
     def __init__(self):
+        self._path = keystore._path()  # once: per request only a stat, no folder creation or path resolution
         self._stamp = None
         self._table: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def tenant(self, key: str) -> str | None:
-        path = keystore._path()
         try:
-            st = path.stat()
+            st = self._path.stat()
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None

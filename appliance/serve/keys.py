@@ -13,18 +13,24 @@ import hashlib
 import re
 import secrets
 import time
+from pathlib import Path
 
 from ..errors import InvalidInput, NotFound
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
-def _path():
+def serve_dir() -> Path:
+    """The workspace's ``serve/`` folder (keys, network policy, running servers), created on first use."""
     from ..workspace import home
 
     folder = home() / "serve"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / "keys.json"
+    return folder
+
+
+def _path() -> Path:
+    return serve_dir() / "keys.json"
 
 
 def digest(key: str) -> str:
