@@ -97,21 +97,29 @@ def start_run(recipe: Recipe) -> str:
     return run["id"]
 
 
-def start(run_id: str, resume: bool = False, processes: int | None = None) -> int:
+def start(run_id: str, resume: bool = False, processes: int | None = None, nnodes: int | None = None,
+          node_rank: int | None = None, rdzv: str | None = None) -> int:
     """Start the worker for a run in its own session; return its pid.
 
     ``processes`` > 1 trains with data parallelism: that many ranks (one per GPU; on a CPU, gloo processes
     sharing its cores), each with the recipe's micro-batch, so the effective batch is micro-batch x gradient
-    accumulation x processes. Without it: ``APPLIANCE_DDP_PROCESSES``, else what the run was started with (a
-    resume keeps it), else the plan's strategy (``ddp``: one replica per GPU), else 1."""
+    accumulation x processes x machines. Without it: ``APPLIANCE_DDP_PROCESSES``, else what the run was started
+    with (a resume keeps it), else the plan's strategy (``ddp``: one replica per GPU), else 1. ``nnodes`` > 1
+    makes this machine node ``node_rank`` of a run across machines meeting at ``rdzv`` (HOST:PORT of node 0); a
+    resume keeps them unless given."""
+    from .cluster import Topology
+
     path = run_dir(run_id)
     info = read_json(path / "run.json")
     n = _processes(path, info, processes)
+    nodes = nnodes if nnodes is not None else int(info.get("nnodes") or 1)
+    topology = Topology(n, nodes, node_rank if node_rank is not None else int(info.get("node_rank") or 0) if
+                        nodes > 1 else 0, rdzv if rdzv is not None else info.get("rdzv") if nodes > 1 else None)
+    topology.check()
     cmd = [sys.executable, "-m", "appliance.train.worker", str(path)]
     if resume:
         cmd.append("--resume")
-    if n > 1:
-        cmd += ["--processes", str(n)]
+    cmd += topology.argv()
     # An encrypted dataset's key and the appliance's signing key (for the run's manifests and audit
     # checkpoints) go to the worker through a pipe it inherits: never on disk, never in its environment or
     # command line, and no passphrase needed by a process that has no terminal. With data parallelism the
@@ -136,10 +144,14 @@ def start(run_id: str, resume: bool = False, processes: int | None = None) -> in
     info = read_json(path / "run.json")
     info["pid"] = proc.pid
     info["processes"] = n
+    info.update({"nnodes": topology.nnodes, "node_rank": topology.node_rank, "rdzv": topology.rdzv}
+                if topology.nnodes > 1 else {})
     write_json(path / "run.json", info)
     audit.record("train.resume" if resume else "train.start",
                  {"run": run_id, "dataset": recipe.dataset_path().name, "base_model": recipe.base_model},
-                 {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "pid": proc.pid, "processes": n})
+                 {"recipe": recipe.name, "recipe_sha256": recipe.digest(), "pid": proc.pid, "processes": n,
+                  **({"nnodes": topology.nnodes, "node_rank": topology.node_rank, "rdzv": topology.rdzv}
+                     if topology.nnodes > 1 else {})})
     return proc.pid
 
 
@@ -313,13 +325,14 @@ def _steps_text(run_id: str, steps: int) -> str:
         f"only the final adapter (step {steps})"
 
 
-def resume(run_id: str, processes: int | None = None) -> int:
+def resume(run_id: str, processes: int | None = None, nnodes: int | None = None, node_rank: int | None = None,
+           rdzv: str | None = None) -> int:
     st = status(run_id)
     if st["state"] == "running":
         raise InvalidInput(f"run {run_id} is still running (pid {st['pid']}); `appliance runs follow {run_id}` shows it.")
     if st["state"] == "finished":
         raise InvalidInput(f"run {run_id} has finished; there is nothing to resume.")
-    return start(run_id, resume=True, processes=processes)
+    return start(run_id, resume=True, processes=processes, nnodes=nnodes, node_rank=node_rank, rdzv=rdzv)
 
 
 def stop(run_id: str) -> bool:

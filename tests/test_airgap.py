@@ -145,7 +145,7 @@ def test_the_policy_from_the_environment(home):
     out = _python(code, home, APPLIANCE_EGRESS_FORBID="127.0.0.9, [::1]:7 ,bogus,10.1.2.3")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"installed": True, "forbidden": ["127.0.0.9", "[::1]:7"],
-                                      "ignored_entries": ["bogus", "10.1.2.3"], "listen": []}
+                                      "ignored_entries": ["bogus", "10.1.2.3"], "listen": [], "peers": []}
 
 
 # -- other processes --------------------------------------------------------------------------------------------------

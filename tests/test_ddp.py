@@ -109,3 +109,111 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(tiny_h
     assert len([e for e in evs if e.type == "finished"]) == 1
     assert len(audit.entries(event="train.finish")) == 2  # one per run, not one per rank
     assert (home / "runs" / two["id"] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- two machines, simulated: two launcher agents ("nodes") of one process each, on loopback ------------------------
+
+
+def _second_home(tmp_path, tiny_model_dir):
+    """Another workspace, as a second machine has: its own vault (its own passphrase) and the tiny model."""
+    from conftest import PASSPHRASE, run_cli
+
+    other = tmp_path / "node1"
+    run_cli("vault", "init", "--kdf", "pbkdf2-sha256", home=other, input=PASSPHRASE + "\n" + PASSPHRASE + "\n")
+    run_cli("models", "import", str(tiny_model_dir), "--name", "tiny", home=other)
+    return other
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(home, run_id, states=("finished", "failed", "interrupted"), timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = cli_json("runs", "show", run_id, home=home)
+        if st["state"] in states:
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not reach {states} in {timeout} s")
+
+
+def _two_nodes(homes, recipe, port, *extra, env=None):
+    """Start node 0 and node 1 (one process each), each in its own workspace; return their run ids."""
+    from conftest import run_cli
+
+    ids = []
+    for rank, home in enumerate(homes):
+        out = run_cli("train", str(recipe), "--nnodes", "2", "--node-rank", str(rank), "--rdzv", f"127.0.0.1:{port}",
+                      "--detach", "--json", *extra, home=home, env=(env or {}).get(rank))
+        ids.append(json.loads(out.stdout)["run"])
+    return ids
+
+
+def test_two_nodes_on_loopback_match_one_process_at_the_doubled_batch(tiny_home, tmp_path, demo_dataset,
+                                                                      tiny_model_dir):
+    homes = [tiny_home, _second_home(tmp_path, tiny_model_dir)]
+    common = {"max_steps": 4, "save_steps": 2, "eval_steps": 100}
+    single = cli_json("train", str(_recipe(tmp_path / "one.yaml", demo_dataset, micro_batch_size=4, **common)),
+                      home=homes[0])
+    assert single["state"] == "finished", single
+    recipe = _recipe(tmp_path / "nodes.yaml", demo_dataset, micro_batch_size=2, **common)
+    ids = _two_nodes(homes, recipe, _free_port())
+    done = [_wait(h, r) for h, r in zip(homes, ids)]
+    assert [d["state"] for d in done] == ["finished", "finished"], done
+    one_curve = _curve(homes[0], single["id"])
+    for home, run_id, st in zip(homes, ids, done):
+        s = st["summary"]
+        assert (s["processes"], s["nodes"], s["effective_batch"], s["steps"]) == (2, 2, 4, 4), s
+        curve = _curve(home, run_id)  # each machine's first rank writes its own run folder, with the same losses
+        assert sorted(curve) == [1, 2, 3, 4]
+        for step, (a, tokens) in one_curve.items():
+            b, tokens_two = curve[step]
+            assert tokens_two == tokens and abs(a - b) <= REL_TOLERANCE * abs(a), (step, a, b)
+        # both machines end with the adapter and their own checkpoints (their ranks' RNG states are in them)
+        assert (home / "runs" / run_id / "adapter" / "adapter_model.safetensors").is_file()
+        assert sorted(p.name for p in (home / "runs" / run_id / "checkpoints").glob("checkpoint-*")) == [
+            "checkpoint-2", "checkpoint-4"]
+        info = json.loads((home / "runs" / run_id / "run.json").read_text())
+        assert (info["nnodes"], info["rdzv"].startswith("127.0.0.1:")) == (2, True)
+    from appliance import events
+
+    starts = [e for e in events.read(homes[1] / "runs" / ids[1] / "events.jsonl")
+              if e.type == "stage" and "nodes" in e.data]
+    assert starts and "2 machines (gloo on lo)" in starts[0].message, starts[0].message
+
+
+def test_a_node_killed_mid_run_stops_the_other_and_both_resume_from_the_last_common_checkpoint(
+        tiny_home, tmp_path, demo_dataset, tiny_model_dir):
+    import os
+    import signal
+
+    homes = [tiny_home, _second_home(tmp_path, tiny_model_dir)]
+    recipe = _recipe(tmp_path / "nodes.yaml", demo_dataset, micro_batch_size=2, max_steps=6, save_steps=2,
+                     eval_steps=100)
+    # node 1 hangs right after it marked checkpoint-4 complete; node 0 goes on and waits for it in step 5
+    ids = _two_nodes(homes, recipe, _free_port(), env={1: {"APPLIANCE_FAULT": "hang_after_checkpoint:4"}})
+    deadline = time.time() + 600
+    marker = homes[1] / "runs" / ids[1] / "checkpoints" / "checkpoint-4" / "COMPLETE"
+    while not marker.is_file():
+        assert time.time() < deadline, "node 1 never reached checkpoint-4"
+        time.sleep(0.3)
+    pid = json.loads((homes[1] / "runs" / ids[1] / "run.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)  # the machine is gone: its launcher, and with it (PDEATHSIG) its ranks
+    first = _wait(homes[0], ids[0], timeout=300)
+    assert first["state"] == "failed" and "another node left the run" in first["error"], first
+    assert _wait(homes[1], ids[1], timeout=60)["state"] == "interrupted"
+
+    from conftest import run_cli
+
+    for home, run_id in zip(homes, ids):  # the same flags as before: run.json kept them
+        run_cli("runs", "resume", run_id, "--detach", home=home)
+    done = [_wait(h, r, states=("finished",)) for h, r in zip(homes, ids)]  # "failed" is the state until it starts
+    assert [d["state"] for d in done] == ["finished", "finished"], done
+    for d in done:
+        assert d["summary"]["steps"] == 6 and d["summary"]["resumed_from"] == "checkpoint-4", d["summary"]
+    assert abs(done[0]["summary"]["final_loss"] - done[1]["summary"]["final_loss"]) <= 1e-6

@@ -1,4 +1,4 @@
-"""`appliance doctor` and `appliance hw`: the machine and its guarantees."""
+"""`appliance doctor`, `appliance hw` and `appliance cluster`: the machine, its guarantees, and its peers."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ def parsers(add) -> None:
     hw.add_argument("--simulate", metavar="PROFILE",
                     help=f"a named profile instead of this machine: {', '.join(PROFILES)}")
     hw.add_argument("--list-profiles", action="store_true", help="list the profiles --simulate accepts")
+
+    c = add("cluster", "the machines this one may train with (loopback only until declared; audited)", json_out=False)
+    csub = c.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    for name, help in (("allow", "declare peers by address: HOST or HOST:PORT (the port: the only one the appliance "
+                                 "connects to there, e.g. the rendezvous)"),
+                       ("list", "the declared peers"), ("revoke", "take a peer back")):
+        sp = csub.add_parser(name, help=help)
+        if name == "allow":
+            sp.add_argument("peers", nargs="+", metavar="HOST[:PORT]")
+        elif name == "revoke":
+            sp.add_argument("peer", metavar="HOST")
+        sp.add_argument("--json", action="store_true")
 
 
 @command("doctor")
@@ -117,4 +129,40 @@ def _hw(args) -> int:
         console.print("links: " + ", ".join(f"GPU {k}: {v}" for k, v in hw.links.items()))
     for note in hw.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
+    return 0
+
+
+def _print_peers(peers: list[dict], json_mode: bool) -> None:
+    from ..cluster import show
+
+    if json_mode:
+        print_json({"peers": peers})
+        return
+    if not peers:
+        print("no peers declared: training stays on this machine (loopback only)")
+    for p in peers:
+        print(f"{show(p['address'], p['port']):<28} declared {p['added']}")
+
+
+@command("cluster allow")
+def _cluster_allow(args) -> int:
+    from .. import cluster
+
+    _print_peers(cluster.allow(args.peers), args.json)
+    return 0
+
+
+@command("cluster list")
+def _cluster_list(args) -> int:
+    from .. import cluster
+
+    _print_peers(cluster.peers(), args.json)
+    return 0
+
+
+@command("cluster revoke")
+def _cluster_revoke(args) -> int:
+    from .. import cluster
+
+    _print_peers(cluster.revoke(args.peer), args.json)
     return 0

@@ -23,6 +23,7 @@ def parsers(add) -> None:
                    help="let the plan shorten sequences if nothing else makes the run fit")
     t.add_argument("--processes", type=int, metavar="N",
                    help="data-parallel processes (default: the plan's choice; one per GPU when a replica fits one)")
+    _topology_flags(t)
     t.add_argument("--detach", action="store_true", help="start the run and return at once")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set training.max_steps=10")
@@ -38,7 +39,22 @@ def parsers(add) -> None:
         if name == "resume":
             sp.add_argument("--detach", action="store_true")
             sp.add_argument("--processes", type=int, metavar="N", help="data-parallel processes (default: as before)")
+            _topology_flags(sp, resume=True)
         sp.add_argument("--json", action="store_true")
+
+
+def _topology_flags(p, resume: bool = False) -> None:
+    again = " (default: as before)" if resume else ""
+    p.add_argument("--nnodes", type=int, metavar="M", help="machines training together, each running this command"
+                   + again)
+    p.add_argument("--node-rank", type=int, metavar="R", help="this machine's place, 0 to M-1 (0 hosts the "
+                   "rendezvous)" + again)
+    p.add_argument("--rdzv", metavar="HOST:PORT", help="node 0's address and port, the same on every machine; a "
+                   "declared peer (`appliance cluster allow`)" + again)
+
+
+def _topology(args) -> dict:
+    return {"processes": args.processes, "nnodes": args.nnodes, "node_rank": args.node_rank, "rdzv": args.rdzv}
 
 
 @command("plan")
@@ -64,6 +80,10 @@ def _train(args) -> int:
 
     if args.processes is not None and args.processes < 1:
         raise InvalidInput(f"--processes {args.processes}: give 1 or more.")
+    if args.nnodes is not None and args.nnodes > 1:  # before the plan and the run: a clear sentence, nothing made
+        from ..cluster import Topology
+
+        Topology(args.processes or 1, args.nnodes, args.node_rank or 0, args.rdzv).check()
     recipe = recipes.load(args.recipe, **parse_overrides(args.set))
     # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
     recipe, plan = planner.fitted(recipe, allow_shorter=args.allow_shorter)
@@ -79,7 +99,7 @@ def _train(args) -> int:
         if plan["adjustments"]:
             print("the plan adjusted the recipe to fit: " + "; ".join(a["change"] for a in plan["adjustments"]))
     run_id = runs.create(recipe, plan)
-    runs.start(run_id, processes=args.processes)
+    runs.start(run_id, **_topology(args))
     return after_start(run_id, args.detach, args.json)
 
 
@@ -169,5 +189,5 @@ def _runs_stop(args) -> int:
 def _runs_resume(args) -> int:
     from .. import runs
 
-    runs.resume(args.run, processes=args.processes)
+    runs.resume(args.run, **_topology(args))
     return after_start(args.run, args.detach, args.json)

@@ -205,6 +205,7 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
     # fault injection for tests: "hang_after_checkpoint:4", "wait_for_stop_at_step:3"
     fault = os.environ.get("APPLIANCE_FAULT", "")
     rank, world = proc.world()
+    writer = proc.writes()
 
     class Events(TrainerCallback):
         def __init__(self):
@@ -224,7 +225,7 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
         def on_step_end(self, args, state, control, **kw):
             proc.progress["step"], proc.progress["training"] = state.global_step, False
             self.busy += time.perf_counter() - self.step_started
-            if rank == 0:
+            if writer:
                 watch.sample(state.global_step)
             if fault == f"wait_for_stop_at_step:{state.global_step}":
                 while not proc.stop_requested:  # test-only: the stop lands at a known step, not in a race
@@ -260,7 +261,7 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
                 # DPO: how far the chosen answers' implicit reward is above the rejected ones', and how often
                 "reward_margin": logs.get("rewards/margins"), "reward_accuracy": logs.get("rewards/accuracies"),
             }
-            if rank == 0:
+            if writer:
                 d.update(watch.sample(state.global_step))
             emit(ev.Event("progress", proc.STAGE, "", {k: v for k, v in d.items() if v is not None and not _nan(v)}))
 
@@ -278,7 +279,7 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
             emit(ev.Event("metric", proc.STAGE, "", {"step": state.global_step, "eval_loss": loss, "best": best,
                                                      **{k: v for k, v in rewards.items() if v is not None}}))
             warning = self.fit.eval_loss(state.global_step, loss)
-            if warning and rank == 0:
+            if warning and writer:
                 best_at = state.best_global_step if not best else state.global_step
                 action = ("early stopping will stop the run" if early_stopping else
                           "set training.early_stopping to stop such runs, or train fewer steps")
@@ -291,7 +292,7 @@ def event_callback(emit: ev.Emit, run: Path, watch: MemoryWatch, patience: int =
                 import torch.distributed as dist
 
                 dist.barrier()
-            if rank != 0:
+            if not writer:  # the first rank of each machine marks its own copy
                 return
             ckpt = run / "checkpoints" / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():

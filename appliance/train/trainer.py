@@ -25,7 +25,9 @@ from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, i
                         recover, release_memory, split_memory)
 
 
-def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
+def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: str | None = "last") -> None:
+    """``checkpoint`` (on a resume): "last" (the newest complete one), a checkpoint's name (what the nodes of a
+    run across machines agreed on), or None (from the start)."""
     from ..models import model_dir
     from ..runs import batch_settings, last_checkpoint
 
@@ -33,7 +35,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     t = recipe.training
     threads = t.threads or os.cpu_count() or 1
     if world > 1:
-        threads = max(1, threads // world)  # the ranks share the machine's cores
+        threads = max(1, threads // proc.local_world())  # the ranks on this machine share its cores
     import torch
 
     torch.set_num_threads(threads)
@@ -43,14 +45,19 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     datasets.disable_caching()  # keep tokenized dataset text in memory, never in an on-disk cache
     base = model_dir(recipe.base_model)
     cuda = torch.cuda.is_available()
-    if cuda and world > 1 and rank >= torch.cuda.device_count():
-        raise StageFailed(f"{world} data-parallel processes need {world} GPUs but {torch.cuda.device_count()} are "
+    local = proc.local_world()
+    if cuda and world > 1 and local > torch.cuda.device_count():
+        raise StageFailed(f"{local} data-parallel processes need {local} GPUs but {torch.cuda.device_count()} are "
                           "visible; start the run with fewer processes.")
     where = "cuda" if cuda else "cpu"
-    parallel = f", {world} data-parallel processes ({'NCCL' if cuda else 'gloo'} on loopback)" if world > 1 else ""
+    backend = "NCCL" if cuda else "gloo"
+    nodes = world // local
+    parallel = (f", {world} data-parallel processes on {nodes} machines ({backend} on "
+                f"{os.environ.get('GLOO_SOCKET_IFNAME', '?')})" if nodes > 1 else
+                f", {world} data-parallel processes ({backend} on loopback)" if world > 1 else "")
     emit(ev.Event("stage", proc.STAGE, f"{'resuming' if resume else 'starting'} on {where} with {threads} threads"
                   f"{' per process' if world > 1 else ''}{parallel}",
-                  {"resume": resume, "device": where, "processes": world}))
+                  {"resume": resume, "device": where, "processes": world, "nodes": nodes}))
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -87,9 +94,13 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     train_ds, eval_ds = load("train"), load("validation")
     micro, accum = batch_settings(run.name, recipe)  # the recipe's, or smaller after an out-of-memory recovery
 
-    checkpoint = None
-    if resume:
+    if not resume or checkpoint is None:
+        checkpoint = None
+    elif checkpoint == "last":
         checkpoint = last_checkpoint(run.name)
+    else:
+        checkpoint = run / "checkpoints" / checkpoint
+    if resume:
         emit(ev.Event("stage", proc.STAGE, f"resuming from {checkpoint.name if checkpoint else 'the start (no complete checkpoint)'}",
                       {"checkpoint": checkpoint.name if checkpoint else None}))
     watch = MemoryWatch(emit, run, cuda)
@@ -112,8 +123,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         emit(ev.Event("warning", proc.STAGE, f"stopped on request at step {trainer.state.global_step} with a checkpoint; "
                       "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
         return
-    if rank != 0:
-        return  # rank 0 writes the summary, the adapter and their manifests
+    if not proc.writes():
+        return  # the first rank of each machine writes the summary, the adapter and their manifests
 
     from ..runs import overrides
 
@@ -147,6 +158,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
         "micro_batch_size": micro,
         "gradient_accumulation_steps": accum,
         "processes": world,
+        "nodes": nodes,
         "effective_batch": micro * accum * world,
         "oom_recoveries": overrides(run.name).get("oom_recoveries", []),
         "mix": shares,
@@ -183,7 +195,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit) -> None:
     sign_checkpoints(run, recipe)
     audit.record("train.finish", {"run": run.name, "dataset": dataset.name, "base_model": recipe.base_model},
                  {"steps": summary["steps"], "final_loss": summary["final_loss"], "resumed": resume,
-                  "oom_recoveries": len(summary["oom_recoveries"]), "processes": world})
+                  "oom_recoveries": len(summary["oom_recoveries"]), "processes": world,
+                  "nodes": nodes})
     best_text = f"; best {best} (validation loss {state.best_metric:.4f})" if best else ""
     emit(ev.Event("finished", proc.STAGE, f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}"
                   f"{best_text}", summary))
@@ -295,7 +308,9 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     distributed = {}
     if world > 1:
         # Every adapter weight takes part in every step: no search for unused parameters. gloo on the CPU.
-        distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"})}
+        distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"}),
+                       # across machines each keeps its own checkpoints (its ranks' RNG states are there too)
+                       "save_on_each_node": proc.across_machines()}
     common = dict(
         output_dir=str(run / "checkpoints"),
         max_steps=t.max_steps or -1,

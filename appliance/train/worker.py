@@ -22,14 +22,10 @@ complete checkpoint; the new batch is kept in ``overrides.json`` so a later
 ``runs resume`` keeps it, and the recovery is in the events, the summary and
 the audit log.
 
-Data parallelism (``--processes N``): this process reads the keys from its
-parent's pipe, then starts N ranks with multiprocessing's ``spawn`` and hands
-each its keys in memory (through multiprocessing's own pipe, never on disk, in
-the environment or on a command line). The ranks meet on 127.0.0.1 (gloo on
-the CPU, NCCL on GPUs); rank 0 alone writes events, checkpoint markers, the
-summary, manifests and audit entries. This process stays as their supervisor:
-it forwards a stop, kills the ranks if it dies (PDEATHSIG), and restarts them
-with a halved micro-batch after an out-of-memory error in any of them.
+Data parallelism (``--processes N``, and ``--nnodes M --node-rank R --rdzv HOST:PORT`` across machines): this
+process reads the keys from its parent's pipe and becomes the machine's launcher: PyTorch's elastic agent starts
+the ranks (``launcher``), hands each its keys in memory, forwards a stop, and restarts them with a halved
+micro-batch after an out-of-memory error. The first rank of each machine writes that machine's run folder.
 """
 
 from __future__ import annotations
@@ -46,14 +42,14 @@ from ..errors import ApplianceError
 from ..trust import audit, keys
 from ..workspace import read_json, write_json
 from . import proc
-from .supervisor import supervise
+from .launcher import Topology, launch
 from .trainer import train
 
 
 def main(argv: list[str]) -> int:
     run = Path(argv[0])
     resume = "--resume" in argv[1:]
-    processes = int(argv[argv.index("--processes") + 1]) if "--processes" in argv else 1
+    topology = Topology.from_argv(argv)
     handed: dict = {}
     if "--keys-fd" in argv:
         fd = int(argv[argv.index("--keys-fd") + 1])
@@ -65,12 +61,8 @@ def main(argv: list[str]) -> int:
     info["pid"] = os.getpid()
     write_json(run / "run.json", info)
 
-    def on_term(signum, frame):
-        if proc.children:
-            for p in proc.children:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)  # each rank saves at the same step (they agree every step)
-        elif proc.training_started:
+    def on_term(signum, frame):  # once the ranks run, the launcher's agent has its own (it forwards the stop)
+        if proc.training_started:
             proc.stop_requested = True
         else:
             raise proc.Stopped()
@@ -79,8 +71,8 @@ def main(argv: list[str]) -> int:
     try:
         from ..runs import load_recipe
 
-        if processes > 1:
-            supervise(run, load_recipe(run.name), resume, emit, processes, handed)
+        if topology.world > 1:
+            launch(run, load_recipe(run.name), resume, emit, topology, handed)
         else:
             train(run, load_recipe(run.name), resume, emit)
         return 0

@@ -47,6 +47,7 @@ EVENTS = (
     "ask", "chat",
     "serve.start", "serve.stop", "serve.usage", "serve.denied", "serve.key.create", "serve.key.revoke",
     "serve.listen.allow", "serve.listen.remove",
+    "cluster.allow", "cluster.revoke",
     "network.blocked",
     "audit.verify", "audit.repaired",
 )

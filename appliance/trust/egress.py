@@ -43,6 +43,9 @@ Deliberate choices beyond the letter of the issue:
   the appliance listen on loopback only, unless the operator declared an address
   (``appliance serve allow ADDRESS``, audited) and the server is started there
   with ``--host``: that process alone then may listen there (:func:`allow_listen`).
+- Connections to a non-loopback address are refused unless the operator declared
+  it as a cluster peer (``appliance cluster allow HOST[:PORT]``, audited) and the
+  process is a training process of a run across machines (:func:`allow_peer`).
 - Other address families (AF_PACKET raw frames, AF_VSOCK, Bluetooth, CAN, ...)
   are refused on connect/sendto/bind: they reach beyond this host.
 
@@ -119,6 +122,9 @@ _ignored: list[str] = []  # entries of APPLIANCE_EGRESS_FORBID that are not loop
 # Non-loopback addresses this process may listen on: only what the operator declared (`appliance serve allow`),
 # added by the one command that serves there. Only ever grows; connections to them are still refused.
 _listen: set[str] = set()
+# Non-loopback peers this process may connect to: only what the operator declared (`appliance cluster allow`),
+# added by a training process of a run across machines. address -> ports (None: any). Only ever grows.
+_peers: dict[str, set[int] | None] = {}
 _installed = False
 
 
@@ -174,10 +180,35 @@ def allow_listen(address: str) -> None:
     _listen.add(str(ip))
 
 
+def allow_peer(address: str, port: int | None = None) -> None:
+    """Let this process connect to a numeric non-loopback address the operator declared (at ``port`` only, if
+    given; any port otherwise); it cannot be undone."""
+    ip = _ip(address)
+    if ip is None:
+        raise ValueError(f"{address!r} is not a numeric IP address")
+    key = str(ip)
+    if port is None or _peers.get(key, set()) is None:
+        _peers[key] = None
+    else:
+        _peers.setdefault(key, set()).add(int(port))
+
+
+def _peer_allowed(ip, port) -> bool:
+    if str(ip) not in _peers:
+        return False
+    ports = _peers[str(ip)]
+    try:
+        return ports is None or int(port) in ports
+    except (TypeError, ValueError):
+        return False
+
+
 def policy() -> dict:
     """What the guard allows and what the test policy forbids in this process."""
     return {"installed": _installed, "forbidden": [_format(a, p) for (a, p) in sorted(_forbidden, key=str)],
-            "ignored_entries": list(_ignored), "listen": sorted(_listen)}
+            "ignored_entries": list(_ignored), "listen": sorted(_listen),
+            "peers": [a if ports is None else ",".join(_format(a, p) for p in sorted(ports))
+                      for a, ports in sorted(_peers.items())]}
 
 
 def installed() -> bool:
@@ -222,7 +253,7 @@ def _check_peer(sock, address):
                 return ("connect", name or "0.0.0.0", port, "not loopback")
             ip = _ip("::1" if family == _AF_INET6 else "127.0.0.1")
         if not ip.is_loopback:
-            return ("connect", str(ip), port, "not loopback")
+            return None if _peer_allowed(ip, port) else ("connect", str(ip), port, "not loopback")
         why = _forbidden_reason(ip, port)
         return ("connect", str(ip), port, why) if why else None
     return ("connect", repr(address), None, f"address family {_FAMILY_NAMES.get(family, family)} is not allowed")
@@ -263,7 +294,7 @@ def _check_name(host, port=None):
     if ip.is_unspecified:
         return None  # a numeric answer, sends nothing; a bind to it is refused
     if not ip.is_loopback:
-        return ("resolve", str(ip), port, "not loopback")
+        return None if str(ip) in _peers else ("resolve", str(ip), port, "not loopback")
     why = _forbidden_reason(ip, port)
     return ("resolve", str(ip), port, why) if why else None
 
