@@ -114,9 +114,11 @@ def listeners() -> list[dict]:
 
 
 def listener_checks() -> list[dict]:
+    from .cluster import peers as declared, show
     from .serve import allowed_hosts
 
     found = listeners()
+    peers = [show(p["address"], p["port"]) for p in declared()]
     shown = lambda r: (f"[{r['address']}]" if ":" in r["address"] else r["address"]) + f":{r['port']}" + (  # noqa: E731
         f" ({r['appliance']})" if r["appliance"] else "")
     open_ = [r for r in found if not r["loopback"]]
@@ -129,6 +131,9 @@ def listener_checks() -> list[dict]:
                "all on loopback") + (f"; the appliance serves {', '.join(shown(r) for r in ours)}" if ours else "")),
         check("serve_hosts", "addresses `serve --host` may use", "info" if allowed else "ok",
               allowed or "loopback only", "declared with `appliance serve allow ADDRESS`" if allowed else ""),
+        check("cluster_peers", "cluster peers training may reach", "info" if peers else "ok", peers or "none",
+              "declared with `appliance cluster allow HOST[:PORT]`; only training runs with --nnodes reach them"
+              if peers else "training stays on this machine (loopback only)"),
     ]
 
 

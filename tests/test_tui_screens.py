@@ -267,8 +267,8 @@ async def test_train_from_plan_starts_the_run_as_the_cli_does_and_follows_it(hom
 
     started = []
 
-    def fake_start(path, overrides, allow_shorter, processes):  # the run: test_tui_pipeline.py; here: the hand-over
-        assert (overrides, allow_shorter, processes) == ({}, False, None)  # the form untouched: the recipe as it is
+    def fake_start(path, overrides, allow_shorter, processes, nodes):  # the run: test_tui_pipeline.py; here: the hand-over
+        assert (overrides, allow_shorter, processes, nodes) == ({}, False, None, None)  # the form untouched
         started.append(path)
         write_run()
         return RUN
@@ -455,3 +455,20 @@ async def test_models_imports_the_embedded_default_with_one_key(vault_home):
         assert [m["id"] for m in models.list_models()] == [MODEL_ID]
         table = app.query_one("#model-table", DataTable)
         assert table.get_row_at(0)[0] == MODEL_ID
+
+
+def test_the_plan_screens_machines_field_reads_node_rank_count_and_rendezvous(home):
+    from appliance import cluster
+    from appliance.errors import InvalidInput
+    from tui.screens.plan import parse_nodes
+
+    assert parse_nodes("  ") is None
+    assert parse_nodes("1/2@127.0.0.1:29400") == {"nnodes": 2, "node_rank": 1, "rdzv": "127.0.0.1:29400"}
+    with pytest.raises(InvalidInput, match="R/M@HOST:PORT"):
+        parse_nodes("node 1 of 2")
+    with pytest.raises(InvalidInput, match="--node-rank 2: with --nnodes 2 use 0 to 1"):
+        parse_nodes("2/2@127.0.0.1:29400")
+    with pytest.raises(InvalidInput, match="not a declared peer"):
+        parse_nodes("1/2@10.0.0.9:29400")
+    cluster.allow(["10.0.0.9:29400"])
+    assert parse_nodes("1/2@10.0.0.9:29400")["rdzv"] == "10.0.0.9:29400"

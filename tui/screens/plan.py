@@ -142,7 +142,7 @@ def choices() -> tuple[list[str], list[str]]:
 
 
 def start_training(recipe_path: str, overrides: dict | None = None, allow_shorter: bool = False,
-                   processes: int | None = None) -> str:
+                   processes: int | None = None, nodes: dict | None = None) -> str:
     """What `appliance train RECIPE` does: plan on this machine, refuse what cannot fit, apply the safe
     adjustments, create the run and start its worker. Returns the run's id."""
     from appliance import plan as planner
@@ -152,8 +152,27 @@ def start_training(recipe_path: str, overrides: dict | None = None, allow_shorte
     require_unlocked()  # the run's dataset key and the signing key go to the worker
     recipe, plan = planner.fitted(recipe, allow_shorter=allow_shorter)
     run_id = runs.create(recipe, plan)
-    runs.start(run_id, processes=processes)
+    runs.start(run_id, processes=processes, **(nodes or {}))
     return run_id
+
+
+def parse_nodes(text: str) -> dict | None:
+    """The "machines" field: ``R/M@HOST:PORT`` (this machine is node R of M, meeting at node 0's HOST:PORT), as
+    `train --node-rank R --nnodes M --rdzv HOST:PORT`; empty: this machine alone."""
+    from appliance.cluster import Topology
+    from appliance.errors import InvalidInput
+
+    text = text.strip()
+    if not text:
+        return None
+    ranks, at, rdzv = text.partition("@")
+    rank, slash, total = ranks.partition("/")
+    if not (at and slash and rank.strip().isdigit() and total.strip().isdigit()):
+        raise InvalidInput(f"Plan: machines {text!r} is not R/M@HOST:PORT (e.g. 1/2@10.0.0.1:29400: this machine is "
+                           "node 1 of 2, node 0 at 10.0.0.1:29400); clear the field to train on this machine alone.")
+    nodes = {"nnodes": int(total), "node_rank": int(rank), "rdzv": rdzv.strip()}
+    Topology(1, nodes["nnodes"], nodes["node_rank"], nodes["rdzv"]).check()
+    return nodes
 
 
 class PlanScreen(Pane):
@@ -210,6 +229,12 @@ class PlanScreen(Pane):
                     yield Label("processes")
                     yield Input(placeholder="plan's", id="k-procs", type="integer",
                                 tooltip="training processes, one per GPU (`--processes`); empty: the plan's choice")
+                with Vertical(classes="knob"):
+                    yield Label("machines")
+                    yield Input(placeholder="this one", id="k-nodes",
+                                tooltip="train across machines: R/M@HOST:PORT, this machine is node R of M, node 0 "
+                                        "listens at HOST:PORT (`--node-rank R --nnodes M --rdzv HOST:PORT`); every "
+                                        "machine declared first (`appliance cluster allow`)")
                 with Vertical(classes="knob", id="k-config-box"):
                     yield Label("model config.json")
                     yield Input(placeholder="the model's own", id="k-config",
@@ -326,6 +351,7 @@ class PlanScreen(Pane):
                                    "plan choose (one per GPU when a replica fits one).")
             processes = int(procs_raw)
         return {"limit": limit, "processes": processes, "allow_shorter": self.query_one("#k-shorter", Checkbox).value,
+                "nodes": parse_nodes(self.query_one("#k-nodes", Input).value),
                 "model_config": self.query_one("#k-config", Input).value.strip() or None}
 
     def focus_default(self) -> None:
@@ -382,7 +408,8 @@ class PlanScreen(Pane):
         self.query_one("#plan-summary", Static).update(f"planning {escape(path)} on this machine, then starting "
                                                        "the run…")
         self.call(lambda: start_training(path, overrides, allow_shorter=options["allow_shorter"],
-                                         processes=options["processes"]), self.started, group="train")
+                                         processes=options["processes"], nodes=options["nodes"]), self.started,
+                  group="train")
 
     async def started(self, run_id: str) -> None:
         from .train import TrainScreen
