@@ -85,9 +85,11 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
     reports = mp.get_context("spawn").SimpleQueue()  # what a failing rank has to say (the pipe is spawn's)
     while True:
         store = _store(topology, host, port)
-        agreed = agree(store, run, recipe, resume, topology, local, batch_settings(run.name, recipe))
-        if agreed["micro_batch_size"] != batch_settings(run.name, recipe)[0]:
+        batch = batch_settings(run.name, recipe)
+        agreed = agree(store, run, recipe, resume, topology, local, batch)
+        if agreed["micro_batch_size"] != batch[0]:
             _adopt_batch(run, emit, agreed)
+        micro, accum = agreed["micro_batch_size"], agreed["gradient_accumulation_steps"]  # what the ranks train with
         args = (str(run), resume, agreed["checkpoint"], _keys_for(handed), reports, os.getpid())
         failure = _run_agent(store, host, port, topology, local, args, run)
         if failure is None:
@@ -97,13 +99,11 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
             said.append(reports.get())
         oom = next((m for m in said if m[0] == "oom"), None)
         if oom is not None and not across:
-            micro, accum = batch_settings(run.name, recipe)
             recover(run, emit, oom[2], oom[1], micro, accum)
             resume = True
             host, port = endpoint(topology)  # a fresh store on one machine: no stale keys of the last round
             continue
         if oom is not None:
-            micro, accum = batch_settings(run.name, recipe)
             recover(run, emit, oom[2], oom[1], micro, accum)  # kept for the resume; the other nodes stop too
             raise StageFailed(f"{oom[2]}: out of memory at step {oom[1]}; this node halved its micro-batch. "
                               "`appliance runs resume` on every node continues, and the nodes agree on the smaller "
