@@ -158,6 +158,8 @@ class Knobs:
     dora: bool = False
     dpo: bool = False                 # preference pairs: a chosen and a rejected sequence per example
     full: bool = False                # full fine-tuning: every weight trains (fp32 master weights)
+    strategy: str = "auto"            # auto | ddp | fsdp | split: the recipe's training.strategy
+    cpu_offload: bool = False         # FSDP keeps its shards (weights, gradients, optimizer states) in host memory
 
     @classmethod
     def from_recipe(cls, recipe) -> "Knobs":
@@ -173,7 +175,8 @@ class Knobs:
                    micro_batch=micro, grad_accum=1 if "micro_batch" in auto else t.gradient_accumulation_steps,
                    seq_len=t.max_seq_length, grad_ckpt=t.gradient_checkpointing is True, optimizer=t.optimizer,
                    packing=t.packing and not dpo, offload=t.activation_offloading, auto=auto,
-                   dora=bool(lora and lora.use_dora), dpo=dpo, full=lora is None)
+                   dora=bool(lora and lora.use_dora), dpo=dpo, full=lora is None, strategy=t.strategy,
+                   cpu_offload=t.fsdp_cpu_offload)
 
 
 def shape_from_config(config: dict, name: str = "model") -> Shape:
@@ -216,9 +219,17 @@ def load_shape(base_model: str, config_path: str | Path | None = None, near: Pat
                    f"{base_model}`, or pass --model-config with its config.json to plan before copying the weights.")
 
 
-def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> dict[str, int]:
+def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1, fsdp: bool = False) -> dict[str, int]:
     """Peak bytes of one training process, by part. ``shards`` splits the model's layers over that many GPUs
-    (model parallelism): weights, adapters and activations divide, the runtime does not."""
+    (model parallelism): weights, adapters and activations divide, the runtime does not.
+
+    ``fsdp``: FSDP over ``shards`` processes (each a whole data-parallel replica that holds 1/shards of the state).
+    Sharded: the 4-bit weights (stored in the compute dtype, ``bnb_4bit_quant_storage``, so FSDP can shard them
+    like any tensor), the adapter, its gradients and optimizer states; with ``cpu_offload`` those live in host
+    memory instead. Whole on each GPU: the activations and the LM head of its own micro-batch, the layers
+    all-gathered for compute (the one running and the one prefetched), and the root module's parameters
+    (embeddings, final norm, LM head), which FSDP keeps gathered from forward to backward. The frozen non-4-bit
+    weights stay in the compute dtype: the FSDP path skips PEFT's fp32 upcast, which would mix dtypes in a shard."""
     dtype = DTYPE_BYTES[k.compute_dtype]
     if k.quant == "nf4":
         per_param = 0.5 + ((1 + 4 / 256) / 64 if k.double_quant else 4 / 64)
@@ -234,7 +245,7 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
     h, i = shape.hidden, shape.intermediate
     # QLoRA: prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32, so the residual
     # stream (each layer's input) is fp32 too; the layers' matmuls run in the compute dtype (autocast on CUDA).
-    other = 4 if k.quant == "nf4" else dtype
+    other = 4 if k.quant == "nf4" and not fsdp else dtype
     lm_head = k.lm_head if k.lm_head != "auto" else ("fused" if device == "cuda" or k.dpo else "native")
     # No autocast on a CPU: the residual stream and what the backward pass keeps are fp32; a padded batch takes
     # SDPA's math path, which keeps the scores and the probabilities (heads x seq per token); packed documents
@@ -267,11 +278,11 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         head = 2 * tile * dtype + tokens * 32  # a tile and its gradient in place; per-token statistics
     parts = {
         "weights": int(shape.linear_params * per_param / shards),
-        "weights_other": int(shape.other_params * other / shards),
+        "weights_other": int(shape.other_params * other / (1 if fsdp else shards)),
         "lora": lora * 4 // shards,
         "gradients": lora * 4 // shards,
         "optimizer": lora * OPTIMIZER_BYTES[k.optimizer] // shards,
-        "activations": int(activations / shards),
+        "activations": int(activations / (1 if fsdp else shards)),
         "logits": int(head),
     }
     if k.full:  # every weight trains: fp32 master weights, their gradients and the optimizer's states
@@ -286,10 +297,29 @@ def estimate(shape: Shape, k: Knobs, device: str = "cuda", shards: int = 1) -> d
         parts["logits"] += int(DPO_HEAD * tokens * shape.vocab)
     if k.dora:  # the rebuilt weight whose norm DoRA takes, one target at a time
         parts["dora_weight"] = int(dora_weight * 4 / shards)
+    if fsdp:
+        layer = shape.linear_params * (4 if k.full else per_param) / shape.layers
+        parts["gathered"] = int(2 * layer)  # the layer computing and the next, all-gathered ahead of it
+        if k.cpu_offload:  # the shards wait in host memory (host_estimate counts them there)
+            for part in ("weights", "lora", "gradients", "optimizer", "reference"):
+                if part in parts:
+                    parts[part] = 0
     margin = CPU_ALLOCATOR_MARGIN if device == "cpu" else ALLOCATOR_MARGIN
     parts["allocator_margin"] = int(margin * sum(parts.values()))
     parts["runtime"] = CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME
     return parts
+
+
+def host_estimate(shape: Shape, k: Knobs, shards: int, local: int) -> int:
+    """Host memory of an FSDP run on one machine with ``local`` of its ``shards`` processes: the first process
+    loads the quantized model into host memory before it is sharded (the others load nothing: accelerate's
+    ``cpu_ram_efficient_loading``), with CPU offload the local processes' shards live there for the whole run,
+    plus each process's Python, torch and libraries."""
+    gpu = estimate(shape, replace(k, cpu_offload=False), "cuda", shards, fsdp=True)
+    loaded = gpu["weights"] * shards + gpu["weights_other"]
+    states = sum(gpu[p] for p in ("lora", "gradients", "optimizer", "reference") if p in gpu)
+    offloaded = (loaded / shards + states) * local if k.cpu_offload else 0
+    return int(max(loaded, offloaded) + local * CPU_RUNTIME)
 
 
 @dataclass
@@ -314,42 +344,35 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
     devs = devices(hw, limit)
     kind = devs[0].kind
     smallest = min(d.limit for d in devs)
-    steps: list[dict] = []
 
     def total(k: Knobs, shards: int = 1) -> int:
         return sum(estimate(shape, k, kind, shards).values())
 
-    k, choices = _fastest(knobs, total, smallest, kind) if knobs.auto else (knobs, [])
-    if total(k) > smallest and not k.grad_ckpt:
-        k = replace(k, grad_ckpt=True)
-        steps.append({"change": "gradient checkpointing on",
-                      "why": "keeps one input per layer instead of every activation; ~30% slower steps"})
-    while total(k) > smallest and k.micro_batch > 1:
-        k = replace(k, micro_batch=k.micro_batch // 2, grad_accum=k.grad_accum * 2)
-        steps.append({"change": f"micro-batch {k.micro_batch * 2} -> {k.micro_batch}, gradient accumulation "
-                                f"{k.grad_accum // 2} -> {k.grad_accum}",
-                      "why": f"the effective batch stays {k.micro_batch * k.grad_accum}"})
-    if total(k) > smallest and OPTIMIZER_BYTES[k.optimizer] > 2 and kind == "cuda":
-        k = replace(k, optimizer="paged_adamw_8bit")
-        steps.append({"change": f"optimizer {knobs.optimizer} -> paged_adamw_8bit",
-                      "why": "2 bytes of state per adapter parameter instead of 8, paged to host memory under pressure"})
-    shorter_needed = None
-    if total(k) > smallest:
-        seq = k.seq_len
-        while seq > 256 and total(replace(k, seq_len=seq)) > smallest:
-            seq //= 2
-        if total(replace(k, seq_len=seq)) <= smallest:
-            shorter_needed = seq
-            if allow_shorter:
-                k = replace(k, seq_len=seq)
-                steps.append({"change": f"max_seq_length {knobs.seq_len} -> {seq}",
-                              "why": "you allowed shorter sequences; longer examples are truncated"})
+    n = len(devs)
 
-    strategy = _strategy(shape, k, devs, total)
+    def sharded(k: Knobs) -> int:
+        return sum(estimate(shape, k, kind, n, fsdp=True).values())
+
+    def need(k: Knobs) -> int:
+        """Per GPU under the leanest layout the recipe allows: one replica, FSDP, or the layers split over them."""
+        if kind == "cpu" or n == 1 or k.strategy == "ddp":
+            return total(k)
+        return min({"auto": (total(k), sharded(k), total(k, n)), "fsdp": (sharded(k),),
+                    "split": (total(k, n),)}[k.strategy])
+
+    # A replica per GPU first (DDP moves only the adapter's gradients), with every adjustment it needs; only when
+    # none makes it fit, FSDP or the split, for which the same adjustments are made on their per-GPU need.
+    first = total if knobs.strategy in ("auto", "ddp") else need
+    k, choices, steps, shorter_needed = _adjust(knobs, first, smallest, kind, allow_shorter)
+    if knobs.strategy == "auto" and total(k) > smallest and n > 1:
+        k, choices, steps, shorter_needed = _adjust(knobs, need, smallest, kind, allow_shorter)
+
+    strategy = _strategy(k, devs, total, sharded)
     shards = strategy["shards"]
     per_device = []
     for d in devs:
-        parts = estimate(shape, k, kind, shards if strategy["mode"] == "split" else 1)
+        parts = estimate(shape, k, kind, shards if strategy["mode"] in ("split", "fsdp") else 1,
+                         fsdp=strategy["mode"] == "fsdp")
         used = sum(parts.values())
         per_device.append({"device": d.name, "capacity": d.capacity, "limit": d.limit, "estimate": used,
                            "fits": used <= d.limit, "breakdown": parts})
@@ -369,9 +392,49 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         "strategy": strategy,
         "devices": per_device,
     }
+    if strategy["mode"] == "fsdp" and kind == "cuda":
+        host = host_estimate(shape, k, shards, shards)
+        plan["host"] = {"estimate": host, "capacity": hw.ram_total, "fits": host <= hw.ram_total * limit,
+                        "why": "the first process loads the 4-bit model here before sharding it"
+                               + ("; the offloaded shards stay here" if k.cpu_offload else "")}
+        fits = fits and plan["host"]["fits"]
+        plan["verdict"] = verdict if fits else "does_not_fit"
     if not fits:
+        plan["adjustments"] = []
         plan["would_fit"] = _alternatives(shape, k, devs, kind, shorter_needed, total)
     return plan
+
+
+def _adjust(knobs: Knobs, need, smallest: int, kind: str, allow_shorter: bool):
+    """The knobs left to the plan set, then the adjustments in order until ``need`` (bytes per device) fits:
+    (knobs, choices, adjustments, the shorter max_seq_length that would fit or None)."""
+    steps: list[dict] = []
+    k, choices = _fastest(knobs, need, smallest, kind) if knobs.auto else (knobs, [])
+    if need(k) > smallest and not k.grad_ckpt:
+        k = replace(k, grad_ckpt=True)
+        steps.append({"change": "gradient checkpointing on",
+                      "why": "keeps one input per layer instead of every activation; ~30% slower steps"})
+    while need(k) > smallest and k.micro_batch > 1:
+        k = replace(k, micro_batch=k.micro_batch // 2, grad_accum=k.grad_accum * 2)
+        steps.append({"change": f"micro-batch {k.micro_batch * 2} -> {k.micro_batch}, gradient accumulation "
+                                f"{k.grad_accum // 2} -> {k.grad_accum}",
+                      "why": f"the effective batch stays {k.micro_batch * k.grad_accum}"})
+    if need(k) > smallest and OPTIMIZER_BYTES[k.optimizer] > 2 and kind == "cuda":
+        k = replace(k, optimizer="paged_adamw_8bit")
+        steps.append({"change": f"optimizer {knobs.optimizer} -> paged_adamw_8bit",
+                      "why": "2 bytes of state per adapter parameter instead of 8, paged to host memory under pressure"})
+    shorter_needed = None
+    if need(k) > smallest:
+        seq = k.seq_len
+        while seq > 256 and need(replace(k, seq_len=seq)) > smallest:
+            seq //= 2
+        if need(replace(k, seq_len=seq)) <= smallest:
+            shorter_needed = seq
+            if allow_shorter:
+                k = replace(k, seq_len=seq)
+                steps.append({"change": f"max_seq_length {knobs.seq_len} -> {seq}",
+                              "why": "you allowed shorter sequences; longer examples are truncated"})
+    return k, choices, steps, shorter_needed
 
 
 def _fastest(k: Knobs, total, limit: int, kind: str) -> tuple[Knobs, list[dict]]:
@@ -421,24 +484,43 @@ def _knobs_dict(k: Knobs) -> dict:
     return d
 
 
-def _strategy(shape: Shape, k: Knobs, devs: list[Device], total) -> dict:
-    if devs[0].kind == "cpu":
-        return {"mode": "single", "shards": 1, "why": "no NVIDIA GPU: one process trains on the CPU"}
-    if len(devs) == 1:
-        return {"mode": "single", "shards": 1, "why": "one GPU"}
-    smallest = min(d.limit for d in devs)
-    if total(k) <= smallest:
-        return {"mode": "ddp", "shards": 1, "replicas": len(devs),
-                "why": f"one replica fits a GPU ({total(k) / GiB:.1f} GiB of {smallest / GiB:.1f}): data parallelism "
-                       f"(DDP, one process per GPU) trains {len(devs)}x the examples per step with no communication "
-                       "of weights, only of the adapter's gradients"}
-    for shards in range(2, len(devs) + 1):
-        if total(k, shards) <= smallest:
+def _strategy(k: Knobs, devs: list[Device], total, sharded) -> dict:
+    """DDP when one replica fits a GPU; else FSDP when its shards fit (every GPU computes at once); else the layers
+    split over the GPUs (they compute one after the other, but the activations divide too). A recipe's
+    ``training.strategy`` other than auto is kept, and the verdict says whether it fits."""
+    cpu, n, smallest = devs[0].kind == "cpu", len(devs), min(d.limit for d in devs)
+    if cpu or n == 1:
+        if k.strategy in ("ddp", "fsdp"):
+            return {"mode": k.strategy, "shards": 1,
+                    "why": f"the recipe asks for {k.strategy.upper()}: the processes `train --processes N` starts "
+                           f"(or --nnodes) each hold {'a shard' if k.strategy == 'fsdp' else 'a replica'}"
+                           + (" (gloo on the CPU: the same code path as on GPUs)" if cpu else "")}
+        return {"mode": "single", "shards": 1, "why": "no NVIDIA GPU: one process trains on the CPU" if cpu else "one GPU"}
+    replica, asked = total(k), k.strategy != "auto"
+    if k.strategy == "ddp" or (not asked and replica <= smallest):
+        return {"mode": "ddp", "shards": 1, "replicas": n,
+                "why": ("the recipe asks for DDP: " if asked else
+                        f"one replica fits a GPU ({replica / GiB:.1f} GiB of {smallest / GiB:.1f}): ") +
+                       f"data parallelism (DDP, one process per GPU) trains {n}x the examples per step with no "
+                       "communication of weights, only of the adapter's gradients"}
+    if k.strategy == "fsdp" or (not asked and sharded(k) <= smallest):
+        offload = " (with CPU offload: the shards in host memory)" if k.cpu_offload else ""
+        return {"mode": "fsdp", "shards": n, "replicas": n, "offload": k.cpu_offload,
+                "why": ("the recipe asks for FSDP: " if asked else
+                        f"one replica needs {replica / GiB:.1f} GiB, more than a GPU allows ({smallest / GiB:.1f}); ")
+                       + f"FSDP{offload} shards the 4-bit weights, the adapter and its optimizer states over {n} GPUs "
+                       f"({sharded(k) / GiB:.1f} GiB each) and all {n} compute at once, gathering each layer's "
+                       "weights as it runs; a layer-by-layer split would leave all but one idle at any time"}
+    for shards in range(2, n + 1):
+        if total(k, shards) <= smallest or (k.strategy == "split" and shards == n):
             return {"mode": "split", "shards": shards,
-                    "why": f"one replica needs {total(k) / GiB:.1f} GiB, more than a GPU allows "
-                           f"({smallest / GiB:.1f}); its layers are split over {shards} GPUs (device_map with "
-                           "per-GPU limits), which run one after the other"}
-    return {"mode": "split", "shards": len(devs), "why": "even split over every GPU it does not fit"}
+                    "why": ("the recipe asks for a split: " if asked else
+                            f"one replica needs {replica / GiB:.1f} GiB, more than a GPU allows "
+                            f"({smallest / GiB:.1f}), and FSDP's {sharded(k) / GiB:.1f} GiB per GPU (each keeps "
+                            "its own activations) does not fit either; ")
+                           + f"its layers are split over {shards} GPUs (device_map with per-GPU limits), which run "
+                             "one after the other"}
+    return {"mode": "split", "shards": n, "why": "even split over every GPU it does not fit"}
 
 
 def _alternatives(shape, k, devs, kind, shorter_needed, total) -> list[str]:
@@ -461,6 +543,12 @@ def _alternatives(shape, k, devs, kind, shorter_needed, total) -> list[str]:
         if sum(estimate(smaller, k, kind).values()) <= smallest:
             out.append(f"a smaller model: about {label} of this one's {shape.total_params / 1e9:.1f}B parameters fits")
             break
+    if kind == "cuda" and len(devs) > 1 and not k.cpu_offload:
+        off = replace(k, cpu_offload=True)
+        per_gpu = sum(estimate(shape, off, kind, len(devs), fsdp=True).values())
+        if per_gpu <= smallest:
+            out.append(f"FSDP with CPU offload (training.fsdp_cpu_offload: true): {per_gpu / GiB:.1f} GiB a GPU and "
+                       f"{host_estimate(shape, off, len(devs), len(devs)) / GiB:.0f} GiB of host memory; slower steps")
     if kind == "cuda":
         gpus = next((n for n in range(len(devs) + 1, 17) if total(k, n) <= devs[0].limit), None)
         if gpus:
@@ -509,6 +597,10 @@ def render_text(plan: dict) -> str:
         lines += [f"  - {a['change']} ({a['why']})" for a in plan["adjustments"]]
     lines.append("")
     lines.append(f"strategy: {plan['strategy']['mode']}: {plan['strategy']['why']}")
+    if plan.get("host"):
+        h = plan["host"]
+        lines.append(f"host memory: {h['estimate'] / GiB:.1f} GiB of {h['capacity'] / GiB:.1f} GiB "
+                     f"{'ok' if h['fits'] else 'TOO MUCH'} ({h['why']})")
     if plan.get("duration"):
         d = plan["duration"]
         lines.append(f"time: {duration.text(d['seconds'])} (an estimate: {d['basis']})")
@@ -572,7 +664,7 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
                            "the guides' rules: " + "; ".join(c["message"] for c in plan["checks"]) +
                            "; fix them, or set training.strict_checks: false to have them as warnings.")
     knobs = Knobs(**{k: v for k, v in plan["knobs"].items() if k != "effective_batch"})
-    replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] == "ddp" else 1
+    replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] in ("ddp", "fsdp") else 1
     plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas)
     audit.record("plan", {"model": recipe.base_model},
                  {"recipe": recipe.name, "hardware": plan["hardware"], "verdict": plan["verdict"],

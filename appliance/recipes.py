@@ -67,6 +67,11 @@ class Training(_Strict):
                                              "kernels on CUDA when installed; none: transformers' own")
     activation_offloading: bool = Field(False, description="keep saved activations in host memory (slower; "
                                         "the planner counts them off the GPU)")
+    strategy: Literal["auto", "ddp", "fsdp", "split"] = Field(
+        "auto", description="how several processes or GPUs share the work; auto: the plan's choice (a replica per GPU "
+        "when one fits, else FSDP, else the layers split over the GPUs)")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP keeps the sharded weights, gradients and optimizer states "
+                                   "in host memory (slower; for models that do not fit the GPUs even sharded)")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
     save_steps: int = Field(25, ge=1, description="checkpoint every N steps")
     eval_steps: int = Field(25, ge=1, description="validation loss every N steps")

@@ -168,7 +168,7 @@ def _processes(path: Path, info: dict, requested: int | None) -> int:
         n = info.get("processes")
     if n is None and (path / "plan.json").is_file():
         strategy = read_json(path / "plan.json").get("strategy") or {}
-        n = int(strategy.get("replicas") or 1) if strategy.get("mode") == "ddp" else 1
+        n = int(strategy.get("replicas") or 1) if strategy.get("mode") in ("ddp", "fsdp") else 1
     n = int(n or 1)
     if not 1 <= n <= 64:
         raise InvalidInput(f"{n} training processes is out of range; use 1 to 64 (one per GPU).")

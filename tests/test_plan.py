@@ -61,11 +61,39 @@ def test_verdicts_strategies_and_what_would_fit():
     assert p["strategy"]["mode"] == "ddp" and "one replica fits a GPU" in p["strategy"]["why"]
     big = _shape("qwen2.5-32b-instruct")
     p = plan.make_plan(big, replace(qlora, micro_batch=1), hw["2x-rtx4090"])
+    assert p["verdict"] == "fits" and p["strategy"]["mode"] == "fsdp" and p["strategy"]["shards"] == 2
+    assert "all 2 compute at once" in p["strategy"]["why"] and p["host"]["fits"]
+    p = plan.make_plan(big, replace(qlora, micro_batch=1, strategy="split"), hw["2x-rtx4090"])
     assert p["verdict"] == "fits" and p["strategy"]["mode"] == "split" and p["strategy"]["shards"] == 2
     p = plan.make_plan(big, replace(qlora, micro_batch=1), hw["1x-rtx4090"])
     assert p["verdict"] == "does_not_fit" and p["adjustments"] == []
     assert any("GPUs like these" in w for w in p["would_fit"]) and any("smaller model" in w for w in p["would_fit"])
     assert "does not fit" in plan.refusal(p) and "what would fit" in plan.refusal(p)
+
+
+def test_fsdp_shards_the_state_keeps_each_replicas_activations_and_counts_host_memory():
+    s, hw = _shape("llama-3.1-70b-instruct"), hardware.detect("2x-rtx4090")
+    k = plan.Knobs(micro_batch=1, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit")
+    one, two = plan.estimate(s, k), plan.estimate(s, k, shards=2, fsdp=True)
+    assert abs(two["weights"] - one["weights"] / 2) <= 1 and two["optimizer"] == one["optimizer"] // 2
+    assert two["activations"] < one["activations"]  # the residual stream in bf16: no fp32 upcast under FSDP
+    assert two["gathered"] == pytest.approx(2 * one["weights"] / s.layers, rel=1e-6)
+    assert two["weights_other"] == s.other_params * 2  # the root's embeddings and head, gathered, in bf16
+    offload = plan.estimate(s, replace(k, cpu_offload=True), shards=2, fsdp=True)
+    assert offload["weights"] == offload["optimizer"] == 0 and offload["activations"] == two["activations"]
+    assert plan.host_estimate(s, replace(k, cpu_offload=True), 2, 2) > plan.host_estimate(s, k, 2, 2) > one["weights"]
+    # 70B on 2x24 GB: no replica, no shard and no split fits; FSDP with CPU offload does, and the plan says so.
+    p = plan.make_plan(s, k, hw)
+    assert p["verdict"] == "does_not_fit" and any("FSDP with CPU offload" in w for w in p["would_fit"])
+    p = plan.make_plan(s, replace(k, cpu_offload=True), hw)
+    assert p["verdict"] == "fits" and p["strategy"]["mode"] == "fsdp" and p["strategy"]["offload"]
+    assert "host memory" in plan.render_text(p) and p["host"]["estimate"] > 35 * 2**30
+    # A replica that fits after adjustments stays data parallel: DDP moves no weights.
+    p = plan.make_plan(_shape("qwen2.5-14b-instruct"), replace(k, micro_batch=4), hw)
+    assert p["strategy"]["mode"] == "ddp" and p["knobs"]["micro_batch"] < 4
+    # The recipe's choice is kept; on a CPU the processes of --processes run FSDP with gloo.
+    cpu = plan.make_plan(plan.shape_from_config(SMOLLM2), replace(k, strategy="fsdp"), hardware.detect("cpu-only"))
+    assert cpu["strategy"]["mode"] == "fsdp" and "gloo" in cpu["strategy"]["why"]
 
 
 def test_adjustments_come_in_order_and_keep_the_effective_batch():
@@ -224,10 +252,11 @@ def test_a_split_plan_gives_the_worker_per_gpu_limits(tmp_path):
     from appliance.train.callbacks import split_memory as _split_memory
     from appliance.workspace import write_json
 
-    k = plan.Knobs(micro_batch=1, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit")
+    k = plan.Knobs(micro_batch=1, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit", strategy="split")
     split = plan.make_plan(_shape("qwen2.5-32b-instruct"), k, hardware.detect("2x-rtx4090"))
     write_json(tmp_path / "plan.json", split)
     limits = _split_memory(tmp_path)
     assert list(limits) == [0, 1] and all(v == int(24564 * 2**20 * 0.9) for v in limits.values())
+    k = replace(k, strategy="auto")
     write_json(tmp_path / "plan.json", plan.make_plan(_shape("qwen2.5-14b-instruct"), k, hardware.detect("2x-rtx4090")))
     assert _split_memory(tmp_path) is None  # data parallel: each rank loads the whole model on its GPU
