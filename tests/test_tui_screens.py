@@ -472,3 +472,29 @@ def test_the_plan_screens_machines_field_reads_node_rank_count_and_rendezvous(ho
         parse_nodes("1/2@10.0.0.9:29400")
     cluster.allow(["10.0.0.9:29400"])
     assert parse_nodes("1/2@10.0.0.9:29400")["rdzv"] == "10.0.0.9:29400"
+
+
+@aio
+async def test_plan_form_chooses_the_strategy_and_fsdp_offload(home):
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        screen = app.query_one(PlanScreen)
+        app.query_one("#recipe", Input).value = "recipes/qwen2.5-32b-qlora-2x24gb.yaml"
+        app.query_one("#profile").value = "2x-rtx4090"
+        screen.load_defaults()
+        await settle(pilot)
+        await pilot.press("k")
+        await settle(pilot)
+        assert app.query_one("#k-strategy").prompt == "strategy auto" and screen.overrides() == {}
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        assert screen.plan["strategy"]["mode"] == "fsdp" and "host" in screen.plan
+        assert "strategy: fsdp" in " ".join(str(app.query_one("#plan-details", Static).render()).split())
+        app.query_one("#k-strategy").value = "split"
+        await toggle(pilot, "#k-offload")
+        assert screen.overrides() == {"training.strategy": "split", "training.fsdp_cpu_offload": True}
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        assert screen.plan["strategy"]["mode"] == "split" and screen.plan["knobs"]["cpu_offload"]

@@ -52,12 +52,14 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
     where = "cuda" if cuda else "cpu"
     backend = "NCCL" if cuda else "gloo"
     nodes = world // local
-    parallel = (f", {world} data-parallel processes on {nodes} machines ({backend} on "
+    layout = "FSDP" if sharded(run, recipe) else "data-parallel"
+    parallel = (f", {world} {layout} processes on {nodes} machines ({backend} on "
                 f"{os.environ.get('GLOO_SOCKET_IFNAME', '?')})" if nodes > 1 else
-                f", {world} data-parallel processes ({backend} on loopback)" if world > 1 else "")
+                f", {world} {layout} processes ({backend} on loopback)" if world > 1 else "")
     emit(ev.Event("stage", proc.STAGE, f"{'resuming' if resume else 'starting'} on {where} with {threads} threads"
                   f"{' per process' if world > 1 else ''}{parallel}",
-                  {"resume": resume, "device": where, "processes": world, "nodes": nodes}))
+                  {"resume": resume, "device": where, "processes": world, "nodes": nodes,
+                   "fsdp": layout == "FSDP"}))
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -123,6 +125,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
         emit(ev.Event("warning", proc.STAGE, f"stopped on request at step {trainer.state.global_step} with a checkpoint; "
                       "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
         return
+    whole = trained_state(trainer.model) if sharded(run, recipe) and world > 1 else None  # every rank gathers
     if not proc.writes():
         return  # the first rank of each machine writes the summary, the adapter and their manifests
 
@@ -159,6 +162,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
         "gradient_accumulation_steps": accum,
         "processes": world,
         "nodes": nodes,
+        "strategy": "fsdp" if whole is not None else "ddp" if world > 1 else "split" if cuda and split_memory(run)
+                    else "single",
         "effective_batch": micro * accum * world,
         "oom_recoveries": overrides(run.name).get("oom_recoveries", []),
         "mix": shares,
@@ -183,11 +188,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
                    hardware=hardware.summary())
     full = recipe.lora is None  # full fine-tuning: the weights themselves, in the base's dtype, not an adapter
     with staging(run / ("full" if full else "adapter")) as tmp:
-        if full:
-            dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
-            trainer.model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=True)
-        else:  # the trained adapter only: not DPO's frozen reference copy ("ref")
-            trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        save_trained(trainer.model, tmp, full, whole, read_json(base / "config.json").get("dtype") or "bfloat16")
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "full-model" if full else "adapter", f"{run.name}/{'full' if full else 'adapter'}",
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
@@ -202,8 +203,45 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
                   f"{best_text}", summary))
 
 
-# What a checkpoint holds to resume training, and is not part of the adapter it can be merged as.
-_TRAINER_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state")
+# What a checkpoint holds to resume training, and is not part of the adapter it can be merged as (under FSDP: the
+# sharded model and optimizer, one folder each, in torch.distributed.checkpoint's format).
+_TRAINER_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state", "optimizer_",
+                 "pytorch_model_fsdp_")
+
+
+def sharded(run: Path, recipe: Recipe) -> bool:
+    """Does this run train with FSDP: the recipe's training.strategy, or with auto the plan's choice, and more
+    than one process to shard over."""
+    mode = recipe.training.strategy
+    if mode == "auto" and (run / "plan.json").is_file():
+        mode = (read_json(run / "plan.json").get("strategy") or {}).get("mode")
+    return mode == "fsdp" and proc.world()[1] > 1
+
+
+def trained_state(model) -> dict:
+    """The trained weights whole, on the CPU: an FSDP rank holds one shard of each (a DTensor), so every rank
+    calls this (each ``full_tensor`` is an all-gather) and the writer saves the result. Only what trains: the
+    adapter (or every weight under full fine-tuning), never the frozen 4-bit base."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model, folder: Path, full: bool, whole: dict | None, dtype: str) -> None:
+    """The adapter (PEFT's files; not DPO's frozen reference copy "ref"), or under full fine-tuning the weights in
+    the base's dtype. ``whole``: the gathered weights of an FSDP run (``trained_state``)."""
+    import torch
+
+    if full:
+        if whole is None:
+            model.to(getattr(torch, dtype)).save_pretrained(str(folder), safe_serialization=True)
+        else:
+            model.save_pretrained(str(folder), state_dict={k: v.to(getattr(torch, dtype)) for k, v in whole.items()},
+                                  safe_serialization=True)
+    else:
+        model.save_pretrained(str(folder), selected_adapters=["default"],
+                              **({"state_dict": whole} if whole is not None else {}))
 
 
 def sign_checkpoints(run: Path, recipe: Recipe) -> None:
@@ -255,16 +293,25 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     t = recipe.training
     set_seed(recipe.seed)
     dpo, full = recipe.method == "dpo", recipe.lora is None
+    fsdp = sharded(run, recipe)
     packing = t.packing and not dpo  # TRL 1.16's DPO pads its pairs (its padding-free mode is disabled)
     compute_dtype = getattr(torch, recipe.quantization.compute_dtype)
     # Full fine-tuning keeps fp32 master weights (16-bit weights would round away most updates), computing in
     # the compute dtype under autocast on a GPU.
     load_kwargs: dict = {"dtype": torch.float32 if full else compute_dtype}
     if recipe.quantization.method == "nf4":
+        # Under FSDP the packed 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), so that FSDP
+        # shards them as it shards every other tensor of a layer (uint8 storage would stand apart).
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quantization.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype)
+            bnb_4bit_compute_dtype=compute_dtype, **({"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}))
         load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if cuda else "cpu"}
+    if fsdp and cuda:
+        # No whole model on any GPU: the first process loads it into host memory, the others on the meta device,
+        # and accelerate shards it onto the GPUs (what `accelerate launch` sets for an FSDP config; transformers
+        # reads these while loading).
+        load_kwargs.pop("device_map", None)
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
     split = split_memory(run) if cuda and world == 1 else None
     if split:
         # The plan found that one replica does not fit a GPU: its layers go over several GPUs, each filled up to
@@ -284,7 +331,9 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
                       {"attention": load_kwargs["attn_implementation"], "packing": packing, "kernels": kernels,
                        "activation_offloading": t.activation_offloading and cuda, "method": recipe.method,
                        "full": full}))
-    if recipe.quantization.method == "nf4":
+    if recipe.quantization.method == "nf4" and not fsdp:
+        # (Not under FSDP: its fp32 upcast of the embeddings, norms and head would mix dtypes within a shard; the
+        # frozen weights stay in the compute dtype, and the Trainer enables input gradients for checkpointing.)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     if full:
         pass  # every weight trains
@@ -301,7 +350,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
             r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
             target_modules=recipe.lora.target_modules, use_dora=recipe.lora.use_dora, task_type="CAUSAL_LM"))
 
-    if not cuda and compute_dtype != torch.float32 and not (full or dpo):
+    if not cuda and compute_dtype != torch.float32 and not (full or dpo or fsdp):
         base_model = model.get_base_model()
         base_model.lm_head = low_precision_head(base_model.lm_head, compute_dtype)
 
@@ -310,7 +359,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         # Every adapter weight takes part in every step: no search for unused parameters. gloo on the CPU.
         distributed = {"ddp_find_unused_parameters": False, **({} if cuda else {"ddp_backend": "gloo"}),
                        # across machines each keeps its own checkpoints (its ranks' RNG states are there too)
-                       "save_on_each_node": proc.across_machines()}
+                       "save_on_each_node": proc.across_machines(), **(fsdp_args(model, t) if fsdp else {})}
     common = dict(
         output_dir=str(run / "checkpoints"),
         max_steps=t.max_steps or -1,
@@ -357,6 +406,9 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         args, cls = SFTConfig(**common, packing=packing, packing_strategy="bfd"), trainer_class(cuda)
     callbacks = [event_callback(emit, run, watch, patience=t.early_stopping.patience if t.early_stopping else 3,
                                 early_stopping=t.early_stopping is not None)]
+    if fsdp:  # before the event callback, which marks a checkpoint complete
+        callbacks.insert(0, adapter_in_checkpoints(full))
+        cls = fsdp_trainer(cls, cuda)
     if t.early_stopping:
         from transformers import EarlyStoppingCallback
 
@@ -374,6 +426,53 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     proc.training_started = True
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return trainer, result
+
+
+def fsdp_args(model, t) -> dict:
+    """The Trainer's FSDP settings: FSDP2 (PyTorch's fully_shard), each decoder layer its own unit (the classes
+    the model names as not to be split), the state saved sharded (each rank writes its own part of a checkpoint;
+    no rank gathers the whole model), CPU offload when the recipe asks."""
+    return {"fsdp": ["full_shard", "auto_wrap"] + (["offload"] if t.fsdp_cpu_offload else []),
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": list(model._no_split_modules or []),
+                            "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                            "cpu_ram_efficient_loading": os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING") == "true"}}
+
+
+def fsdp_trainer(cls, cuda: bool):
+    """``cls`` as it is on a GPU; on a CPU with accelerate's FSDP path switched on.
+
+    accelerate 1.15 offers FSDP only on accelerators (on a CPU it quietly trains with DDP), while PyTorch's
+    fully_shard runs on the CPU with gloo: switching the accelerator's state to FSDP after it is made lets a CPU
+    machine (and the tests) run the same sharding, sharded checkpoints and gathering as a GPU machine does."""
+    if cuda:
+        return cls
+
+    class FSDPOnCPU(cls):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+    return FSDPOnCPU
+
+
+def adapter_in_checkpoints(full: bool):
+    """A callback giving each FSDP checkpoint the adapter's own files beside the sharded state (which only an FSDP
+    run can read back), so that merge, export and bundle take any checkpoint of an FSDP run as of any other."""
+    from transformers import TrainerCallback
+
+    class AdapterInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            whole = trained_state(model)  # every rank: the shards are gathered
+            if proc.writes():
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                save_trained(model, folder, full, whole, "float32")
+
+    return AdapterInCheckpoints()
 
 
 def low_precision_head(head, dtype):

@@ -114,6 +114,7 @@ KNOBS = (
     ("k-lr", "training.learning_rate", "learning rate", float),
 )
 RECIPES = "(the recipe's)"
+STRATEGIES = ("auto", "ddp", "fsdp", "split")
 
 
 def recipe_defaults(path: str) -> dict:
@@ -129,7 +130,8 @@ def recipe_defaults(path: str) -> dict:
             "training.max_seq_length": r.training.max_seq_length, "lora.r": r.lora.r if r.lora else "full",
             "training.learning_rate": r.training.learning_rate,
             "training.gradient_checkpointing": r.training.gradient_checkpointing,
-            "training.packing": r.training.packing}
+            "training.packing": r.training.packing, "training.strategy": r.training.strategy,
+            "training.fsdp_cpu_offload": r.training.fsdp_cpu_offload}
 
 
 def choices() -> tuple[list[str], list[str]]:
@@ -187,7 +189,7 @@ class PlanScreen(Pane):
     PlanScreen #knobs Contents { padding: 0 0 0 1; }
     PlanScreen #knobs Horizontal { height: auto; }
     PlanScreen #knobs Select { width: 1fr; }
-    PlanScreen #k-ckpt, PlanScreen #k-packing { width: auto; }
+    PlanScreen #k-ckpt, PlanScreen #k-packing, PlanScreen #k-offload { width: auto; }
     PlanScreen #k-shorter { width: auto; margin: 1 0 0 0; }
     PlanScreen #k-model { width: 3fr; }
     PlanScreen #k-config-box { width: 2fr; }
@@ -220,6 +222,11 @@ class PlanScreen(Pane):
                 yield Checkbox("grad ckpt", id="k-ckpt")
                 yield Checkbox("packing", True, id="k-packing",
                                tooltip="examples packed into bins of max_seq_length, attention kept inside each")
+                yield Select([(f"strategy {s}", s) for s in STRATEGIES], prompt=f"strategy {RECIPES}",
+                             id="k-strategy", tooltip="how several processes or GPUs share the work "
+                             "(`training.strategy`): auto is the plan's choice (DDP, else FSDP, else a split)")
+                yield Checkbox("CPU offload", id="k-offload",
+                               tooltip="FSDP keeps its shards in host memory (`training.fsdp_cpu_offload`)")
             with Horizontal(id="k-run"):
                 with Vertical(classes="knob"):
                     yield Label("memory share")
@@ -299,6 +306,8 @@ class PlanScreen(Pane):
             self.update_selects()
             self.query_one("#k-ckpt", Checkbox).value = defaults["training.gradient_checkpointing"] is True
             self.query_one("#k-packing", Checkbox).value = defaults["training.packing"]
+            self.query_one("#k-offload", Checkbox).value = defaults["training.fsdp_cpu_offload"]
+            self.query_one("#k-strategy", Select).prompt = f"strategy {defaults['training.strategy']}"
 
         self.call(job, shown, group="defaults")
 
@@ -325,9 +334,16 @@ class PlanScreen(Pane):
         recipes_ckpt = getattr(self, "defaults", {}).get("training.gradient_checkpointing", False)
         if ckpt != (recipes_ckpt is True):  # toggled: on, or off (an unticked box keeps a recipe's auto)
             out["training.gradient_checkpointing"] = ckpt
+        defaults = getattr(self, "defaults", {})
         packing = self.query_one("#k-packing", Checkbox).value
-        if packing != getattr(self, "defaults", {}).get("training.packing", True):
+        if packing != defaults.get("training.packing", True):
             out["training.packing"] = packing
+        strategy = self.query_one("#k-strategy", Select).value
+        if strategy is not Select.NULL and strategy != defaults.get("training.strategy", "auto"):
+            out["training.strategy"] = strategy
+        offload = self.query_one("#k-offload", Checkbox).value
+        if offload != defaults.get("training.fsdp_cpu_offload", False):
+            out["training.fsdp_cpu_offload"] = offload
         return out
 
     def options(self) -> dict:
