@@ -199,6 +199,35 @@ async def test_doctor_runs_the_real_checks_in_a_worker(home):
         assert "failed" not in text(app, "#verdict")
 
 
+@aio
+async def test_doctor_declares_and_revokes_cluster_peers(vault_home):
+    from appliance import cluster
+    from tests.test_tui_screens import error_message, type_into
+
+    app = ApplianceApp(simulate="cpu-only")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("g")
+        await settle(pilot)
+        await pilot.press("c")
+        await type_into(pilot, "#peer-entries", "10.77.0.2:29400 fd00::3")
+        await pilot.press("enter")
+        await settle(pilot)
+        assert [cluster.show(p["address"], p["port"]) for p in cluster.peers()] == ["10.77.0.2:29400", "fd00::3"]
+        table = app.query_one("#checks", DataTable)
+        row = next(table.get_row_at(i) for i in range(table.row_count) if table.get_row_at(i)[2] == "cluster peers training may reach")
+        assert "10.77.0.2:29400" in row[3] and "fd00::3" in row[3]
+        await type_into(pilot, "#peer-entries", "fd00::3")
+        await click(pilot, "#peer-revoke")
+        await settle(pilot)
+        assert [p["address"] for p in cluster.peers()] == ["10.77.0.2"]
+        await type_into(pilot, "#peer-entries", "printer.local")
+        await pilot.press("enter")
+        await settle(pilot)
+        assert "printer.local" in error_message(app) and [p["address"] for p in cluster.peers()] == ["10.77.0.2"]
+    assert [e["event"] for e in audit.entries() if e["event"].startswith("cluster.")] == ["cluster.allow",
+                                                                                         "cluster.revoke"]
+
+
 # -- audit ------------------------------------------------------------------------
 
 @aio

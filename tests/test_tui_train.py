@@ -550,3 +550,39 @@ async def test_data_export_writes_plaintext_only_after_confirmation(vault_home, 
     assert entry["subjects"] == {"dataset": "demo"} and entry["details"]["splits"] == ["validation"]
     assert entry["details"]["records"] == 4
 
+
+
+@aio
+async def test_data_packages_a_dataset_and_imports_a_package(vault_home, tmp_path):
+    _demo_vault()
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_screen(pilot, "4")
+        await settle(pilot)
+        screen = app.query_one(DatasetsScreen)
+        await pilot.press("p")
+        await put(pilot, "#ds-pkg-out", str(tmp_path / "pkg"))
+        await put(pilot, "#ds-pkg-pass", "package secret 1")
+        await put(pilot, "#ds-pkg-pass2", "package secret 1")
+        assert "package secret 1" not in app.export_screenshot()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: getattr(screen, "packaged", None), "the package")
+        assert (tmp_path / "pkg" / "package.json").is_file() and "ciphertext only" in rendered(app, "#ds-output")
+        assert all(app.query_one(f"#{i}", Input).value == "" for i in ("ds-pkg-pass", "ds-pkg-pass2"))
+
+        # As the other machine would: the dataset is not here (shredded), the package brings it back.
+        store.remove(keys.vault(), "demo")
+        await pilot.press("i")
+        await put(pilot, "#ds-path", str(tmp_path / "pkg"))
+        await put(pilot, "#ds-pkg-open", "not the one")
+        await pilot.press("enter")
+        await settle(pilot)
+        assert error_message(app).startswith("the package passphrase does not open")
+        await pilot.press("escape")
+        await put(pilot, "#ds-pkg-open", "package secret 1")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: getattr(screen, "opened_package", None), "the package's import")
+        assert screen.opened_package["signer"] == screen.packaged["signer"]
+        await wait_for(pilot, lambda: [r["id"] for r in screen.rows] == ["demo"], "the dataset listed")
+        assert "imported package" in rendered(app, "#ds-output")
+    assert [e["details"].get("source") for e in audit.entries(event="dataset.import")][-1] == "package"

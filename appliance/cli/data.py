@@ -1,4 +1,5 @@
-"""`appliance vault init|status|verify|rekey` and `appliance data import|list|show|export|rm`: the encrypted store and its datasets."""
+"""`appliance vault init|status|verify|rekey` and `appliance data import|package|list|show|export|rm`: the encrypted
+store and its datasets."""
 
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ def parsers(add) -> None:
 
     d2 = add("data", "datasets in the encrypted vault", json_out=False)
     dsub = d2.add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
-    di = dsub.add_parser("import", help="import a JSONL, JSON or CSV file into the vault (validated, cleaned, split)")
-    di.add_argument("file")
-    di.add_argument("--name", required=True, help="the dataset's id")
+    di = dsub.add_parser("import", help="import a JSONL, JSON or CSV file into the vault (validated, cleaned, split), "
+                                        "or a dataset package from another machine")
+    di.add_argument("file", help="the file, or a package folder (`data package`)")
+    di.add_argument("--name", help="the dataset's id (a package keeps its own)")
+    di.add_argument("--signer", metavar="FINGERPRINT|KEYFILE",
+                    help="a package: the maker's signing-key fingerprint (or .pub file) it must be signed by")
     di.add_argument("--format", default="auto", choices=["auto", "chat", "sharegpt", "alpaca", "completion", "dpo"])
     di.add_argument("--near-dup", type=float, default=0.9,
                     help="near-duplicate Jaccard threshold, 0.5 to 0.98 (default 0.9); 1.0 keeps near-duplicates")
@@ -42,6 +46,14 @@ def parsers(add) -> None:
     di.add_argument("--seed", type=int, default=0, help="seed of the split")
     di.add_argument("--salvage", action="store_true", help="import the complete records of a file cut off mid-record")
     di.add_argument("--json", action="store_true")
+    dp = dsub.add_parser("package", help="an encrypted dataset package for another machine: the ciphertext, the signed "
+                                         "manifest and the data key wrapped under a package passphrase "
+                                         "($APPLIANCE_PACKAGE_PASSPHRASE_FILE or a prompt)")
+    dp.add_argument("name")
+    dp.add_argument("out", help="the package folder to write; it must not exist")
+    dp.add_argument("--kdf", default="scrypt", choices=["scrypt", "pbkdf2-sha256", "argon2id"],
+                    help="how the package passphrase becomes a key (default scrypt)")
+    dp.add_argument("--json", action="store_true")
     dl = dsub.add_parser("list", help="datasets with their record counts (no passphrase needed)")
     dl.add_argument("--json", action="store_true")
     dsh = dsub.add_parser("show", help="decrypt a few records to the terminal")
@@ -126,8 +138,16 @@ def _vault_rekey(args) -> int:
 
 @command("data import")
 def _data_import(args) -> int:
+    from ..errors import InvalidInput
     from ..importer import import_dataset, parse_split
     from ..render import import_report, reporter
+    from ..trust import package
+
+    if package.is_package(Path(args.file).expanduser()):
+        return _package_import(args)
+    if not args.name:
+        raise InvalidInput(f"data import {args.file}: give the dataset's id with --name (a package folder keeps its "
+                           "own).")
 
     split = None if args.val_ratio is not None else parse_split(args.split)
     report = import_dataset(unlocked(), args.file, args.name, fmt=args.format, near_dup=args.near_dup,
@@ -137,6 +157,41 @@ def _data_import(args) -> int:
         print_json(report)
     else:
         rich_console().print(import_report(report))
+    return 0
+
+
+def _package_import(args) -> int:
+    from .. import hardware
+    from ..trust import package, passphrase
+
+    vault = unlocked()  # the vault's passphrase first, then the package's
+    result = package.open_package(
+        vault, Path(args.file), lambda: passphrase.read(package.PASSPHRASE_ENV, prompt="package passphrase: "),
+        hardware=hardware.summary(), signer=args.signer, name=args.name)
+    if args.json:
+        print_json(result)
+    else:
+        counts = ", ".join(f"{n} {k}" for k, n in result["records"].items() if k != "report")
+        print(f"imported package {args.file} as dataset {result['dataset']} ({counts}), signed by "
+              f"{result['signer']}" + ("" if args.signer else "; compare this fingerprint with the maker's "
+                                       "(`appliance data package` printed it)"))
+    return 0
+
+
+@command("data package")
+def _data_package(args) -> int:
+    from ..trust import package, passphrase
+
+    vault = unlocked()
+    made = package.make(vault, args.name, Path(args.out), passphrase.read(
+        package.PASSPHRASE_ENV, prompt="package passphrase (for the other machine): ", confirm=True), kdf=args.kdf)
+    if args.json:
+        print_json(made)
+    else:
+        counts = ", ".join(f"{n} {k}" for k, n in made["records"].items() if k != "report")
+        print(f"packaged {args.name} ({counts}) into {made['out']}: ciphertext only, the key wrapped under the "
+              f"package passphrase ({made['kdf']}); signed by {made['signer']}. On the other machine: "
+              f"`appliance data import {made['out']} --signer {made['signer']}`")
     return 0
 
 

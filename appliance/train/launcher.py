@@ -233,8 +233,8 @@ def agree(store, run: Path, recipe: Recipe, resume: bool, topology: Topology, lo
                               "start every node from the same recipe file.")
         if n["data"] != mine["data"]:
             raise StageFailed(f"node {r} has other training data (sha256 {n['data'][:12]}, here {mine['data'][:12]}); "
-                              "give every node the same dataset: import the same file with the same --split and "
-                              "--seed on each.")
+                              "give every node the same dataset: `appliance data package NAME OUT` on node 0, "
+                              "`appliance data import OUT` on the others.")
         if n["processes"] != mine["processes"]:
             raise StageFailed(f"node {r} runs {n['processes']} processes, this node {mine['processes']}; give every "
                               "node the same --processes.")

@@ -40,7 +40,7 @@ CHECKPOINT_DOMAIN = "appliance-audit-checkpoint/1"
 FIELDS = ("seq", "time", "user", "pid", "event", "subjects", "details", "prev", "hash")
 EVENTS = (
     "vault.init", "vault.unlock", "vault.unlock_failed", "vault.rekey",
-    "dataset.import", "dataset.show", "dataset.export", "dataset.delete",
+    "dataset.import", "dataset.show", "dataset.export", "dataset.delete", "dataset.package",
     "model.import", "plan",
     "train.start", "train.stop", "train.resume", "train.finish", "train.fail", "train.oom_recovery",
     "merge", "export", "export.adapter", "bundle", "eval", "eval.review",
@@ -129,7 +129,8 @@ def report(since: str | None = None, until: str | None = None, fmt: str = "md") 
     for e in chosen:
         by_event[e["event"]] = by_event.get(e["event"], 0) + 1
         by_user[e["user"]] = by_user.get(e["user"], 0) + 1
-    access = [e for e in chosen if e["event"] in ("dataset.show", "dataset.export", "dataset.delete", "dataset.import")]
+    access = [e for e in chosen if e["event"] in ("dataset.show", "dataset.export", "dataset.delete", "dataset.import",
+                                                  "dataset.package")]
     blocked = [e for e in chosen if e["event"] == "network.blocked"]
     failed = [e for e in chosen if e["event"] == "vault.unlock_failed"]
     period = f"{since or 'the beginning'} to {until or 'now'}"

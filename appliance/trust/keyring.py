@@ -62,11 +62,11 @@ class Unlocked:
             raise NotFound(f"the keyring holds no key for dataset {dataset_id!r}; it was deleted or never imported.")
         return _unwrap(self.kek, _b64d(entry["wrapped"]), f"the key of dataset {dataset_id!r}")
 
-    def add_key(self, dataset_id: str) -> bytes:
-        """Create, wrap and store a new random data key; return it."""
+    def add_key(self, dataset_id: str, key: bytes | None = None) -> bytes:
+        """Wrap and store a data key (a new random one, or one a dataset package brought); return it."""
         if dataset_id in self.data["keys"]:
             raise InvalidInput(f"the keyring already holds a key for dataset {dataset_id!r}.")
-        key = os.urandom(32)
+        key = key or os.urandom(32)
         self.data["keys"][dataset_id] = {"wrapped": _b64e(_wrap(self.kek, key)), "created": _now()}
         write_json(self.path, self.data)
         return key

@@ -54,7 +54,8 @@ def write(vault: Unlocked, dataset_id: str, files: dict[str, Iterable[dict]], *,
 
 
 class DatasetWriter:
-    """Records go in through ``add(name, record)``, encrypted as they arrive into one file per name."""
+    """Records go in through ``add(name, record)``, encrypted as they arrive into one file per name; or a file
+    already encrypted under this dataset's key through ``adopt`` (a dataset package's)."""
 
     def __init__(self, key: bytes, dataset_id: str, root: Path):
         self._key, self._id, self._root = key, dataset_id, root
@@ -75,6 +76,10 @@ class DatasetWriter:
         f.write(enc.update(line.encode("utf-8")))
         self.counts[name] += 1
 
+    def adopt(self, name: str, ciphertext: Path, records: int) -> None:
+        shutil.copyfile(ciphertext, self._root / f"{name}{SUFFIX}")
+        self.counts[name] = records
+
     def _close(self, ok: bool) -> None:
         for f, enc in self._files.values():
             if ok:
@@ -83,13 +88,14 @@ class DatasetWriter:
 
 
 @contextlib.contextmanager
-def create(vault: Unlocked, dataset_id: str, *, hardware: dict) -> Iterator[DatasetWriter]:
-    """A new encrypted dataset, published only if the block completes: no folder and no key otherwise."""
+def create(vault: Unlocked, dataset_id: str, *, hardware: dict, key: bytes | None = None) -> Iterator[DatasetWriter]:
+    """A new encrypted dataset, published only if the block completes: no folder and no key otherwise. ``key``:
+    the data key a dataset package brought (a new random one otherwise)."""
     check_id(dataset_id, "dataset name")
     final = dataset_dir(dataset_id)
     if final.exists():
         raise InvalidInput(f"a dataset named {dataset_id!r} already exists; choose another --name or remove it first.")
-    key = vault.add_key(dataset_id)
+    key = vault.add_key(dataset_id, key)
     try:
         with staging(final) as tmp:
             writer = DatasetWriter(key, dataset_id, tmp)

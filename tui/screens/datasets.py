@@ -105,9 +105,10 @@ class DatasetsScreen(Pane):
                 Binding("e", "toggle_export", "export"), Binding("d", "delete", "delete"),
                 Binding("v", "verify", "verify every dataset file", show=False),
                 Binding("k", "toggle_rekey", "change the passphrase (rekey)", show=False),
+                Binding("p", "toggle_package", "package for another machine", show=False),
                 Binding("l", "lock", "lock", show=False),
                 Binding("x", "import_demo", "import the demo datasets (demo-records, demo-preferences)", show=False)]
-    FORMS = ("#ds-import", "#ds-export", "#ds-rekey")  # one shown at a time, under the table
+    FORMS = ("#ds-import", "#ds-export", "#ds-rekey", "#ds-package")  # one shown at a time, under the table
     DEFAULT_CSS = """
     DatasetsScreen ContentSwitcher { height: 1fr; }
     DatasetsScreen .form { height: auto; padding: 1 2; }
@@ -115,9 +116,15 @@ class DatasetsScreen(Pane):
     DatasetsScreen .form Button { margin: 1 0 0 0; }
     DatasetsScreen #open { height: 1fr; }
     DatasetsScreen #dataset-table { height: 1fr; min-height: 4; }
-    DatasetsScreen #ds-import, DatasetsScreen #ds-export, DatasetsScreen #ds-rekey { height: auto; display: none; }
-    DatasetsScreen #ds-import.shown, DatasetsScreen #ds-export.shown, DatasetsScreen #ds-rekey.shown {
-        display: block; }
+    DatasetsScreen #ds-import, DatasetsScreen #ds-export, DatasetsScreen #ds-rekey, DatasetsScreen #ds-package {
+        height: auto; display: none; }
+    DatasetsScreen #ds-import.shown, DatasetsScreen #ds-export.shown, DatasetsScreen #ds-rekey.shown,
+    DatasetsScreen #ds-package.shown { display: block; }
+    DatasetsScreen #ds-package Input { width: 1fr; }
+    DatasetsScreen #ds-pkg-out { width: 2fr; }
+    DatasetsScreen #ds-pkg-go { width: auto; min-width: 10; }
+    DatasetsScreen #ds-pkg-open { width: 18; display: none; }
+    DatasetsScreen #ds-pkg-open.shown { display: block; }
     DatasetsScreen #ds-export-path { width: 1fr; }
     DatasetsScreen #ds-export-split { width: 18; }
     DatasetsScreen #ds-rekey Input { width: 1fr; }
@@ -170,12 +177,19 @@ class DatasetsScreen(Pane):
                                 tooltip="train / validation / test shares; test serves only the final evaluation")
                     yield Select([(f, f) for f in ("auto", *FORMATS)], value="auto", allow_blank=False,
                                  id="ds-format")
+                    yield Input(password=True, placeholder="package pass", id="ds-pkg-open",
+                                tooltip="a dataset package's passphrase (a package folder keeps its own name)")
                     yield Button("Import", id="ds-go", variant="primary")
                 with Horizontal(id="ds-export"):
                     yield Input(placeholder="plaintext to a new file (JSON Lines)", id="ds-export-path")
                     yield Select([("all splits", "all"), ("train", "train"), ("validation", "validation"),
                              ("test", "test")], value="all", allow_blank=False, id="ds-export-split")
                     yield Button("Export", id="ds-export-go", variant="warning")
+                with Horizontal(id="ds-package"):
+                    yield Input(placeholder="package folder for another machine (new)", id="ds-pkg-out")
+                    yield Input(password=True, placeholder="package passphrase", id="ds-pkg-pass")
+                    yield Input(password=True, placeholder="again", id="ds-pkg-pass2")
+                    yield Button("Package", id="ds-pkg-go", variant="primary")
                 with Horizontal(id="ds-rekey"):
                     yield Input(password=True, placeholder="current", id="rk-old")
                     yield Input(password=True, placeholder="new", id="rk-new")
@@ -233,13 +247,22 @@ class DatasetsScreen(Pane):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         handlers = {"new-pass": self.create, "new-pass2": self.create, "pass": self.unlock,
                     "ds-path": self.start_import, "ds-name": self.start_import, "ds-split": self.start_import, "ds-export-path": self.export,
-                    "rk-old": self.rekey, "rk-new": self.rekey, "rk-new2": self.rekey}
+                    "rk-old": self.rekey, "rk-new": self.rekey, "rk-new2": self.rekey, "ds-pkg-open": self.start_import,
+                    "ds-pkg-out": self.package, "ds-pkg-pass": self.package, "ds-pkg-pass2": self.package}
         if event.input.id in handlers:
             handlers[event.input.id]()
 
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "ds-path":  # a package folder: its passphrase is asked beside it
+            from appliance.trust import package
+
+            path = event.value.strip()
+            self.query_one("#ds-pkg-open").set_class(bool(path) and package.is_package(Path(path).expanduser()),
+                                                     "shown")
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         handlers = {"create-go": self.create, "unlock-go": self.unlock, "ds-go": self.start_import,
-                    "ds-export-go": self.export, "rk-go": self.rekey}
+                    "ds-export-go": self.export, "rk-go": self.rekey, "ds-pkg-go": self.package}
         if event.button.id in handlers:
             handlers[event.button.id]()
 
@@ -320,7 +343,8 @@ class DatasetsScreen(Pane):
     def hide_forms(self) -> None:
         for form in self.FORMS:
             self.query_one(form).remove_class("shown")
-        self._take("rk-old", "rk-new", "rk-new2")  # a passphrase typed but not used is not kept either
+        # a passphrase typed but not used is not kept either
+        self._take("rk-old", "rk-new", "rk-new2", "ds-pkg-pass", "ds-pkg-pass2", "ds-pkg-open")
 
     def action_toggle_import(self) -> None:
         self.toggle_form("#ds-import", "#ds-path")
@@ -329,6 +353,11 @@ class DatasetsScreen(Pane):
         path = self.query_one("#ds-path", Input).value.strip()
         name = self.query_one("#ds-name", Input).value.strip()
         fmt = str(self.query_one("#ds-format", Select).value)
+        from appliance.trust import package
+
+        if path and package.is_package(Path(path).expanduser()):
+            self.open_package(Path(path).expanduser(), name or None)
+            return
         if not path or not name:
             self.query_one("#ds-output", Static).update("give the file to import and a name for the dataset")
             return
@@ -361,6 +390,70 @@ class DatasetsScreen(Pane):
                                   emit=lambda e: self.app.call_from_thread(self.import_event, e))
 
         self.call(job, self.imported, group="import")
+
+    def open_package(self, pkg: Path, name: str | None) -> None:
+        """A dataset package from another machine: checked, opened with its passphrase, stored under this vault's."""
+        (secret,) = self._take("ds-pkg-open")
+        self.query_one("#ds-output", Static).update(f"checking and opening the package {escape(str(pkg))}…")
+
+        def job():
+            from appliance import hardware
+            from appliance.trust import keys, package
+
+            return package.open_package(keys.vault(), pkg, lambda: secret, hardware=hardware.summary(), name=name)
+
+        def done(result: dict) -> None:
+            self.opened_package = result
+            self.query_one("#ds-import").remove_class("shown")
+            self.query_one("#ds-name", Input).value = ""
+            self.query_one("#dataset-table", DataTable).focus()
+            counts = ", ".join(f"{n} {k}" for k, n in result["records"].items() if k != "report")
+            self.query_one("#ds-output", Static).update(
+                f"[b]imported package {escape(str(pkg))}[/] as dataset {escape(result['dataset'])} ({counts}); "
+                f"signed by {result['signer']}: compare it with the fingerprint the maker's appliance printed")
+            self.call(list_datasets, self.show_datasets, group="list")
+
+        self.call(job, done, group="import")
+
+    # -- package (ciphertext and the key wrapped under a package passphrase) ---------------------------------
+
+    def action_toggle_package(self) -> None:
+        if self.selected() is None and self.state == "open":
+            self.query_one("#ds-output", Static).update("no dataset to package: import one first (i)")
+            return
+        self.toggle_form("#ds-package", "#ds-pkg-out")
+
+    def package(self) -> None:
+        name = self.selected()
+        if self.state != "open" or name is None:
+            return
+        out = self.query_one("#ds-pkg-out", Input).value.strip()
+        first, again = self._take("ds-pkg-pass", "ds-pkg-pass2")
+        from appliance.errors import InvalidInput
+
+        if not out:
+            raise InvalidInput("give the folder to write the package to (a new one).")
+        if first != again:
+            self.query_one("#ds-pkg-pass", Input).focus()
+            raise InvalidInput("the two package passphrases differ; type the same one twice.")
+
+        def job():
+            from appliance.trust import keys, package
+
+            return package.make(keys.vault(), name, Path(out).expanduser(), first)
+
+        def done(made: dict) -> None:
+            self.packaged = made
+            self.query_one("#ds-package").remove_class("shown")
+            self.query_one("#ds-pkg-out", Input).value = ""
+            self.query_one("#dataset-table", DataTable).focus()
+            self.query_one("#ds-output", Static).update(
+                f"packaged {escape(name)} into {escape(made['out'])}: ciphertext only, the key wrapped under the "
+                f"package passphrase; signed by {made['signer']}. On the other machine: Data, i, the package folder "
+                f"and its passphrase (or `appliance data import {escape(made['out'])} --signer {made['signer']}`)")
+            self.notify(f"packaged {name} for another machine")
+
+        self.call(job, done, group="package")
 
     def import_event(self, e) -> None:
         bar = self.query_one("#ds-progress", ProgressBar)
