@@ -217,3 +217,24 @@ def test_a_node_killed_mid_run_stops_the_other_and_both_resume_from_the_last_com
     for d in done:
         assert d["summary"]["steps"] == 6 and d["summary"]["resumed_from"] == "checkpoint-4", d["summary"]
     assert abs(done[0]["summary"]["final_loss"] - done[1]["summary"]["final_loss"]) <= 1e-6
+
+
+def test_an_out_of_memory_error_on_one_node_restarts_every_node_with_the_smaller_micro_batch(
+        tiny_home, tmp_path, demo_dataset, tiny_model_dir):
+    homes = [tiny_home, _second_home(tmp_path, tiny_model_dir)]
+    recipe = _recipe(tmp_path / "nodes.yaml", demo_dataset, micro_batch_size=2, max_steps=6, save_steps=2,
+                     eval_steps=100)
+    # the first rank (node 0) raises torch's real OutOfMemoryError in step 5; node 1's collectives lose their peer
+    ids = _two_nodes(homes, recipe, _free_port(), env={0: {"APPLIANCE_FAULT": "oom_at_step:5"}})
+    done = [_wait(h, r, states=("finished", "failed")) for h, r in zip(homes, ids)]
+    assert [d["state"] for d in done] == ["finished", "finished"], done
+    s0, s1 = done[0]["summary"], done[1]["summary"]
+    assert s0["steps"] == s1["steps"] == 6 and s0["resumed_from"] == s1["resumed_from"] == "checkpoint-4"
+    assert (s0["micro_batch_size"], s0["gradient_accumulation_steps"]) == (1, 2) == (
+        s1["micro_batch_size"], s1["gradient_accumulation_steps"])  # node 1 took node 0's smaller micro-batch
+    assert [r["at_step"] for r in s0["oom_recoveries"]] == [5] and s1["oom_recoveries"] == []
+    assert s0["final_loss"] == s1["final_loss"]  # one computation, seen from both machines
+    from appliance import events
+
+    restarts = [e for e in events.read(homes[1] / "runs" / ids[1] / "events.jsonl") if "restart" in e.data]
+    assert restarts and restarts[0].data["restart"]["out_of_memory"] == [0], restarts

@@ -14,11 +14,14 @@ of the decrypted records, never the text), the same processes per node, only dec
 micro-batch any node has (a node that ran out of memory halved its own), and the newest checkpoint complete on
 every node (a node killed during a save has one fewer).
 
-Failures: an out-of-memory error in a rank on a single machine restarts all ranks with a halved micro-batch (a
-fresh store, the same effective batch). Across machines the node where it happened keeps the halved batch for the
-resume and every node stops: ``runs resume`` on each continues, and they agree on the smaller batch. A node that
-dies ends the collectives of the others, which stop with a sentence saying so; a stop (SIGTERM to the worker)
-reaches every rank, and they save at the same step.
+Failures: an out-of-memory error in a rank restarts all ranks with a halved micro-batch (the same effective
+batch) from the newest checkpoint: on one machine with a fresh store; across machines every node's launcher says
+through node 0's store how its ranks ended (``oom``, ``gone``: its collectives lost a peer, ``error``), and when one
+ran out of memory and none failed otherwise, all start a new round (a new key prefix on the same store, and the
+ranks' process group under the round's prefix) in which they agree on the smaller micro-batch and the newest
+common checkpoint. A node that dies says nothing: the others stop after ``VERDICT_TIMEOUT_S`` with a sentence
+saying so, and ``runs resume`` on every node continues. A stop (SIGTERM to the worker) reaches every rank, and they
+save at the same step.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..trust import keys as trust_keys
 from . import proc
 
 RENDEZVOUS_TIMEOUT_S = int(os.environ.get("APPLIANCE_RDZV_TIMEOUT", 900))
+VERDICT_TIMEOUT_S = 60  # how long a node waits, after its ranks ended, to hear how the other nodes' ended
 _BACKEND = "appliance"
 
 
@@ -83,14 +87,21 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
     environment(topology, local)
     _quiet_hostname_lookups()
     reports = mp.get_context("spawn").SimpleQueue()  # what a failing rank has to say (the pipe is spawn's)
+    shared, attempt = None, 0  # across machines: node 0's store, kept for every round, and the round
     while True:
-        store = _store(topology, host, port)
+        if across:
+            import torch.distributed as dist
+
+            shared = shared or _store(topology, host, port)
+            store = dist.PrefixStore(f"appliance/round/{attempt}/", shared)
+        else:
+            store = _store(topology, host, port)
         batch = batch_settings(run.name, recipe)
         agreed = agree(store, run, recipe, resume, topology, local, batch)
         if agreed["micro_batch_size"] != batch[0]:
             _adopt_batch(run, emit, agreed)
         micro, accum = agreed["micro_batch_size"], agreed["gradient_accumulation_steps"]  # what the ranks train with
-        args = (str(run), resume, agreed["checkpoint"], _keys_for(handed), reports, os.getpid())
+        args = (str(run), resume, agreed["checkpoint"], _keys_for(handed), reports, os.getpid(), attempt)
         failure = _run_agent(store, host, port, topology, local, args, run)
         if failure is None:
             return
@@ -103,13 +114,24 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
             resume = True
             host, port = endpoint(topology)  # a fresh store on one machine: no stale keys of the last round
             continue
-        if oom is not None:
-            recover(run, emit, oom[2], oom[1], micro, accum)  # kept for the resume; the other nodes stop too
-            raise StageFailed(f"{oom[2]}: out of memory at step {oom[1]}; this node halved its micro-batch. "
-                              "`appliance runs resume` on every node continues, and the nodes agree on the smaller "
-                              "micro-batch.")
         error = next((m for m in said if m[0] == "error"), None)
-        if error is not None and not (across and _peer_gone(error[1])):
+        failed = error is not None and not (across and _peer_gone(error[1]))
+        if across:
+            verdicts = _verdicts(store, topology, "error" if failed else "oom" if oom else "gone")
+            if oom is not None:
+                recover(run, emit, oom[2], oom[1], micro, accum)  # this node's share of the smaller batch
+            if verdicts and "oom" in verdicts.values() and "error" not in verdicts.values():
+                at = [r for r, v in verdicts.items() if v == "oom"]
+                emit(ev.Event("stage", proc.STAGE, f"node {', '.join(map(str, at))} ran out of memory; every node "
+                              "continues from the newest checkpoint they all have, with the smaller micro-batch",
+                              {"restart": {"round": attempt + 1, "out_of_memory": at}}))
+                resume, attempt = True, attempt + 1
+                continue
+            if oom is not None:
+                raise StageFailed(f"{oom[2]}: out of memory at step {oom[1]}; this node halved its micro-batch, but "
+                                  "not every node answered to go on. `appliance runs resume` on every node "
+                                  "continues, and the nodes agree on the smaller micro-batch.")
+        if failed:
             raise StageFailed(error[1]) if error[2] else RuntimeError(error[1])
         if across:
             raise StageFailed(f"the training processes stopped because another node left the run ({failure}); "
@@ -257,6 +279,20 @@ def agree(store, run: Path, recipe: Recipe, resume: bool, topology: Topology, lo
             "nodes": [n["address"] for n in nodes]}
 
 
+def _verdicts(store, topology: Topology, mine: str) -> dict[int, str] | None:
+    """How every node's ranks ended (``oom``, ``gone``, ``error``), through the round's keys of node 0's store; None
+    when a node does not say within VERDICT_TIMEOUT_S (it died, or node 0's store with it)."""
+    import datetime
+
+    keys = [f"appliance/verdict/{r}" for r in range(topology.nnodes)]
+    try:
+        store.set(keys[topology.node_rank], mine)
+        store.wait(keys, datetime.timedelta(seconds=VERDICT_TIMEOUT_S))
+        return {r: store.get(k).decode() for r, k in enumerate(keys)}
+    except Exception:  # the store's host is gone, or a node never answered
+        return None
+
+
 def _adopt_batch(run: Path, emit: ev.Emit, agreed: dict) -> None:
     """Another node ran out of memory and halved its micro-batch: this node takes the same, for the same steps."""
     from ..runs import overrides
@@ -317,8 +353,10 @@ def _run_agent(store, host: str, port: int, topology: Topology, local: str, args
 # -- one rank (a spawned process) ----------------------------------------------------------------------------------
 
 
-def rank_main(run_dir: str, resume: bool, checkpoint: str | None, keys: dict, reports, parent: int) -> None:
-    """One rank: the keys arrive in memory, RANK/LOCAL_RANK/WORLD_SIZE and the store from the launcher."""
+def rank_main(run_dir: str, resume: bool, checkpoint: str | None, keys: dict, reports, parent: int,
+              attempt: int = 0) -> None:
+    """One rank: the keys arrive in memory, RANK/LOCAL_RANK/WORLD_SIZE and the store from the launcher;
+    ``attempt``: the launcher's round (the process group's keys live under its prefix)."""
     try:
         import ctypes
 
@@ -344,7 +382,7 @@ def rank_main(run_dir: str, resume: bool, checkpoint: str | None, keys: dict, re
         from ..runs import load_recipe
         from .trainer import train
 
-        _join_group()
+        _join_group(attempt)
         train(run, load_recipe(run.name), resume, emit, checkpoint=checkpoint)
     except proc.Stopped:
         if proc.writes():
@@ -373,9 +411,10 @@ def rank_main(run_dir: str, resume: bool, checkpoint: str | None, keys: dict, re
         dist.destroy_process_group()
 
 
-def _join_group() -> None:
-    """Join the process group before the Trainer would (it then uses this one): env:// with the launcher's store
-    (TORCHELASTIC_USE_AGENT_STORE: a client of node 0's store, no listener of its own)."""
+def _join_group(attempt: int = 0) -> None:
+    """Join the process group before the Trainer would (it then uses this one), as a client of node 0's store (no
+    listener of its own), under the round's prefix: a round after an out-of-memory error across machines reuses the
+    store, whose keys of the last round (the ranks' addresses) must not be read again."""
     import datetime
 
     import torch
@@ -384,4 +423,8 @@ def _join_group() -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False, timeout)
+    rank, world = proc.world()
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"appliance/pg/{attempt}/", client),
+                            rank=rank, world_size=world, timeout=timeout)
