@@ -52,7 +52,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
     where = "cuda" if cuda else "cpu"
     backend = "NCCL" if cuda else "gloo"
     nodes = world // local
-    layout = "FSDP" if sharded(run, recipe) else "data-parallel"
+    fsdp = sharded(run, recipe)  # decided once per run: the plan's (or the recipe's) strategy
+    layout = "FSDP" if fsdp else "data-parallel"
     parallel = (f", {world} {layout} processes on {nodes} machines ({backend} on "
                 f"{os.environ.get('GLOO_SOCKET_IFNAME', '?')})" if nodes > 1 else
                 f", {world} {layout} processes ({backend} on loopback)" if world > 1 else "")
@@ -111,7 +112,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
         error = None
         try:
             trainer, result = _fit(run, recipe, base, tokenizer, train_ds, eval_ds, micro, accum, checkpoint, emit,
-                                   watch, cuda)
+                                   watch, cuda, fsdp)
             break
         except Exception as e:
             if world > 1 or not is_oom(e):
@@ -125,7 +126,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
         emit(ev.Event("warning", proc.STAGE, f"stopped on request at step {trainer.state.global_step} with a checkpoint; "
                       "`appliance runs resume` continues from it", {"step": trainer.state.global_step}))
         return
-    whole = trained_state(trainer.model) if sharded(run, recipe) and world > 1 else None  # every rank gathers
+    whole = trained_state(trainer.model) if fsdp else None  # every rank gathers its shards
     if not proc.writes():
         return  # the first rank of each machine writes the summary, the adapter and their manifests
 
@@ -280,7 +281,7 @@ def linear_4bit(model) -> int:
 
 
 def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, micro: int, accum: int, checkpoint,
-         emit: ev.Emit, watch: "MemoryWatch", cuda: bool):
+         emit: ev.Emit, watch: "MemoryWatch", cuda: bool, fsdp: bool = False):
     """Build the model and the trainer for this micro-batch and train (from ``checkpoint`` if given).
 
     Everything heavy lives in this frame, so an exception leaving it leaves nothing behind once handled."""
@@ -293,7 +294,6 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     t = recipe.training
     set_seed(recipe.seed)
     dpo, full = recipe.method == "dpo", recipe.lora is None
-    fsdp = sharded(run, recipe)
     packing = t.packing and not dpo  # TRL 1.16's DPO pads its pairs (its padding-free mode is disabled)
     compute_dtype = getattr(torch, recipe.quantization.compute_dtype)
     # Full fine-tuning keeps fp32 master weights (16-bit weights would round away most updates), computing in
