@@ -7,6 +7,12 @@ from typing import Iterable
 from .events import Event
 
 
+def split_counts(records: dict[str, int]) -> str:
+    """A dataset's record counts per split, in words ("400 train, 48 validation, 48 test"); the import report's file
+    is not a split."""
+    return ", ".join(f"{n} {name}" for name, n in records.items() if name != "report")
+
+
 def reporter(quiet: bool = False):
     """An Emit that prints stage, warning and metric events as plain lines (nothing when quiet)."""
     from rich.console import Console

@@ -162,6 +162,7 @@ def _data_import(args) -> int:
 
 def _package_import(args) -> int:
     from .. import hardware
+    from ..render import split_counts
     from ..trust import package, passphrase
 
     vault = unlocked()  # the vault's passphrase first, then the package's
@@ -171,15 +172,15 @@ def _package_import(args) -> int:
     if args.json:
         print_json(result)
     else:
-        counts = ", ".join(f"{n} {k}" for k, n in result["records"].items() if k != "report")
-        print(f"imported package {args.file} as dataset {result['dataset']} ({counts}), signed by "
-              f"{result['signer']}" + ("" if args.signer else "; compare this fingerprint with the maker's "
+        print(f"imported package {args.file} as dataset {result['dataset']} ({split_counts(result['records'])}), "
+              f"signed by {result['signer']}" + ("" if args.signer else "; compare this fingerprint with the maker's "
                                        "(`appliance data package` printed it)"))
     return 0
 
 
 @command("data package")
 def _data_package(args) -> int:
+    from ..render import split_counts
     from ..trust import package, passphrase
 
     vault = unlocked()
@@ -188,9 +189,8 @@ def _data_package(args) -> int:
     if args.json:
         print_json(made)
     else:
-        counts = ", ".join(f"{n} {k}" for k, n in made["records"].items() if k != "report")
-        print(f"packaged {args.name} ({counts}) into {made['out']}: ciphertext only, the key wrapped under the "
-              f"package passphrase ({made['kdf']}); signed by {made['signer']}. On the other machine: "
+        print(f"packaged {args.name} ({split_counts(made['records'])}) into {made['out']}: ciphertext only, the key "
+              f"wrapped under the package passphrase ({made['kdf']}); signed by {made['signer']}. On the other machine: "
               f"`appliance data import {made['out']} --signer {made['signer']}`")
     return 0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import CheckFailed, InvalidInput, NotFound
 from ..workspace import read_json, staging, write_json
-from . import audit, chunked, keyring, manifest, signing, store
+from . import audit, keyring, manifest, signing, store
 
 FORMAT = "appliance-dataset-package/1"
 DOMAIN = "appliance-dataset-package/1"
@@ -107,7 +107,7 @@ def open_package(vault: keyring.Unlocked, pkg: Path, passphrase, *, hardware: di
     counts = source["details"].get("records", {})
     names = [rel[: -len(store.SUFFIX)] for rel in source["files"] if rel.endswith(store.SUFFIX)]
     for name in names:  # every chunk authenticated before anything is stored; plaintext only in memory
-        n = _count(key, dataset_id, name, root / f"{name}{store.SUFFIX}")
+        n = sum(1 for _ in store.records(key, dataset_id, name, root / f"{name}{store.SUFFIX}"))
         if n != counts.get(name):
             raise CheckFailed(f"{root / (name + store.SUFFIX)} holds {n} records, its manifest says {counts.get(name)}.")
     details = {k: v for k, v in source["details"].items() if k not in ("format", "records")}
@@ -135,15 +135,6 @@ def _index(pkg: Path) -> dict:
     if missing:
         raise CheckFailed(f"{pkg / INDEX} lacks {', '.join(missing)}; the package was damaged or edited.")
     return index
-
-
-def _count(key: bytes, dataset_id: str, name: str, path: Path) -> int:
-    with open(path, "rb") as f:
-        reader = chunked.DecryptingReader(key, f, store.context(dataset_id, name))
-        try:
-            return sum(1 for _ in store._lines(reader))
-        except chunked.DecryptionError as e:
-            raise CheckFailed(f"{path} does not authenticate ({e}); the package was damaged or replaced.") from None
 
 
 def _b64d(text: str, where: Path) -> bytes:

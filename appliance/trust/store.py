@@ -119,13 +119,7 @@ def read(vault, dataset_id: str, name: str) -> Iterator[dict]:
         raise NotFound(f"no dataset named {dataset_id!r}; `appliance data list` shows them.")
     if not path.is_file():
         raise NotFound(f"dataset {dataset_id!r} has no {name!r} file ({path}).")
-    key = vault.data_key(dataset_id)
-    with open(path, "rb") as f:
-        reader = chunked.DecryptingReader(key, f, context(dataset_id, name))
-        try:
-            yield from _lines(reader)
-        except chunked.DecryptionError as e:
-            raise CheckFailed(f"{path} does not authenticate ({e}); the file was damaged or replaced.") from None
+    yield from records(vault.data_key(dataset_id), dataset_id, name, path)
 
 
 def write_derived(vault, dataset_id: str, path: Path, name: str, records: Iterable[dict]) -> None:
@@ -143,8 +137,14 @@ def write_derived(vault, dataset_id: str, path: Path, name: str, records: Iterab
 
 
 def read_derived(vault, dataset_id: str, path: Path, name: str) -> Iterator[dict]:
+    yield from records(vault.data_key(dataset_id), dataset_id, name, path)
+
+
+def records(key: bytes, dataset_id: str, name: str, path: Path) -> Iterator[dict]:
+    """The records of the file ``path``, encrypted under ``key`` with the context of ``dataset_id`` and ``name``,
+    each chunk authenticated as it is decrypted (in memory); CheckFailed naming the file at the first that is not."""
     with open(path, "rb") as f:
-        reader = chunked.DecryptingReader(vault.data_key(dataset_id), f, context(dataset_id, name))
+        reader = chunked.DecryptingReader(key, f, context(dataset_id, name))
         try:
             yield from _lines(reader)
         except chunked.DecryptionError as e:

@@ -407,9 +407,11 @@ class DatasetsScreen(Pane):
             self.query_one("#ds-import").remove_class("shown")
             self.query_one("#ds-name", Input).value = ""
             self.query_one("#dataset-table", DataTable).focus()
-            counts = ", ".join(f"{n} {k}" for k, n in result["records"].items() if k != "report")
+            from appliance.render import split_counts
+
             self.query_one("#ds-output", Static).update(
-                f"[b]imported package {escape(str(pkg))}[/] as dataset {escape(result['dataset'])} ({counts}); "
+                f"[b]imported package {escape(str(pkg))}[/] as dataset {escape(result['dataset'])} "
+                f"({split_counts(result['records'])}); "
                 f"signed by {result['signer']}: compare it with the fingerprint the maker's appliance printed")
             self.call(list_datasets, self.show_datasets, group="list")
 
