@@ -158,6 +158,28 @@ async def test_go_on_the_dashboard_shows_the_screen_of_the_next_step(home):
         assert app.query_one(TabbedContent).active == "datasets"
 
 
+@aio
+async def test_a_screen_asked_for_while_home_summarizes_stays_shown(home, monkeypatch):
+    """A key pressed as the app starts: the Home screen's summary arrives while the asked screen is being built
+    (on a loaded machine, every time). It must not take the focus, and with it the tab, back to Home."""
+    app = ApplianceApp()
+    build = app.build
+
+    def build_while_home_summarizes(tab):
+        dashboard = app.query_one(Dashboard)
+        dashboard.show(dashboard.summary)  # arrives now, while the Plan screen is mounted
+        return build(tab)
+
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.query_one(TabbedContent).query_one("ContentTabs").focus()  # as Textual's auto-focus leaves it
+        await pilot.pause()
+        monkeypatch.setattr(app, "build", build_while_home_summarizes)
+        await pilot.press("5")
+        await settle(pilot)
+        assert app.query_one(TabbedContent).active == "plan" and app.focused is app.query_one("#plan-view")
+
+
 # -- hardware ---------------------------------------------------------------------
 
 @aio

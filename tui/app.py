@@ -126,7 +126,7 @@ class ApplianceApp(App):
         # first activation waits for it (see on_tabbed_content_tab_activated).
         self._tabs_ready = False
         self._pending_tab: str | None = None
-        self._last_shown: str | None = None
+        self.asked_tab: str | None = None  # the screen last asked for with its key (or the Home button)
         if simulate:
             self.sub_title = f"offline fine-tuning · hardware simulated: {simulate}"
 
@@ -156,19 +156,21 @@ class ApplianceApp(App):
     # -- actions ---------------------------------------------------------------
 
     async def action_show(self, tab: str) -> None:
+        # Said before the await below: while the screen is built, the Home screen's summary may arrive and must
+        # not take the focus (and with it, once its focus message lands, the tab) back.
+        self.asked_tab = tab
         await self.ensure_built(tab)
         if not self._tabs_ready:
             self._pending_tab = tab
             return
         self.query_one(TabbedContent).active = tab
         self.focus_pane()
-        self._last_shown = tab
         # A start-up activation of the first tab that Textual delivers late would undo the switch: hold it.
         self.call_after_refresh(self._hold, tab)
 
     def _hold(self, tab: str) -> None:
         tabs = self.query_one(TabbedContent)
-        if self._last_shown == tab and tabs.active == "dashboard" != tab:
+        if self.asked_tab == tab and tabs.active == "dashboard" != tab:
             tabs.active = tab
             self.focus_pane()
 

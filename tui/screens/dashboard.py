@@ -125,11 +125,10 @@ class Dashboard(Pane):
         go = self.query_one("#go", Button)
         go.disabled = False
         go.tooltip = f"show the {tab} screen"
-        from textual.widgets import Tabs
+        from textual.widgets import TabbedContent, Tabs
 
-        # As the app starts, Enter goes; but never pull the focus (and with it the tab) back from another screen.
-        from textual.widgets import TabbedContent
-
-        home = self.app.query_one(TabbedContent).active == "dashboard"
+        # As the app starts, Enter goes; but never pull the focus (and with it the tab) to Home from another screen,
+        # nor when the user has asked for one that is still being built.
+        home = self.app.query_one(TabbedContent).active == "dashboard" and self.app.asked_tab in (None, "dashboard")
         if home and (self.app.focused is None or isinstance(self.app.focused, Tabs)):
             go.focus()
