@@ -74,6 +74,8 @@ class Training(_Strict):
                                    "in host memory (slower; for models that do not fit the GPUs even sharded)")
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
     save_steps: int = Field(25, ge=1, description="checkpoint every N steps")
+    keep_checkpoints: int | None = Field(None, description="keep the newest N checkpoints, and the best, deleting "
+                                         "older ones as new ones are written; none: keep all")
     eval_steps: int = Field(25, ge=1, description="validation loss every N steps")
     logging_steps: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
@@ -83,6 +85,16 @@ class Training(_Strict):
     def _positive(cls, value):
         if value != "auto" and value < 1:
             raise ValueError("must be 1 or more, or auto")
+        return value
+
+    @field_validator("keep_checkpoints")
+    @classmethod
+    def _keep(cls, value):
+        # The newest is protected while it is written (the Trainer rotates before it counts as complete): one
+        # complete checkpoint must remain for a resume, and across machines one that every node holds.
+        if value is not None and value < 2:
+            raise ValueError("must be 2 or more (a resume needs one complete checkpoint while the next is written), "
+                             "or left out to keep all")
         return value
 
     @field_validator("batch_size")

@@ -26,7 +26,8 @@ def test_early_stopping_keeps_the_best_checkpoint_and_export_uses_it(tiny_home, 
     home = tiny_home
     data = contradicting_dataset(tmp_path / "contradicting")
     recipe = write_recipe(tmp_path / "es.yaml", data, max_steps=40, micro_batch_size=4, learning_rate=0.01,
-                          eval_steps=1, save_steps=100, early_stopping={"patience": 2, "min_delta": 0.0})
+                          eval_steps=1, save_steps=100, early_stopping={"patience": 2, "min_delta": 0.0},
+                          keep_checkpoints=2)
     st = cli_json("train", str(recipe), home=home)
     assert st["state"] == "finished", st
     run_id, s = st["id"], st["summary"]
@@ -36,6 +37,11 @@ def test_early_stopping_keeps_the_best_checkpoint_and_export_uses_it(tiny_home, 
     assert s["early_stopped"] and s["steps"] == best["step"] + 2 < 40
     assert s["best_checkpoint"] == f"checkpoint-{best['step']}" and s["best_eval_loss"] == best["eval_loss"]
     assert [d["best"] for d in evals[-3:]] == [True, False, False]
+    # Each new best was saved; the Trainer's rotation kept the newest two (the best among them), deleting the rest
+    saved = [e.data["checkpoint"] for e in run_events(home, run_id) if e.type == "metric" and "checkpoint" in e.data]
+    assert len(saved) > 2 and s["best_checkpoint"] == saved[-1]
+    kept = sorted(p.name for p in (home / "runs" / run_id / "checkpoints").glob("checkpoint-*"))
+    assert kept == sorted(saved[-2:]), (kept, saved)
     warnings = [e for e in run_events(home, run_id) if e.type == "warning" and "overfitting" in e.data]
     assert len(warnings) == 1 and warnings[0].data["overfitting"]["best_step"] == best["step"]
     shown = run_cli("runs", "follow", run_id, home=home).stdout

@@ -498,3 +498,9 @@ async def test_plan_form_chooses_the_strategy_and_fsdp_offload(home):
         await click(pilot, "#plan-go")
         await settle(pilot)
         assert screen.plan["strategy"]["mode"] == "split" and screen.plan["knobs"]["cpu_offload"]
+        # The recipe keeps its two newest checkpoints (an FSDP checkpoint holds the whole 4-bit model)
+        assert app.query_one("#k-keep", Input).placeholder == "2"
+        await type_into(pilot, "#k-keep", "1")
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        assert "training.keep_checkpoints: must be 2 or more" in error_message(app)

@@ -377,6 +377,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
+        save_total_limit=t.keep_checkpoints,  # the Trainer's rotation keeps the newest and the best
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         metric_for_best_model="eval_loss",  # the Trainer tracks the golden checkpoint for every run

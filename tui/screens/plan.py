@@ -112,6 +112,7 @@ KNOBS = (
     ("k-seq", "training.max_seq_length", "seq length", int),
     ("k-rank", "lora.r", "LoRA rank", int),
     ("k-lr", "training.learning_rate", "learning rate", float),
+    ("k-keep", "training.keep_checkpoints", "keep ckpts", int),
 )
 RECIPES = "(the recipe's)"
 STRATEGIES = ("auto", "ddp", "fsdp", "split")
@@ -131,7 +132,8 @@ def recipe_defaults(path: str) -> dict:
             "training.learning_rate": r.training.learning_rate,
             "training.gradient_checkpointing": r.training.gradient_checkpointing,
             "training.packing": r.training.packing, "training.strategy": r.training.strategy,
-            "training.fsdp_cpu_offload": r.training.fsdp_cpu_offload}
+            "training.fsdp_cpu_offload": r.training.fsdp_cpu_offload,
+            "training.keep_checkpoints": r.training.keep_checkpoints or "all"}
 
 
 def choices() -> tuple[list[str], list[str]]:
