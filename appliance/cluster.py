@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput, NotFound
+from .trust import egress
 
 PORT_DEFAULT = 29400  # torchrun's default rendezvous port
 
@@ -112,22 +113,12 @@ def declared(address: str, port: int | None = None) -> bool:
     return any(p["address"] == address and (p["port"] is None or port is None or p["port"] == port) for p in peers())
 
 
-def is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
-
-
 def enable(local: str | None = None) -> None:
     """In this process: let the egress guard connect to the declared peers (each at its declared port, or any) and,
     if ``local`` (this machine's address on the cluster's network) is declared, listen on it."""
-    from .trust import egress
-
     for p in peers():
         egress.allow_peer(p["address"], p["port"])
-    if local and not is_loopback(local) and declared(local):
+    if local and not egress.is_loopback(local) and declared(local):
         egress.allow_listen(local)
 
 
@@ -215,7 +206,7 @@ class Topology:
             host, port = parse(self.rdzv, "--rdzv")
             if port is None:
                 raise InvalidInput(f"--rdzv {self.rdzv}: give the port too, e.g. {show(host, 29400)}.")
-            if not is_loopback(host) and not declared(host, port):
+            if not egress.is_loopback(host) and not declared(host, port):
                 raise InvalidInput(f"--rdzv {self.rdzv} is not a declared peer; on every machine, `appliance cluster "
                                    f"allow {show(host, port)}` (and the other machines' addresses) declares "
                                    "the cluster first.")

@@ -38,6 +38,7 @@ from .. import events as ev
 from ..errors import ApplianceError, StageFailed
 from ..cluster import Topology
 from ..recipes import Recipe
+from ..trust import egress
 from ..trust import keys as trust_keys
 from . import proc
 
@@ -76,7 +77,7 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
     host, port = endpoint(topology)
     across = topology.nnodes > 1
     local = "127.0.0.1"
-    if across and not cluster.is_loopback(host):
+    if across and not egress.is_loopback(host):
         cluster.enable()  # the guard now lets this process reach the declared peers, and nothing else
         try:
             local = cluster.route_source(host, port)  # also proves the guard lets the rendezvous through
@@ -263,7 +264,7 @@ def agree(store, run: Path, recipe: Recipe, resume: bool, topology: Topology, lo
         if n["resume"] != resume:
             raise StageFailed(f"node {r} {'resumes' if n['resume'] else 'starts afresh'} and this node does not; "
                               "start a new run on every node, or `runs resume` on every node.")
-        if not cluster.is_loopback(n["address"]) and not cluster.declared(n["address"]):
+        if not egress.is_loopback(n["address"]) and not cluster.declared(n["address"]):
             raise StageFailed(f"node {r} joined from {n['address']}, which is not a declared peer here; `appliance "
                               f"cluster allow {n['address']}` on this machine admits it.")
     effective = batch[0] * batch[1]

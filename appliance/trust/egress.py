@@ -145,6 +145,12 @@ def _ip(host):
     return ip
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a numeric loopback address (127.0.0.0/8, ::1, IPv4-mapped, bracketed); a name is not."""
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
+
+
 def _parse_entry(entry: str) -> tuple[str, int | None]:
     """``127.0.0.2``, ``127.0.0.2:80``, ``::1``, ``[::1]:80`` -> (address, port); ValueError unless loopback."""
     text, port = entry.strip(), None
