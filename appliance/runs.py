@@ -189,12 +189,13 @@ def batch_settings(run_id: str, recipe: Recipe) -> tuple[int, int]:
             int(o.get("gradient_accumulation_steps", recipe.training.gradient_accumulation_steps)))
 
 
-def record_oom_recovery(run_id: str, record: dict) -> dict:
-    """Keep an out-of-memory recovery and the batch it chose, so that a later resume keeps the smaller batch."""
+def record_batch(run_id: str, micro: int, accum: int, oom_recovery: dict | None = None) -> dict:
+    """Keep the batch a run continues with after running out of memory (here, with the ``oom_recovery`` record, or
+    on another node), so that a later resume keeps the smaller batch."""
     o = overrides(run_id)
-    o["micro_batch_size"] = record["micro_batch"][1]
-    o["gradient_accumulation_steps"] = record["gradient_accumulation"][1]
-    o["oom_recoveries"] = [*o.get("oom_recoveries", []), record]
+    o["micro_batch_size"], o["gradient_accumulation_steps"] = micro, accum
+    if oom_recovery is not None:
+        o["oom_recoveries"] = [*o.get("oom_recoveries", []), oom_recovery]
     write_json(folder("runs") / run_id / "overrides.json", o)
     return o
 

@@ -48,7 +48,7 @@ def recover(run: Path, emit: ev.Emit, error: str, at_step: int, micro: int, accu
 
     The micro-batch is divided by its smallest factor (halved when even) and the accumulation multiplied by the
     same, so the effective batch, and with it the examples each optimizer step sees, stay the same."""
-    from ..runs import last_checkpoint, record_oom_recovery, step_of
+    from ..runs import last_checkpoint, record_batch, step_of
 
     if micro <= 1:
         raise StageFailed(f"out of memory at step {at_step} with micro-batch 1 ({error}); nothing is left to halve: "
@@ -59,7 +59,7 @@ def recover(run: Path, emit: ev.Emit, error: str, at_step: int, micro: int, accu
     checkpoint = last_checkpoint(run.name)
     record = {"at_step": at_step, "resumed_from": checkpoint.name if checkpoint else None,
               "micro_batch": [micro, new_micro], "gradient_accumulation": [accum, new_accum], "error": error}
-    record_oom_recovery(run.name, record)
+    record_batch(run.name, new_micro, new_accum, record)
     since = step_of(checkpoint) + 1 if checkpoint else 1
     lost = f"steps {since}-{at_step} are trained again" if since < at_step else f"step {at_step} is trained again"
     emit(ev.Event("warning", proc.STAGE, f"out of memory at step {at_step} with micro-batch {micro}; continuing from "

@@ -296,13 +296,9 @@ def _verdicts(store, topology: Topology, mine: str) -> dict[int, str] | None:
 
 def _adopt_batch(run: Path, emit: ev.Emit, agreed: dict) -> None:
     """Another node ran out of memory and halved its micro-batch: this node takes the same, for the same steps."""
-    from ..runs import overrides
-    from ..workspace import write_json
+    from ..runs import record_batch
 
-    o = overrides(run.name)
-    o["micro_batch_size"], o["gradient_accumulation_steps"] = agreed["micro_batch_size"], agreed[
-        "gradient_accumulation_steps"]
-    write_json(run / "overrides.json", o)
+    record_batch(run.name, agreed["micro_batch_size"], agreed["gradient_accumulation_steps"])
     emit(ev.Event("stage", proc.STAGE, f"micro-batch {agreed['micro_batch_size']} x accumulation "
                   f"{agreed['gradient_accumulation_steps']}, as another node chose after running out of memory",
                   {"adopted_batch": [agreed["micro_batch_size"], agreed["gradient_accumulation_steps"]]}))
