@@ -336,6 +336,63 @@ def devices(hw, limit: float = DEFAULT_LIMIT) -> list[Device]:
     return [Device("cpu (RAM)", "cpu", hw.ram_total, int(hw.ram_total * limit))]
 
 
+# Bytes per weight of llama.cpp's quantizations, from llama-quantize's table (Llama-3-8B, 8.03B weights:
+# Q4_0 4.34G, Q4_K_M 4.58G, Q5_K_M 5.33G, Q8_0 7.96G, in GiB, against 14.96 GiB at 16 bits).
+GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.064, "q5_k_m": 0.713, "q4_k_m": 0.612, "q4_0": 0.580}
+
+
+def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool, base_dtype: str = "bfloat16",
+              tokenizer: int = 0, limit: float = DEFAULT_LIMIT) -> dict:
+    """What the run leaves on disk and needs after training, before it starts: its checkpoints (adapter and
+    optimizer states; under FSDP the whole 4-bit model too), the merged model, the GGUF files of the recipe's
+    quantizations; and the host memory of merge and export, which load the merged model in float32 for their
+    logit checks. Estimates; disk against the free space at the workspace. ``tokenizer``: the bytes of the
+    tokenizer's files, which every checkpoint, the adapter and the merged model carry (and a GGUF its vocabulary)."""
+    t = recipe.training
+    trainable = shape.total_params if k.full else shape.lora_params(k.lora_r, list(k.lora_targets)
+                                                                   if not isinstance(k.lora_targets, str)
+                                                                   else k.lora_targets)
+    weights = 4 if k.full else DTYPE_BYTES[k.compute_dtype]
+    checkpoint = trainable * (weights + OPTIMIZER_BYTES[k.optimizer]) + tokenizer
+    if fsdp and not k.full:  # accelerate's sharded state dict holds every weight, the frozen 4-bit ones too
+        gpu = estimate(shape, replace(k, cpu_offload=False), "cuda", 1, fsdp=True)
+        checkpoint += gpu["weights"] + gpu["weights_other"]
+    written = steps // t.save_steps if steps else None
+    kept = None if written is None else (min(written, t.keep_checkpoints) + (written > t.keep_checkpoints)
+                                         if t.keep_checkpoints else written)
+    merged = shape.total_params * DTYPE_BYTES.get(base_dtype, 2) + tokenizer
+    quants = ["f16", *[q for q in recipe.export.quant if q != "f16"]]
+    gguf = {q: int(shape.total_params * GGUF_BYTES[q] + tokenizer / 2) for q in quants}  # vocabulary and merges
+    disk = (kept or 0) * checkpoint + trainable * weights + tokenizer + merged + sum(gguf.values())
+    host = shape.total_params * 4 + CPU_RUNTIME
+    return {"checkpoint": int(checkpoint), "checkpoints": kept, "keep": t.keep_checkpoints, "merged": int(merged),
+            "gguf": gguf, "disk": int(disk), "disk_free": hw.disk_free, "disk_fits": disk <= hw.disk_free,
+            "merge_host": int(host), "ram": hw.ram_total, "merge_host_fits": host <= hw.ram_total * limit}
+
+
+def footprint_lines(f: dict) -> list[str]:
+    """The footprint in two sentences (the CLI's plan and the Plan screen say the same)."""
+    def size(n: int) -> str:
+        return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / MiB:.0f} MiB"
+
+    if f["checkpoints"] is None:
+        ckpt = f"checkpoints of {size(f['checkpoint'])} each (their number needs the run's length), "
+    else:
+        which = f"the newest {f['keep']} and the best" if f["keep"] else "all kept"
+        ckpt = f"{f['checkpoints']} checkpoints of {size(f['checkpoint'])} ({which}), "
+    files = ", ".join(f"{q} {size(b)}" for q, b in f["gguf"].items())
+    disk = (f"disk: about {size(f['disk'])} of {size(f['disk_free'])} free at the workspace "
+            f"{'ok' if f['disk_fits'] else 'TOO LITTLE'}: {ckpt}the merged model {size(f['merged'])}, GGUF {files}"
+            + ("" if f["disk_fits"] else "; free space, or keep fewer checkpoints (training.keep_checkpoints) "
+                                         "and export fewer quantizations (export.quant)"))
+    host = (f"merge and export: about {size(f['merge_host'])} of host memory of {size(f['ram'])} "
+            f"{'ok' if f['merge_host_fits'] else 'TOO MUCH'} (they load the merged model in float32 for their "
+            "logit checks)")
+    if not f["merge_host_fits"]:
+        host += "; the training fits, but merging this model needs a machine with that much memory"
+    return [disk, host]
+
+
 def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allow_shorter: bool = False) -> dict:
     """The verdict for this hardware: fits | fits_after_adjustment | does_not_fit, with the breakdown per device,
     the adjustments made (in order) and, when nothing fits, what would."""
@@ -604,6 +661,8 @@ def render_text(plan: dict) -> str:
     if plan.get("duration"):
         d = plan["duration"]
         lines.append(f"time: {duration.text(d['seconds'])} (an estimate: {d['basis']})")
+    if plan.get("footprint"):
+        lines += footprint_lines(plan["footprint"])
     for c in plan.get("checks", []):
         lines.append(f"warning: {c['message']}")
     if plan.get("would_fit"):
@@ -666,11 +725,35 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
     knobs = Knobs(**{k: v for k, v in plan["knobs"].items() if k != "effective_batch"})
     replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] in ("ddp", "fsdp") else 1
     plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas)
+    base_dtype = _config_dtype(config_source)
+    plan["footprint"] = footprint(shape, knobs, recipe, plan["duration"].get("steps"), hw,
+                                  plan["strategy"]["mode"] == "fsdp", base_dtype, _tokenizer_bytes(config_source),
+                                  limit)
     audit.record("plan", {"model": recipe.base_model},
                  {"recipe": recipe.name, "hardware": plan["hardware"], "verdict": plan["verdict"],
                   "estimate_gib": round(max(d["estimate"] for d in plan["devices"]) / GiB, 2),
                   "changes": plan["recipe_changes"]})
     return plan
+
+
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "chat_template*")
+
+
+def _tokenizer_bytes(config_path: str) -> int:
+    """The size of the tokenizer's files beside the model's config (none when planning from a config alone)."""
+    folder = Path(config_path).parent
+    return sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file())
+
+
+def _config_dtype(path: str) -> str:
+    """The dtype the base model's config names (what merge saves in), bfloat16 when it names none."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return "bfloat16"
+    cfg = cfg.get("text_config", cfg)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    return dtype if dtype in DTYPE_BYTES else "bfloat16"
 
 
 def _split_sizes(recipe) -> tuple[dict | None, dict | None]:

@@ -40,6 +40,13 @@ def test_train_merge_export_ask(tiny_home, tmp_path, demo_dataset):
     assert parity["eot_token"] == "<|im_end|>" and parity["template_conversations"] == 4
     assert set(exported["files"]) == {"f16", "q8_0"}
     assert exported["files"]["q8_0"]["bytes"] < exported["files"]["f16"]["bytes"]
+    # What the plan said the run would leave on disk, against what it left (within 10%)
+    planned = cli_json("plan", str(recipe), home=home)["footprint"]
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    left = {"checkpoint": size(run / "checkpoints" / "checkpoint-3"), "merged": size(run / "merged"),
+            **{q: f["bytes"] for q, f in exported["files"].items()}}
+    said = {"checkpoint": planned["checkpoint"], "merged": planned["merged"], **planned["gguf"]}
+    assert planned["checkpoints"] == 2 and all(abs(said[k] / left[k] - 1) < 0.1 for k in left), (said, left)
 
     from gguf import GGUFReader
 

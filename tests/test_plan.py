@@ -96,6 +96,26 @@ def test_fsdp_shards_the_state_keeps_each_replicas_activations_and_counts_host_m
     assert cpu["strategy"]["mode"] == "fsdp" and "gloo" in cpu["strategy"]["why"]
 
 
+def test_the_plan_says_what_the_run_leaves_on_disk_and_what_merging_it_needs(home):
+    """The 70B recipe trains on 2x24 GB, but its FSDP checkpoints hold the whole 4-bit model and merging loads
+    the model in float32: the plan says so before a two-day run. (Sizes against a real run: test_pipeline_tiny.)"""
+    p = cli_json("plan", str(ROOT / "recipes/llama-3.1-70b-qlora-2x24gb.yaml"), "--simulate", "2x-rtx4090", home=home)
+    f = p["footprint"]
+    params = p["model"]["parameters"]
+    assert p["verdict"] == "fits" and p["strategy"]["mode"] == "fsdp"
+    assert f["checkpoints"] == 3 and f["keep"] == 2  # 600 steps, one every 100: the newest 2 and the best
+    assert f["checkpoint"] > 0.5 * params  # the 4-bit base is in each
+    assert f["merged"] == pytest.approx(2 * params, rel=0.01) and f["gguf"]["q4_k_m"] < f["gguf"]["q8_0"] < f["gguf"]["f16"]
+    assert f["merge_host"] > 4 * params and not f["merge_host_fits"]
+    text = run_cli("plan", str(ROOT / "recipes/llama-3.1-70b-qlora-2x24gb.yaml"), "--simulate", "2x-rtx4090",
+                   home=home).stdout
+    assert "merge and export: about 263" in text and "TOO MUCH" in text and "3 checkpoints of" in text
+    # Without FSDP a checkpoint is the adapter and its optimizer states: small, and the merge fits 64 GB.
+    small = cli_json("plan", str(ROOT / "recipes/llama-3.1-8b-qlora-1x24gb.yaml"), "--simulate", "1x-rtx4090",
+                     home=home)["footprint"]
+    assert small["checkpoint"] < 2**30 and small["merge_host_fits"] and small["keep"] is None
+
+
 def test_adjustments_come_in_order_and_keep_the_effective_batch():
     s = _shape("llama-3.1-8b-instruct")
     hw = hardware.detect("1x-rtx4090")

@@ -15,7 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select, Static
 
-from appliance.plan import method_text
+from appliance.plan import footprint_lines, method_text
 
 from .base import Pane, require_unlocked
 
@@ -94,6 +94,10 @@ def details(plan: dict) -> str:
         lines += [f"  - {escape(w)}" for w in plan["would_fit"]]
     if plan.get("duration"):
         lines.append(f"[b]time:[/] {escape(plan['duration']['basis'])}")
+    if plan.get("footprint"):
+        for line in footprint_lines(plan["footprint"]):
+            what, rest = line.split(": ", 1)
+            lines.append(f"[b]{escape(what)}:[/] {escape(rest)}")
     if plan.get("checks"):
         lines.append("[b]checks from the guides:[/]")
         lines += [f"  [$warning]warning:[/] {escape(c['message'])}" for c in plan["checks"]]
