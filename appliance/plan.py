@@ -349,9 +349,8 @@ def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool,
     logit checks. Estimates; disk against the free space at the workspace. ``tokenizer``: the bytes of the
     tokenizer's files, which every checkpoint, the adapter and the merged model carry (and a GGUF its vocabulary)."""
     t = recipe.training
-    trainable = shape.total_params if k.full else shape.lora_params(k.lora_r, list(k.lora_targets)
-                                                                   if not isinstance(k.lora_targets, str)
-                                                                   else k.lora_targets)
+    targets = k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets)
+    trainable = shape.total_params if k.full else shape.lora_params(k.lora_r, targets)
     weights = 4 if k.full else DTYPE_BYTES[k.compute_dtype]
     checkpoint = trainable * (weights + OPTIMIZER_BYTES[k.optimizer]) + tokenizer
     if fsdp and not k.full:  # accelerate's sharded state dict holds every weight, the frozen 4-bit ones too
@@ -746,13 +745,11 @@ def _tokenizer_bytes(config_path: str) -> int:
 
 
 def _config_dtype(path: str) -> str:
-    """The dtype the base model's config names (what merge saves in), bfloat16 when it names none."""
+    """The dtype merge saves the model in: the one its config names, else bfloat16 (merge.py's rule)."""
     try:
-        cfg = json.loads(Path(path).read_text())
+        dtype = json.loads(Path(path).read_text()).get("dtype") or "bfloat16"
     except (OSError, ValueError):
         return "bfloat16"
-    cfg = cfg.get("text_config", cfg)
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     return dtype if dtype in DTYPE_BYTES else "bfloat16"
 
 
