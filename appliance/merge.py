@@ -16,7 +16,7 @@ from .chat_format import render, with_system
 from .errors import CheckFailed
 from .events import Emit, Event, ignore
 from .trust import manifest
-from .workspace import read_json, staging, write_json
+from .workspace import staging, write_json
 
 STAGE = "merge"
 MAX_ABS_DIFF = 1e-3  # fp32 merge vs unmerged: algebraically equal, so only rounding may differ
@@ -28,7 +28,7 @@ def merged_dir(run_id: str) -> Path:
 
 def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = "best") -> dict:
     """Merge the run's adapter at ``checkpoint`` (best, last or a step; see ``runs.adapter``)."""
-    from .models import model_dir
+    from .models import model_dir, saved_dtype
     from .trust import keys
 
     run = runs.run_dir(run_id)
@@ -43,7 +43,7 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = 
     recipe = runs.load_recipe(run_id)
     base = model_dir(recipe.base_model)
     check_base(run, base)
-    save_dtype = read_json(base / "config.json").get("dtype") or "bfloat16"
+    save_dtype = saved_dtype(base / "config.json")
     emit(Event("stage", STAGE, f"merging the adapter of {source['label']} into {recipe.base_model} (float32, "
                                f"saved as {save_dtype})"))
     import torch

@@ -31,6 +31,14 @@ _TOKENIZER_FILES = (
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def saved_dtype(config: Path) -> str:
+    """The dtype a model trained from this base is saved in (merged, or fully fine-tuned): the one the base's
+    ``config.json`` names, else bfloat16."""
+    from .workspace import read_json
+
+    return read_json(config).get("dtype") or "bfloat16"
+
+
 def model_dir(model_id: str) -> Path:
     path = folder("models") / model_id
     if not (path / manifest.NAME).is_file():

@@ -724,9 +724,11 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
     knobs = Knobs(**{k: v for k, v in plan["knobs"].items() if k != "effective_batch"})
     replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] in ("ddp", "fsdp") else 1
     plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas)
-    base_dtype = _config_dtype(config_source)
+    from .models import saved_dtype
+
     plan["footprint"] = footprint(shape, knobs, recipe, plan["duration"].get("steps"), hw,
-                                  plan["strategy"]["mode"] == "fsdp", base_dtype, _tokenizer_bytes(config_source),
+                                  plan["strategy"]["mode"] == "fsdp", saved_dtype(Path(config_source)),
+                                  _tokenizer_bytes(config_source),
                                   limit)
     audit.record("plan", {"model": recipe.base_model},
                  {"recipe": recipe.name, "hardware": plan["hardware"], "verdict": plan["verdict"],
@@ -742,15 +744,6 @@ def _tokenizer_bytes(config_path: str) -> int:
     """The size of the tokenizer's files beside the model's config (none when planning from a config alone)."""
     folder = Path(config_path).parent
     return sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file())
-
-
-def _config_dtype(path: str) -> str:
-    """The dtype merge saves the model in: the one its config names, else bfloat16 (merge.py's rule)."""
-    try:
-        dtype = json.loads(Path(path).read_text()).get("dtype") or "bfloat16"
-    except (OSError, ValueError):
-        return "bfloat16"
-    return dtype if dtype in DTYPE_BYTES else "bfloat16"
 
 
 def _split_sizes(recipe) -> tuple[dict | None, dict | None]:

@@ -28,7 +28,7 @@ from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, i
 def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: str | None = "last") -> None:
     """``checkpoint`` (on a resume): "last" (the newest complete one), a checkpoint's name (what the nodes of a
     run across machines agreed on), or None (from the start)."""
-    from ..models import model_dir
+    from ..models import model_dir, saved_dtype
     from ..runs import batch_settings, last_checkpoint
 
     rank, world = proc.world()
@@ -189,7 +189,7 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
                    hardware=hardware.summary())
     full = recipe.lora is None  # full fine-tuning: the weights themselves, in the base's dtype, not an adapter
     with staging(run / ("full" if full else "adapter")) as tmp:
-        save_trained(trainer.model, tmp, full, whole, read_json(base / "config.json").get("dtype") or "bfloat16")
+        save_trained(trainer.model, tmp, full, whole, saved_dtype(base / "config.json"))
         tokenizer.save_pretrained(str(tmp))
         manifest.write(tmp, "full-model" if full else "adapter", f"{run.name}/{'full' if full else 'adapter'}",
                        parents={"run": run.name, "base_model": recipe.base_model}, recipe_sha256=recipe.digest(),
