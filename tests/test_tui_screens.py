@@ -317,10 +317,13 @@ def test_snapshot_models(vault_home, tiny_model_dir, monkeypatch, snap_compare):
     async def run_before(pilot):
         await pilot.press("3")
         await settle(pilot)
-        # The shot waits for what it shows, not for a time: the row listed, the table focused, its detail drawn.
+        # The shot waits for what it shows, not for a time: the row listed, the table focused, its detail drawn,
+        # and the columns sized to the row (a DataTable measures new rows when its queue is idle: on a busy machine
+        # the shot could come first, with the columns as wide as their headers).
         table = pilot.app.query_one("#model-table", DataTable)
         for _ in range(400):
             if (table.row_count == 1 and pilot.app.focused is table
+                    and table.ordered_columns[0].content_width >= len("tiny")
                     and "hidden 128" in str(pilot.app.query_one("#model-info", Static).render())):
                 break
             await asyncio.sleep(0.05)
