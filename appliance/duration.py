@@ -9,8 +9,12 @@ gradients when every weight trains. The two rates come from measurements:
   ``bench/gpu_measured.json`` reached (Llama-3.1-8B shape, QLoRA, micro-batch 1 and 4 x 2048 tokens with
   checkpointing: 3,310 and 5,751 tokens/s give 3.7e14 FLOP/s, 37% of 989 TFLOP/s, and 0.117 s per walk over the
   8.0B weights); other GPUs are scaled by their peak, so their figure is an estimate of an estimate;
-* a CPU core's rate is what ``bench/train_throughput.py --data demo`` measured on 2 cores with AVX512-BF16
-  (SmolLM2-135M, QLoRA, bf16 compute, checkpointing off): 507 tokens/s, 1.4e11 FLOP/s a core.
+* on this machine's CPU, a probe of the run's own shape (``train/probe.py``: one micro-batch, the run's dtype, NF4
+  layer and attention, timed with one layer and with four, cached per machine); on a CPU that cannot be probed (a
+  simulated profile, a model too big to probe in seconds, DPO) a core's rate is what ``bench/train_throughput.py
+  --data demo`` measured on 2 cores with AVX512-BF16 (SmolLM2-135M, QLoRA, bf16 compute, checkpointing off): 507
+  tokens/s, 1.4e11 FLOP/s a core; that figure is wrong on a CPU that emulates bfloat16, which is why it is the
+  fallback only.
 
 Model loading and export are not counted. Stated as an estimate everywhere it is shown.
 """
@@ -27,6 +31,10 @@ CPU_FLOPS_PER_CORE = 1.4e11
 # ~350 s where the model above says 169 s: TRL's chunked LM head runs in fp32 for the policy's two sequences and
 # the reference's, and the pairs are padded to the longer one. Measured, applied on CPUs only (no GPU DPO figure yet).
 CPU_DPO_FACTOR = 2.0
+# What the Trainer adds to each optimizer step beyond the probe's forward, backward and AdamW: the collator, gradient
+# clipping, the scheduler, logging and our event callback (its memory sampling).
+# Measured: the demo run here against its probe (bench/train_throughput.py --plan prints both).
+CPU_STEP_OVERHEAD_S = 0.05
 BYTES_PER_TOKEN = 3.0          # a JSON line per example over its chat-template tokens: 2.9 on the demo records
 PACK_FILL = 0.95               # packed bins are this full on average (best fit decreasing)
 # Dense bf16 tensor TFLOP/s (fp32 accumulate) from the vendors' data sheets, by a name fragment.
@@ -42,11 +50,14 @@ def gpu_peak(name: str) -> tuple[float, bool]:
     return (found or UNKNOWN_GPU_PEAK) * 1e12, found is not None
 
 
-def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | None, replicas: int = 1) -> dict:
-    """The run's duration: {seconds, steps, tokens_per_step, tokens_per_s, evaluations, basis}.
+def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | None, replicas: int = 1,
+             config: dict | None = None) -> dict:
+    """The run's duration: {seconds, steps, tokens_per_step, tokens_per_s, evaluations, basis, measured}.
 
     ``train`` / ``validation``: {records, bytes} of the splits (``data.stats``), None when the data is not here
-    (then only a ``max_steps`` run can be estimated, assuming full sequences)."""
+    (then only a ``max_steps`` run can be estimated, assuming full sequences). ``config``: the model's config.json,
+    for the throughput probe on this machine's CPU (``train/probe.py``); without it, or on a GPU, a simulated
+    machine or under DPO, the rates above."""
     t = recipe.training
     seq = knobs.seq_len
     mean = None
@@ -81,6 +92,22 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
     step_s = knobs.grad_accum * (passes * walk + micro_tokens * per_token / flops)
     if knobs.dpo and not hw.gpus:
         step_s *= CPU_DPO_FACTOR
+    measured = None
+    if not hw.gpus and not hw.simulated and config is not None and not knobs.dpo:
+        from .train import probe
+
+        if probe.enabled():
+            spec = probe.spec_for(config, knobs, recipe, cores, seq if knobs.packing else row,
+                                  mean if mean is not None else seq * PACK_FILL)
+            measured = probe.measured(spec, hw)
+    if measured and "error" not in measured:
+        # the probe's micro-batch holds measured["tokens"]; the run's holds micro_tokens (packed bins fill less)
+        micro_s = measured["micro_step_s"] * micro_tokens / max(1, measured["tokens"])
+        step_s = knobs.grad_accum * micro_s + CPU_STEP_OVERHEAD_S
+        flops = micro_tokens * per_token / micro_s  # the rate the probe implies, for the evaluation's forward passes
+        how = "cached" if measured.get("cached") else f"probed in {measured['probe_s']:.0f} s"
+        where = (f"{cores} CPU cores, measured here ({knobs.compute_dtype}: one layer {measured['per_layer_s']:.3f} s,"
+                 f" the rest {measured['fixed_s']:.3f} s a micro-batch, {how})")
     evals = steps // t.eval_steps + (1 if steps % t.eval_steps else 0)
     eval_s = 0.0
     if validation and validation["records"]:
@@ -88,11 +115,15 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
         eval_s = evals * (math.ceil(validation["records"] / knobs.micro_batch) * walk + val_tokens * 2 * params / flops)
     seconds = steps * step_s + eval_s
     tokens_step = batch * replicas * row
+    source = ("a probe of this machine (appliance/train/probe.py)" if measured and "error" not in measured else
+              f"the table's rates, not this machine's ({measured['error']})" if measured else
+              "measured throughput (appliance/duration.py)")
     return {"seconds": round(seconds, 1), "steps": steps, "tokens_per_step": round(tokens_step),
             "tokens_per_s": round(tokens_step / step_s), "evaluations": evals, "eval_seconds": round(eval_s, 1),
+            "measured": bool(measured and "error" not in measured), "compute_dtype": knobs.compute_dtype,
             "basis": f"{steps} steps of ~{tokens_step:,.0f} tokens at ~{tokens_step / step_s:,.0f} tokens/s on "
-                     f"{where}, plus {evals} evaluation{'s' if evals != 1 else ''}; from measured throughput "
-                     "(appliance/duration.py), loading and export not counted"}
+                     f"{where}, plus {evals} evaluation{'s' if evals != 1 else ''}; from {source}, loading and "
+                     "export not counted"}
 
 
 def text(seconds: float | None) -> str:

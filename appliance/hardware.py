@@ -14,6 +14,10 @@ library boundary, so simulated and real GPUs go through the same code
 (``_from_nvml``); the host (CPU, cores, RAM) is the profile's, the free disk is
 this machine's workspace. ``PROFILES`` names them.
 
+``compute_dtype(hw)`` is the dtype this machine computes natively, decided from its own features (GPUs'
+compute capability, the CPU's flags), never from the machine the project was tuned on: bfloat16 on a CPU
+without AVX512-BF16 or AMX is emulated, and there it was 14x slower than float32 (issue 25).
+
 ``sample()`` is the cheap live reading for guardrails and sparklines.
 
 This module imports only the standard library; psutil, pynvml, torch and
@@ -42,6 +46,16 @@ _P2P_STATUS_NOT_SUPPORTED = 5
 # newer (7.5+ recommended: int8 tensor cores). Used for simulated profiles, where nothing can be loaded.
 BNB_MIN_CC = (6, 0)
 BF16_MIN_CC = (8, 0)
+# The CPU flags (as /proc/cpuinfo spells them) that decide the compute dtype and which kernels run; `hw`, `doctor`
+# and the benchmarks name those present.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+# bfloat16 in hardware on a CPU: AVX512-BF16 (Cooper Lake, Zen 4 and newer) or AMX-BF16 (Sapphire Rapids and newer).
+# Elsewhere torch and bitsandbytes emulate it: measured on a 2-core AMD EPYC with AVX2, one Linear 512x576x1536 took
+# 0.017 s in float32 and 0.112 s in bfloat16, a SmolLM2 forward and backward 23.5 s and 326 s.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below the one with bfloat16 instructions: an operator who caps
+# oneDNN there gets emulated bfloat16 matmuls whatever the CPU has (the test suite uses it to run as an AVX2 box).
+_ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class Hardware:
     bitsandbytes_cuda: bool | None  # None when unknown/not applicable (no GPU)
     simulated: str | None     # the profile name when simulated
     notes: tuple[str, ...] = field(default=())  # one sentence each: why there is no GPU, what was not checked
+    cpu_flags: tuple[str, ...] = field(default=())  # those of CPU_FEATURES the CPU has
+    cpu_capped: str | None = None  # ONEDNN_MAX_CPU_ISA when it caps oneDNN below bfloat16 (this process's setting)
 
     @property
     def device(self) -> str:
@@ -96,6 +112,11 @@ class Hardware:
         return bool(self.gpus) and all(g.bf16 for g in self.gpus)
 
     @property
+    def cpu_bf16(self) -> bool:
+        """The CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16), and oneDNN is not capped below it."""
+        return any(f in self.cpu_flags for f in CPU_BF16_FLAGS) and self.cpu_capped is None
+
+    @property
     def vram_total(self) -> int:
         return sum(g.memory_total for g in self.gpus)
 
@@ -104,8 +125,9 @@ class Hardware:
             "cpu": self.cpu, "cores": self.cores, "ram_total": self.ram_total, "ram_available": self.ram_available,
             "disk_free": self.disk_free, "gpus": [g.to_dict() for g in self.gpus], "driver": self.driver,
             "cuda": self.cuda, "links": dict(self.links), "bitsandbytes_cuda": self.bitsandbytes_cuda,
-            "simulated": self.simulated, "notes": list(self.notes),
-            "device": self.device, "bf16": self.bf16, "vram_total": self.vram_total,
+            "simulated": self.simulated, "notes": list(self.notes), "cpu_flags": list(self.cpu_flags),
+            "cpu_capped": self.cpu_capped, "device": self.device, "bf16": self.bf16, "cpu_bf16": self.cpu_bf16,
+            "vram_total": self.vram_total, "compute_dtype": compute_dtype(self)[0],
         }
 
     @classmethod
@@ -113,7 +135,25 @@ class Hardware:
         return cls(cpu=d["cpu"], cores=d["cores"], ram_total=d["ram_total"], ram_available=d["ram_available"],
                    disk_free=d["disk_free"], gpus=tuple(GPU.from_dict(g) for g in d["gpus"]), driver=d["driver"],
                    cuda=d["cuda"], links=dict(d["links"]), bitsandbytes_cuda=d["bitsandbytes_cuda"],
-                   simulated=d["simulated"], notes=tuple(d.get("notes", ())))
+                   simulated=d["simulated"], notes=tuple(d.get("notes", ())),
+                   cpu_flags=tuple(d.get("cpu_flags", ())), cpu_capped=d.get("cpu_capped"))
+
+
+def compute_dtype(hw: Hardware) -> tuple[str, str]:
+    """(the dtype this machine trains fastest in, why): bfloat16 on GPUs of compute capability 8.0 or newer, float16
+    on older GPUs, bfloat16 on a CPU with AVX512-BF16 or AMX-BF16, float32 on every other CPU."""
+    if hw.gpus:
+        if hw.bf16:
+            return "bfloat16", "every GPU has compute capability 8.0 or newer: bfloat16 on its tensor cores"
+        return "float16", "a GPU below compute capability 8.0 has no bfloat16: float16 on its tensor cores"
+    if hw.cpu_bf16:
+        flags = " and ".join(f.upper().replace("_", "-") for f in CPU_BF16_FLAGS if f in hw.cpu_flags)
+        return "bfloat16", f"this CPU computes bfloat16 in hardware ({flags})"
+    if hw.cpu_capped:
+        return "float32", (f"ONEDNN_MAX_CPU_ISA={hw.cpu_capped} keeps oneDNN from this CPU's bfloat16 instructions: "
+                           "bfloat16 would be emulated, float32 is the fast choice")
+    return "float32", ("this CPU has no AVX512-BF16 or AMX-BF16: bfloat16 would be emulated, many times slower than "
+                       "float32 (14x for a SmolLM2 step on an AVX2 EPYC)")
 
 
 # -- profiles -------------------------------------------------------------------
@@ -141,6 +181,13 @@ class _Profile:
     link: str = "none"        # between every pair: "nvlink", "p2p" or "none"
     driver: str = "550.127.05"
     cuda: int = 12040         # nvmlSystemGetCudaDriverVersion's encoding: 1000 * major + 10 * minor
+    flags: tuple[str, ...] = ()  # the host CPU's CPU_FEATURES
+
+
+_ZEN3 = ("avx2", "fma")                                     # and Zen 2, Haswell to Comet Lake: AVX2, no AVX-512
+_CASCADE = ("avx2", "fma", "avx512f", "avx512_vnni")        # Skylake-SP / Cascade Lake Xeons: AVX-512, no BF16
+_ZEN4 = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")
+_SAPPHIRE = _ZEN4 + ("amx_tile", "amx_bf16")
 
 
 _RTX4090 = _Card("NVIDIA GeForce RTX 4090", 24564, 410, (8, 9), (4, 16), 450, 22, 36)
@@ -152,30 +199,34 @@ _A100_SXM = _Card("NVIDIA A100-SXM4-80GB", 81920, 640, (8, 0), (4, 16), 400, 62,
 _H100_SXM = _Card("NVIDIA H100 80GB HBM3", 81559, 560, (9, 0), (5, 16), 700, 72, 30)
 
 _PROFILES: dict[str, _Profile] = {
-    "cpu-only": _Profile("no NVIDIA GPU; host: 16-core Ryzen 9 7950X (32 threads), 64 GiB RAM",
-                         "AMD Ryzen 9 7950X 16-Core Processor", 32, 64),
+    "cpu-only": _Profile("no NVIDIA GPU; host: 16-core Ryzen 9 7950X (32 threads, AVX512-BF16), 64 GiB RAM",
+                         "AMD Ryzen 9 7950X 16-Core Processor", 32, 64, flags=_ZEN4),
+    "cpu-avx2": _Profile("no NVIDIA GPU; host: 2-core AMD EPYC (Zen 3: AVX2, no AVX-512, so no native bfloat16), "
+                         "24 GiB RAM (a common server, edge box and CI class)", "AMD EPYC 7B13", 2, 24, flags=_ZEN3),
     "1x-t4": _Profile("1x Tesla T4 16 GB (cc 7.5, no bf16, 70 W, PCIe Gen3); host: 8 vCPUs, 32 GiB (like g4dn.2xlarge)",
-                      "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz", 8, 32, _T4, 1),
+                      "Intel(R) Xeon(R) Platinum 8259CL CPU @ 2.50GHz", 8, 32, _T4, 1, flags=_CASCADE),
     "1x-l4": _Profile("1x NVIDIA L4 24 GB (cc 8.9, 72 W, PCIe Gen4); host: 16 vCPUs, 64 GiB (like g2-standard-16)",
-                      "Intel(R) Xeon(R) CPU @ 2.20GHz", 16, 64, _L4, 1),
+                      "Intel(R) Xeon(R) CPU @ 2.20GHz", 16, 64, _L4, 1, flags=_CASCADE),
     "1x-rtx3090": _Profile("1x GeForce RTX 3090 24 GB (cc 8.6, 350 W); host: Ryzen 9 5950X (32 threads), 64 GiB",
-                           "AMD Ryzen 9 5950X 16-Core Processor", 32, 64, _RTX3090, 1),
+                           "AMD Ryzen 9 5950X 16-Core Processor", 32, 64, _RTX3090, 1, flags=_ZEN3),
     "2x-rtx3090-nvlink": _Profile("2x GeForce RTX 3090 24 GB with an NVLink bridge; host: Threadripper 3960X "
                                   "(48 threads), 128 GiB", "AMD Ryzen Threadripper 3960X 24-Core Processor", 48, 128,
-                                  _RTX3090, 2, "nvlink"),
+                                  _RTX3090, 2, "nvlink", flags=_ZEN3),
     "1x-rtx4090": _Profile("1x GeForce RTX 4090 24 GB (cc 8.9, 450 W, PCIe Gen4 x16); host: Ryzen 9 7950X "
-                           "(32 threads), 64 GiB", "AMD Ryzen 9 7950X 16-Core Processor", 32, 64, _RTX4090, 1),
+                           "(32 threads), 64 GiB", "AMD Ryzen 9 7950X 16-Core Processor", 32, 64, _RTX4090, 1,
+                           flags=_ZEN4),
     "2x-rtx4090": _Profile("2x GeForce RTX 4090 24 GB, no NVLink and no peer-to-peer (GeForce 40 series); host: "
                            "Threadripper PRO 5955WX (32 threads), 128 GiB",
-                           "AMD Ryzen Threadripper PRO 5955WX 16-Cores", 32, 128, _RTX4090, 2, "none"),
+                           "AMD Ryzen Threadripper PRO 5955WX 16-Cores", 32, 128, _RTX4090, 2, "none", flags=_ZEN3),
     "1x-a100-80gb": _Profile("1x A100 80GB PCIe (cc 8.0, 300 W); host: EPYC 7313 (32 threads), 256 GiB",
-                             "AMD EPYC 7313 16-Core Processor", 32, 256, _A100_PCIE, 1, driver="550.127.05"),
+                             "AMD EPYC 7313 16-Core Processor", 32, 256, _A100_PCIE, 1, driver="550.127.05",
+                             flags=_ZEN3),
     "2x-a100-80gb-nvlink": _Profile("2x A100-SXM4-80GB (cc 8.0, 400 W) over NVLink; host: EPYC 7763 (64 threads "
                                     "for this job), 512 GiB", "AMD EPYC 7763 64-Core Processor", 64, 512, _A100_SXM, 2,
-                                    "nvlink"),
+                                    "nvlink", flags=_ZEN3),
     "1x-h100-80gb": _Profile("1x H100 80GB HBM3 SXM (cc 9.0, 700 W, PCIe Gen5); host: Xeon Platinum 8480+ "
                              "(32 threads for this job), 256 GiB", "Intel(R) Xeon(R) Platinum 8480+", 32, 256,
-                             _H100_SXM, 1, "none", "560.35.03", 12060),
+                             _H100_SXM, 1, "none", "560.35.03", 12060, _SAPPHIRE),
 }
 
 PROFILES: dict[str, str] = {name: p.description for name, p in _PROFILES.items()}
@@ -373,6 +424,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """Those of CPU_FEATURES that the CPU has, from the first "flags" line of /proc/cpuinfo (or ``cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return ()
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return tuple(f for f in CPU_FEATURES if f in have)
+
+
+def onednn_cap(environ=os.environ) -> str | None:
+    """ONEDNN_MAX_CPU_ISA when it caps oneDNN below its bfloat16 instructions, else None."""
+    cap = environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return cap if cap in _ONEDNN_BELOW_BF16 else None
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -426,7 +496,7 @@ def detect(simulate: str | None = None, *, check_bitsandbytes: bool = True) -> H
             raise InvalidInput(f"unknown hardware profile {simulate!r}; choose one of: {', '.join(_PROFILES)}.")
         p = _PROFILES[simulate]
         nvml: Any = FakeNVML.for_profile(simulate)
-        cpu, cores = p.cpu, p.cores
+        cpu, cores, flags, capped = p.cpu, p.cores, p.flags, None
         ram_total = p.ram_gib * GiB
         ram_available = int(ram_total * 0.92)
     else:
@@ -435,6 +505,7 @@ def detect(simulate: str | None = None, *, check_bitsandbytes: bool = True) -> H
         nvml = None
         vm = psutil.virtual_memory()
         cpu, cores, ram_total, ram_available = _cpu_model(), _cores(), int(vm.total), int(vm.available)
+        flags, capped = cpu_flags(), onednn_cap()
 
     notes: list[str] = []
     try:
@@ -464,7 +535,7 @@ def detect(simulate: str | None = None, *, check_bitsandbytes: bool = True) -> H
 
     return Hardware(cpu=cpu, cores=cores, ram_total=ram_total, ram_available=ram_available, disk_free=_disk_free(),
                     gpus=gpus, driver=driver, cuda=cuda, links=links, bitsandbytes_cuda=bnb, simulated=simulate,
-                    notes=tuple(notes))
+                    notes=tuple(notes), cpu_flags=flags, cpu_capped=capped)
 
 
 # -- live figures -------------------------------------------------------------------
@@ -559,4 +630,10 @@ def summary() -> dict:
     """What a manifest records about the machine that made an artifact (never simulated; no torch)."""
     hw = detect(check_bitsandbytes=False)
     return {"machine": platform.machine(), "cpu": hw.cpu, "cores": hw.cores, "ram_gib": round(hw.ram_total / GiB, 1),
-            "gpus": [g.name for g in hw.gpus]}
+            "gpus": [g.name for g in hw.gpus], "cpu_flags": list(hw.cpu_flags)}
+
+
+def describe_cpu(hw: Hardware) -> str:
+    """The CPU, its logical CPUs and the features that decide speed, in one line (hw, doctor, benchmarks)."""
+    flags = ", ".join(f.upper().replace("_", "-") for f in hw.cpu_flags) or "no AVX2"
+    return f"{hw.cpu}, {hw.cores} logical CPUs ({flags})"

@@ -399,12 +399,14 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         raise InvalidInput(f"--limit {limit} is out of range; use a fraction of each device's memory, 0.1 to 1.0.")
     devs = devices(hw, limit)
     kind = devs[0].kind
+    requested_dtype = knobs.compute_dtype
     smallest = min(d.limit for d in devs)
 
     def total(k: Knobs, shards: int = 1) -> int:
         return sum(estimate(shape, k, kind, shards).values())
 
     n = len(devs)
+    knobs, dtype_choice, dtype_step = _dtype(knobs, hw, lambda k: total(k))
 
     def sharded(k: Knobs) -> int:
         return sum(estimate(shape, k, kind, n, fsdp=True).values())
@@ -423,6 +425,8 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
     if knobs.strategy == "auto" and total(k) > smallest and n > 1:
         k, choices, steps, shorter_needed = _adjust(knobs, need, smallest, kind, allow_shorter)
 
+    choices = dtype_choice + choices
+    steps = dtype_step + steps
     strategy = _strategy(k, devs, total, sharded)
     shards = strategy["shards"]
     per_device = []
@@ -441,7 +445,7 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         "verdict": verdict,
         "knobs": _knobs_dict(k),
         # the plan sets what the recipe left to it (and with an auto micro-batch, the accumulation too)
-        "requested": _knobs_dict(knobs) | {a: "auto" for a in knobs.auto}
+        "requested": _knobs_dict(knobs) | {a: "auto" for a in knobs.auto} | {"compute_dtype": requested_dtype}
                      | ({"grad_accum": "auto"} if "micro_batch" in knobs.auto else {}),
         "choices": choices,
         "adjustments": steps if fits else [],
@@ -459,6 +463,27 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         plan["adjustments"] = []
         plan["would_fit"] = _alternatives(shape, k, devs, kind, shorter_needed, total)
     return plan
+
+
+def _dtype(k: Knobs, hw, total) -> tuple[Knobs, list[dict], list[dict]]:
+    """The compute dtype: ``auto`` becomes what the hardware computes natively (a choice); a recipe's bfloat16 where
+    the hardware only emulates it becomes float32 on a CPU, float16 on an older GPU (an adjustment that says why and
+    what it costs in memory). (knobs, choices, adjustments)."""
+    from .hardware import compute_dtype
+
+    native, why = compute_dtype(hw)
+    if k.compute_dtype == "auto":
+        return replace(k, compute_dtype=native), [{"change": f"compute dtype {native}", "why": why,
+                                                   "key": "compute_dtype"}], []
+    emulated = k.compute_dtype == "bfloat16" and native != "bfloat16"
+    if not emulated or k.full and native == "float32":  # full fine-tuning keeps fp32 weights; its autocast is GPU-only
+        return k, [], []
+    to = replace(k, compute_dtype=native)
+    more = total(to) - total(k)
+    cost = (f"it needs {more / GiB:.2f} GiB more memory" if more > 0 else
+            f"it needs {-more / GiB:.2f} GiB less memory" if more < 0 else "the memory is the same")
+    return to, [], [{"change": f"compute dtype bfloat16 -> {native}", "key": "compute_dtype",
+                     "why": f"{why}; {cost} (set quantization.compute_dtype: auto to have the plan choose)"}]
 
 
 def _adjust(knobs: Knobs, need, smallest: int, kind: str, allow_shorter: bool):
@@ -530,7 +555,7 @@ def recipe_changes(plan: dict) -> dict[str, object]:
     """The recipe keys an adjusted plan changes, as dotted overrides (for `appliance train`)."""
     names = {"micro_batch": "training.micro_batch_size", "grad_accum": "training.gradient_accumulation_steps",
              "seq_len": "training.max_seq_length", "grad_ckpt": "training.gradient_checkpointing",
-             "optimizer": "training.optimizer"}
+             "optimizer": "training.optimizer", "compute_dtype": "quantization.compute_dtype"}
     return {names[k]: v for k, v in plan["knobs"].items() if k in names and plan["requested"][k] != v}
 
 
@@ -721,9 +746,18 @@ def plan_recipe(recipe, simulate: str | None = None, model_config: str | Path | 
         raise InvalidInput(f"{where}: training.strict_checks is on and the recipe breaks {len(plan['checks'])} of "
                            "the guides' rules: " + "; ".join(c["message"] for c in plan["checks"]) +
                            "; fix them, or set training.strict_checks: false to have them as warnings.")
+    emulated = next((a for a in plan["adjustments"] if a.get("key") == "compute_dtype"), None)
+    if emulated and recipe.training.strict_checks:
+        raise InvalidInput(f"{recipe.source or 'the recipe'}: quantization.compute_dtype is bfloat16 but "
+                           f"{emulated['why'].split(';')[0]}; training.strict_checks is on, so the plan does not change "
+                           "it: set compute_dtype: auto (or float32), or strict_checks: false to let the plan adjust it.")
     knobs = Knobs(**{k: v for k, v in plan["knobs"].items() if k != "effective_batch"})
     replicas = int(plan["strategy"].get("replicas") or 1) if plan["strategy"]["mode"] in ("ddp", "fsdp") else 1
-    plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas)
+    try:
+        config = json.loads(Path(config_source).read_text())
+    except (OSError, ValueError):
+        config = None
+    plan["duration"] = duration.estimate(shape, knobs, hw, recipe, train, validation, replicas, config)
     from .models import saved_dtype
 
     plan["footprint"] = footprint(shape, knobs, recipe, plan["duration"].get("steps"), hw,

@@ -141,7 +141,9 @@ class Training(_Strict):
 class Quantization(_Strict):
     method: Literal["nf4", "none"] = Field("nf4", description="nf4: QLoRA on a 4-bit base; none: LoRA on 16-bit")
     double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: what the hardware computes natively (bfloat16 on GPUs of compute capability 8.0+ "
+        "and on CPUs with AVX512-BF16 or AMX; float16 on older GPUs; float32 on other CPUs); the plan resolves it")
 
 
 class Export(_Strict):

@@ -33,8 +33,15 @@ def scratch_workspace() -> Path:
 
 
 def machine() -> str:
-    import platform
+    """The CPU by name and the flags that decide its speed (AVX2, AVX-512, AVX512-BF16, AMX), cores, RAM, and what
+    caps its kernels: figures mean nothing without the machine they ran on (issue 25)."""
+    import os
 
-    import psutil
+    from appliance import hardware
 
-    return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    hw = hardware.detect(check_bitsandbytes=False)
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "APPLIANCE_LLAMA_CPU")
+            if os.environ.get(k)]
+    gpus = f", GPUs: {', '.join(g.name for g in hw.gpus)}" if hw.gpus else ""
+    return (f"{hardware.describe_cpu(hw)}, {hw.ram_total / 2**30:.0f} GiB, bfloat16 "
+            f"{'native' if hw.cpu_bf16 else 'emulated'}{gpus}" + (f" [{', '.join(caps)}]" if caps else ""))

@@ -138,42 +138,53 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", choices=("mix", "demo"), default="mix")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", default="auto", help="compute dtype(s), comma-separated: auto (the plan's choice for "
+                    "this CPU), float32, bfloat16; e.g. float32,bfloat16 to compare both on this machine")
     ap.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run the plain loop on this recipe, print JSON
     args = ap.parse_args()
     if args.plain:
         print(json.dumps(plain(args.plain, args.steps)))
         return
     home = scratch_workspace()
-    from appliance import demo, recipes
+    from appliance import demo, plan, recipes
 
     overrides = {"training.max_steps": args.steps, "training.save_steps": 1000, "training.eval_steps": 1000,
                  "dataset": demo.DATASET_ID}
     if args.data == "mix":
         overrides |= {"dataset": str(mix_dataset(home / "length-mix")), "training.max_seq_length": 512,
                       "training.micro_batch_size": 4}
-    recipe = recipes.load(demo.recipe_path(), **overrides)
-    from appliance import plan
+    rows = []
+    for dtype in args.dtype.split(","):
+        recipe = recipes.load(demo.recipe_path(), **overrides, **{"quantization.compute_dtype": dtype.strip()})
+        # what `appliance train` runs: the plan's choices for the auto knobs (and the dtype); both sides
+        recipe, planned = plan.fitted(recipe)
+        recipe_file = home / "bench-recipe.yaml"
+        import yaml
 
-    recipe, _ = plan.fitted(recipe)  # what `appliance train` runs: the plan's choices for the auto knobs; both sides
-    recipe_file = home / "bench-recipe.yaml"
-    import yaml
-
-    recipe_file.write_text(yaml.safe_dump({**recipe.model_dump(mode="json")}))
-    a = ours(recipe)
-    done = subprocess.run([sys.executable, __file__, "--plain", str(recipe_file), "--steps", str(args.steps)],
-                          capture_output=True, text=True, env={**os.environ, "APPLIANCE_HOME": str(home)})
-    if done.returncode != 0:
-        raise SystemExit(f"the plain loop failed: {done.stderr[-2000:]}")
-    b = json.loads(done.stdout.strip().splitlines()[-1])
-    t = recipe.training
+        recipe_file.write_text(yaml.safe_dump({**recipe.model_dump(mode="json")}))
+        a = ours(recipe)
+        done = subprocess.run([sys.executable, __file__, "--plain", str(recipe_file), "--steps", str(args.steps)],
+                              capture_output=True, text=True, env={**os.environ, "APPLIANCE_HOME": str(home)})
+        if done.returncode != 0:
+            raise SystemExit(f"the plain loop failed: {done.stderr[-2000:]}")
+        b = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append((recipe, planned["duration"], a, b))
+    t = rows[0][0].training
     print(f"training throughput, SmolLM2-135M QLoRA, data {args.data}, micro-batch {t.micro_batch_size}, "
-          f"max_seq_length {t.max_seq_length}, {recipe.quantization.compute_dtype}, {args.steps} steps "
-          f"({WARMUP} warm-up), {machine()}")
-    print(f"{'':28}{'non-pad tokens/s':>18}{'peak GiB':>10}{'wall s':>9}")
-    for label, r in (("appliance train", a), ("plain transformers+PEFT", b)):
-        print(f"{label:28}{r['tokens_per_s']:>18.1f}{r['peak_bytes'] / 2**30:>10.2f}{r['wall_s']:>9.1f}")
-    print(f"ratio (appliance / plain): tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-          f"peak memory {a['peak_bytes'] / b['peak_bytes']:.2f}x")
+          f"max_seq_length {t.max_seq_length}, {args.steps} steps ({WARMUP} warm-up)")
+    print(f"machine: {machine()}")
+    print(f"{'':28}{'dtype':>10}{'non-pad tokens/s':>18}{'plan said':>11}{'peak GiB':>10}{'wall s':>9}")
+    for recipe, planned, a, b in rows:
+        dtype = recipe.quantization.compute_dtype
+        said = f"{planned['tokens_per_s']:,}" + ("" if planned.get("measured") else "*")
+        for label, r, estimate in (("appliance train", a, said), ("plain transformers+PEFT", b, "")):
+            print(f"{label:28}{dtype:>10}{r['tokens_per_s']:>18.1f}{estimate:>11}{r['peak_bytes'] / 2**30:>10.2f}"
+                  f"{r['wall_s']:>9.1f}")
+        print(f"  ratio (appliance / plain), {dtype}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak "
+              f"memory {a['peak_bytes'] / b['peak_bytes']:.2f}x; the plan's estimate / measured: "
+              f"{planned['tokens_per_s'] / a['tokens_per_s']:.2f}")
+    print("plan said: the plan's tokens/s before the run, from its probe of this machine (* from the table's rates: "
+          "not probed); the run counts non-padding tokens, the plan packed bins' tokens.")
     print("wall s: appliance includes the child process start, tokenization, packing, TRL's set-up and saving the "
           "adapter; plain includes model load and its steps.")
 

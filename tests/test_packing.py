@@ -113,7 +113,8 @@ def test_the_cpu_native_loss_equals_trls_fused_loss(tiny_model_dir, demo_dataset
 
     from appliance import data
     from appliance.chat_format import encode
-    from appliance.train.trainer import low_precision_head, trainer_class
+    from appliance.train.model import low_precision_head
+    from appliance.train.trainer import trainer_class
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     tok.pad_token = tok.unk_token or tok.bos_token

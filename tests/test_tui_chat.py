@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,21 +304,40 @@ async def test_no_color_greys_only(chat_home, monkeypatch):
     assert colours and all(c[0:2] == c[2:4] == c[4:6] for c in colours), colours
 
 
+GENERATED = "<the model's answer: checked apart from the snapshot>"
+
+
 def test_snapshot_chat(chat_home, monkeypatch, snap_compare):
+    """The screen's layout with the generated text masked: greedy decoding of a random model sits on near-ties that
+    other CPU kernels break differently (haswell and zen4 part ways after ~20 tokens, issue 33), so what the model
+    wrote is asserted for what matters (it streamed, it ended at max_tokens, its count) and not stored as pixels."""
     # tokens/s from a clock that advances 10 ms a reading: the same figures every time
     ticks = itertools.count()
     monkeypatch.setattr(infer, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
+    seen = {}
 
     async def run_before(pilot):
         screen = await open_chat(pilot)
         await pilot.press("ctrl+b")
         await set_knobs(pilot, temperature="0", max_tokens="24")
         await send(pilot, screen, "Convert this record to JSON: Ada Weber, 41, baker in Graz.")
+        for slot in ("tuned", "base"):
+            transcript = panel(pilot.app, slot)
+            answer, stats = transcript.query(".answer").last(), transcript.query(".stats").last()
+            seen[slot] = (transcript.text, transcript.updates, str(stats.render()))
+            answer.update(GENERATED)
+            # the count and the stop reason are the model's too (an early end-of-turn token on another CPU)
+            stats.update(re.sub(r"\+ \d+ tokens · [\d.]+ tok/s · [a-z ]+$", "+ N tokens · R tok/s · why",
+                                str(stats.render())))
         panel(pilot.app, "tuned").focus()  # (no text cursor, whose blink is not fixed in time)
         await pilot.pause()
         await asyncio.sleep(0)
 
     assert snap_compare(ApplianceApp(), terminal_size=SIZE, run_before=run_before)
+    for slot, (text, updates, stats) in seen.items():
+        assert text.strip() and updates >= 1, slot  # it streamed, in batches
+        tokens = int(re.search(r"\+ (\d+) tokens", stats)[1])
+        assert 1 <= tokens <= 24 and (tokens == 24) == stats.endswith("max tokens reached"), (slot, stats)
 
 
 def test_the_chat_screen_imports_no_heavy_library_until_a_message(tmp_path):

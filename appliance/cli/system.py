@@ -96,7 +96,10 @@ def _hw(args) -> int:
                   show_header=False, box=None, padding=(0, 1))
     facts.add_column(no_wrap=True, style="bold")
     facts.add_column(overflow="fold")
-    facts.add_row("CPU", escape(f"{hw.cpu}, {hw.cores} logical CPUs usable"))
+    facts.add_row("CPU", escape(hardware.describe_cpu(hw)))
+    dtype, why = hardware.compute_dtype(hw)
+    facts.add_row("bf16 (CPU)", "native" if hw.cpu_bf16 else "emulated: float32 is the fast choice on this CPU")
+    facts.add_row("compute", escape(f"{dtype} (compute_dtype: auto): {why}"))
     facts.add_row("RAM", f"{hw.ram_total / gib:.1f} GiB total, {hw.ram_available / gib:.1f} GiB available")
     facts.add_row("disk", escape(f"{hw.disk_free / gib:.1f} GiB free at {home()}"))
     facts.add_row("GPUs", f"{len(hw.gpus)} NVIDIA, {hw.vram_total / gib:.1f} GiB VRAM in all" if hw.gpus

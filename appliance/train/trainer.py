@@ -20,7 +20,8 @@ from ..errors import StageFailed
 from ..recipes import Recipe
 from ..trust import audit
 from ..workspace import read_json, write_json
-from . import attention, proc
+from . import model as model_builder
+from . import proc
 from .callbacks import (MemoryWatch, describe_oom, event_callback, inject_oom, is_oom, nvml_index, peak_rss,
                         recover, release_memory, split_memory)
 
@@ -286,8 +287,7 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
 
     Everything heavy lives in this frame, so an exception leaving it leaves nothing behind once handled."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+    from transformers import set_seed
     from trl import SFTConfig
 
     rank, world = proc.world()
@@ -295,64 +295,28 @@ def _fit(run: Path, recipe: Recipe, base: Path, tokenizer, train_ds, eval_ds, mi
     set_seed(recipe.seed)
     dpo, full = recipe.method == "dpo", recipe.lora is None
     packing = t.packing and not dpo  # TRL 1.16's DPO pads its pairs (its padding-free mode is disabled)
-    compute_dtype = getattr(torch, recipe.quantization.compute_dtype)
-    # Full fine-tuning keeps fp32 master weights (16-bit weights would round away most updates), computing in
-    # the compute dtype under autocast on a GPU.
-    load_kwargs: dict = {"dtype": torch.float32 if full else compute_dtype}
-    if recipe.quantization.method == "nf4":
-        # Under FSDP the packed 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), so that FSDP
-        # shards them as it shards every other tensor of a layer (uint8 storage would stand apart).
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quantization.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype, **({"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}))
-        load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if cuda else "cpu"}
-    if fsdp and cuda:
-        # No whole model on any GPU: the first process loads it into host memory, the others on the meta device,
-        # and accelerate shards it onto the GPUs (what `accelerate launch` sets for an FSDP config; transformers
-        # reads these while loading).
-        load_kwargs.pop("device_map", None)
-        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
-    split = split_memory(run) if cuda and world == 1 else None
-    if split:
-        # The plan found that one replica does not fit a GPU: its layers go over several GPUs, each filled up to
-        # the plan's per-GPU limit (accelerate places them; the GPUs then run one after the other).
-        load_kwargs["device_map"] = "auto"
-        load_kwargs["max_memory"] = split
-    load_kwargs["attn_implementation"] = attention.choose(cuda, packing)
-    model = AutoModelForCausalLM.from_pretrained(str(base), **load_kwargs)
-    kernels = attention.apply_kernels(model, t.kernels, cuda)
+    dtype = recipe.quantization.compute_dtype
+    if dtype == "auto":  # the plan resolves it; a recipe that reaches training unplanned gets the same rule
+        dtype = hardware.compute_dtype(hardware.detect(check_bitsandbytes=False))[0]
+    compute_dtype = getattr(torch, dtype)
+    adapter = None
+    if dpo and recipe.dpo.from_run:
+        from ..runs import adapter as run_adapter
+
+        adapter = Path(run_adapter(recipe.dpo.from_run, "best")["path"])
+    model, chosen = model_builder.build(base, recipe, dtype, cuda, fsdp=fsdp,
+                                        split=split_memory(run) if cuda and world == 1 else None, packing=packing,
+                                        adapter=adapter)
     loss = (f"DPO, beta {recipe.dpo.beta}{f' + {recipe.dpo.sft_weight} x SFT on chosen' if recipe.dpo.sft_weight else ''}, "
             f"against {'run ' + recipe.dpo.from_run if recipe.dpo.from_run else 'the base'}"
             if dpo else "TRL chunked LM head" if cuda else "native")
     emit(ev.Event("stage", proc.STAGE, f"{'full fine-tuning, ' if full else ''}attention "
-                      f"{load_kwargs['attn_implementation']}"
+                      f"{chosen['attention']}"
                       f"{', packed bins of ' + str(t.max_seq_length) + ' tokens' if packing else ''}, kernels "
-                      f"{kernels or 'transformers'}, loss {loss}",
-                      {"attention": load_kwargs["attn_implementation"], "packing": packing, "kernels": kernels,
+                      f"{chosen['kernels'] or 'transformers'}, loss {loss}, compute {dtype}",
+                      {"attention": chosen["attention"], "packing": packing, "kernels": chosen["kernels"],
                        "activation_offloading": t.activation_offloading and cuda, "method": recipe.method,
-                       "full": full}))
-    if recipe.quantization.method == "nf4" and not fsdp:
-        # (Not under FSDP: its fp32 upcast of the embeddings, norms and head would mix dtypes within a shard; the
-        # frozen weights stay in the compute dtype, and the Trainer enables input gradients for checkpointing.)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    if full:
-        pass  # every weight trains
-    elif dpo and recipe.dpo.from_run:
-        # The SFT run's adapter trains on; TRL keeps a frozen copy of it as the reference ("ref" adapter): the
-        # reference is the SFT model, with no second copy of the base in memory.
-        from peft import PeftModel
-
-        from ..runs import adapter
-
-        model = PeftModel.from_pretrained(model, str(adapter(recipe.dpo.from_run, "best")["path"]), is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora.target_modules, use_dora=recipe.lora.use_dora, task_type="CAUSAL_LM"))
-
-    if not cuda and compute_dtype != torch.float32 and not (full or dpo or fsdp):
-        base_model = model.get_base_model()
-        base_model.lm_head = low_precision_head(base_model.lm_head, compute_dtype)
+                       "full": full, "compute_dtype": dtype}))
 
     distributed = {}
     if world > 1:
@@ -474,29 +438,6 @@ def adapter_in_checkpoints(full: bool):
                 save_trained(model, folder, full, whole, "float32")
 
     return AdapterInCheckpoints()
-
-
-def low_precision_head(head, dtype):
-    """The frozen LM head in the compute dtype on a CPU (prepare_model_for_kbit_training made it fp32).
-
-    SmolLM2-135M, 2048 tokens x 49,152 vocabulary, 2 cores with AVX512-BF16: forward, cross-entropy and backward
-    take 1.60 s a step in fp32 and 0.56 s in bf16, a fifth of the whole step. The weight is shared (tied to the
-    embeddings, and never trained), so nothing is copied or saved differently."""
-    import torch
-
-    class _Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = head
-
-        @property
-        def weight(self):
-            return self.inner.weight
-
-        def forward(self, hidden):
-            return torch.nn.functional.linear(hidden.to(dtype), self.inner.weight.to(dtype))
-
-    return _Head()
 
 
 def trainer_class(cuda: bool):

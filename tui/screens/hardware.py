@@ -26,7 +26,11 @@ def default_sampler(simulate: str | None) -> Callable[[], dict]:
 
 
 def facts_text(hw) -> str:
-    rows = [("CPU", f"{hw.cpu}, {hw.cores} logical CPUs"),
+    from appliance.hardware import compute_dtype, describe_cpu
+
+    rows = [("CPU", describe_cpu(hw)),
+            ("bf16", "native on the CPU" if hw.cpu_bf16 else "emulated on the CPU (float32 is faster)"),
+            ("compute", f"{compute_dtype(hw)[0]} (compute_dtype: auto)"),
             ("RAM", f"{hw.ram_total / GiB:.1f} GiB"),
             ("GPUs", f"{len(hw.gpus)} NVIDIA, {hw.vram_total / GiB:.1f} GiB VRAM in all" if hw.gpus
              else "none: plans are for the CPU")]
