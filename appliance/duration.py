@@ -105,7 +105,9 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
         micro_s = measured["micro_step_s"] * micro_tokens / max(1, measured["tokens"])
         step_s = knobs.grad_accum * micro_s + CPU_STEP_OVERHEAD_S
         flops = micro_tokens * per_token / micro_s  # the rate the probe implies, for the evaluation's forward passes
-        how = "cached" if measured.get("cached") else f"probed in {measured['probe_s']:.0f} s"
+        how = ("cached" if measured.get("cached") else f"probed in {measured['probe_s']:.0f} s" +
+               (f" while other work held the cores (the probe got {measured['cpu_share']:.0%} of them): slow by "
+                "that much, not kept" if measured.get("busy") else ""))
         where = (f"{cores} CPU cores, measured here ({knobs.compute_dtype}: one layer {measured['per_layer_s']:.3f} s,"
                  f" the rest {measured['fixed_s']:.3f} s a micro-batch, {how})")
     evals = steps // t.eval_steps + (1 if steps % t.eval_steps else 0)

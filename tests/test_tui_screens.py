@@ -511,3 +511,32 @@ async def test_plan_form_chooses_the_strategy_and_fsdp_offload(home):
         await click(pilot, "#plan-go")
         await settle(pilot)
         assert "training.keep_checkpoints: must be 2 or more" in error_message(app)
+
+
+@aio
+async def test_plan_form_sets_the_compute_dtype_and_shows_the_choice(home):
+    """The demo recipe leaves the dtype to the plan (auto); the form overrides it, and on a CPU without native
+    bfloat16 (the simulated AVX2 box) the plan's details say what it chose and why."""
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        screen = app.query_one(PlanScreen)
+        app.query_one("#recipe", Input).value = "recipes/demo-cpu.yaml"
+        app.query_one("#profile").value = "cpu-avx2"
+        screen.load_defaults()
+        await settle(pilot)
+        await pilot.press("k")
+        await settle(pilot)
+        assert app.query_one("#k-dtype").prompt == "compute auto" and screen.overrides() == {}
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        assert screen.plan["knobs"]["compute_dtype"] == "float32" and screen.plan["verdict"] == "fits"
+        details = " ".join(str(app.query_one("#plan-details", Static).render()).split())
+        assert "compute dtype float32" in details and "no AVX512-BF16 or AMX-BF16" in details
+        app.query_one("#k-dtype").value = "bfloat16"
+        assert screen.overrides() == {"quantization.compute_dtype": "bfloat16"}
+        await click(pilot, "#plan-go")
+        await settle(pilot)
+        assert screen.plan["verdict"] == "fits_after_adjustment"
+        assert "compute dtype bfloat16 -> float32" in " ".join(str(app.query_one("#plan-details", Static).render()).split())

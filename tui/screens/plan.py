@@ -120,6 +120,7 @@ KNOBS = (
 )
 RECIPES = "(the recipe's)"
 STRATEGIES = ("auto", "ddp", "fsdp", "split")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # quantization.compute_dtype
 
 
 def recipe_defaults(path: str) -> dict:
@@ -137,7 +138,8 @@ def recipe_defaults(path: str) -> dict:
             "training.gradient_checkpointing": r.training.gradient_checkpointing,
             "training.packing": r.training.packing, "training.strategy": r.training.strategy,
             "training.fsdp_cpu_offload": r.training.fsdp_cpu_offload,
-            "training.keep_checkpoints": r.training.keep_checkpoints or "all"}
+            "training.keep_checkpoints": r.training.keep_checkpoints or "all",
+            "quantization.compute_dtype": r.quantization.compute_dtype}
 
 
 def choices() -> tuple[list[str], list[str]]:
@@ -231,6 +233,9 @@ class PlanScreen(Pane):
                 yield Select([(f"strategy {s}", s) for s in STRATEGIES], prompt=f"strategy {RECIPES}",
                              id="k-strategy", tooltip="how several processes or GPUs share the work "
                              "(`training.strategy`): auto is the plan's choice (DDP, else FSDP, else a split)")
+                yield Select([(f"compute {d}", d) for d in DTYPES], prompt=f"compute {RECIPES}", id="k-dtype",
+                             tooltip="the compute dtype: auto takes what this hardware computes natively (bfloat16 "
+                                     "with AVX512-BF16/AMX or on GPUs of cc 8.0+, float32 on other CPUs)")
                 yield Checkbox("CPU offload", id="k-offload",
                                tooltip="FSDP keeps its shards in host memory (`training.fsdp_cpu_offload`)")
             with Horizontal(id="k-run"):
@@ -314,6 +319,7 @@ class PlanScreen(Pane):
             self.query_one("#k-packing", Checkbox).value = defaults["training.packing"]
             self.query_one("#k-offload", Checkbox).value = defaults["training.fsdp_cpu_offload"]
             self.query_one("#k-strategy", Select).prompt = f"strategy {defaults['training.strategy']}"
+            self.query_one("#k-dtype", Select).prompt = f"compute {defaults['quantization.compute_dtype']}"
 
         self.call(job, shown, group="defaults")
 
@@ -347,6 +353,9 @@ class PlanScreen(Pane):
         strategy = self.query_one("#k-strategy", Select).value
         if strategy is not Select.NULL and strategy != defaults.get("training.strategy", "auto"):
             out["training.strategy"] = strategy
+        dtype = self.query_one("#k-dtype", Select).value
+        if dtype is not Select.NULL and dtype != defaults.get("quantization.compute_dtype", "auto"):
+            out["quantization.compute_dtype"] = dtype
         offload = self.query_one("#k-offload", Checkbox).value
         if offload != defaults.get("training.fsdp_cpu_offload", False):
             out["training.fsdp_cpu_offload"] = offload
