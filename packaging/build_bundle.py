@@ -277,7 +277,9 @@ def llama_wheel(args, meta, env: dict) -> dict:
         raise BuildError(f"packaging/llama-wheel.sh built {Path(path).name}, but the appliance pins llama-cpp-python "
                          f"{want}; update packaging/llama-cpp-python.txt.")
     return {"path": path, "version": want, "cmake_flags": flags,
-            "patch": "the AMX CPU variant (sapphirerapids) removed from GGML_CPU_ALL_VARIANTS"}
+            "patch": "the AMX CPU variant (sapphirerapids) and four whose kernels others serve (ivybridge, "
+                     "piledriver, cannonlake, cooperlake) removed from GGML_CPU_ALL_VARIANTS; of llama.cpp's tools "
+                     "only llama-server built"}
 
 
 def fetch_model(wheels: Path, work: Path) -> str:

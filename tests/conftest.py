@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,37 +27,10 @@ os.environ["APPLIANCE_HOME"] = _SCRATCH = tempfile.mkdtemp(prefix="appliance-tes
 # workspace in this session (a real user's workspace keeps its own), so the suite probes each shape once.
 _PROBES = tempfile.mkdtemp(prefix="appliance-probes-")
 os.environ.setdefault("APPLIANCE_PROBE_CACHE", os.path.join(_PROBES, "throughput.json"))
-
-
-# Tests that run llama.cpp (its answers, exports, the server) are marked `llama`: the test command runs them once
-# more on the baseline `x64` kernels (APPLIANCE_LLAMA_CPU=x64), so a test whose verdict depends on the CPU's
-# kernels fails where its author sees it (issue 33). A test is one if its own code or any fixture it uses (all of
-# them, transitively) calls what loads llama.cpp.
-_LLAMA_USE = re.compile(r'"(ask|export|serve|chat|eval|bundle)"|llama_runtime|llama_cpp|\binfer\.|Llama\(|'
-                        r"ChatScreen|serve_dir|gguf_file")
-
-
-def _runs_llama(item) -> bool:
-    import inspect
-
-    funcs = [getattr(item, "function", None)]
-    info = getattr(item, "_fixtureinfo", None)
-    for name in getattr(item, "fixturenames", ()):
-        for fixturedef in (info.name2fixturedefs.get(name, ()) if info else ()):
-            funcs.append(fixturedef.func)
-    for func in funcs:
-        try:
-            if func is not None and _LLAMA_USE.search(inspect.getsource(func)):
-                return True
-        except (OSError, TypeError):
-            continue
-    return False
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _runs_llama(item):
-            item.add_marker(pytest.mark.llama)
+# ... and it is off unless a test turns it on (tests/test_probe.py, the end-to-end demo, PROBE_ON): a probe costs
+# seconds per run shape, and most tests plan shapes of their own whose time nobody reads.
+os.environ.setdefault("APPLIANCE_THROUGHPUT_PROBE", "off")
+PROBE_ON = {"APPLIANCE_THROUGHPUT_PROBE": "on"}
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -144,3 +144,14 @@ def test_hw_and_doctor_say_whether_the_cpu_computes_bfloat16(home):
     assert "bfloat16 on the CPU" in flat and "emulated (slow)" in flat
     zen4 = json.dumps(json.loads(run_cli("doctor", "--simulate", "cpu-only", "--json", home=home, check=False).stdout))
     assert "bfloat16 on the CPU" in zen4 and "AVX512-BF16" in zen4 and "emulated (slow)" not in zen4
+
+
+def test_the_hardware_screen_says_it_too():
+    from tui.screens.hardware import facts_text
+
+    avx2 = facts_text(hardware.detect("cpu-avx2"))
+    assert "AVX2, FMA" in avx2 and "emulated on the CPU (float32 is faster)" in avx2 and "float32 (compute_dtype" in avx2
+    zen4 = facts_text(hardware.detect("cpu-only"))
+    assert "native on the CPU" in zen4 and "bfloat16 (compute_dtype" in zen4
+    gpus = facts_text(hardware.detect("1x-t4"))  # the GPUs decide: no CPU bfloat16 row
+    assert "on the CPU" not in gpus and "float16 (compute_dtype" in gpus

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import PROBE_ON, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,8 @@ def test_demo_on_the_embedded_model(home, tmp_path, cpu):
     passphrase = tmp_path / "passphrase"
     passphrase.write_text("demo passphrase for the e2e test\n")
     proc = run_cli("demo", "--json", "--steps", "30", "--eval-samples", "16", home=home, timeout=1800,
-                   env={"APPLIANCE_PASSPHRASE_FILE": str(passphrase), **(AVX2_BOX if cpu == "avx2" else {})})
+                   env={"APPLIANCE_PASSPHRASE_FILE": str(passphrase), **PROBE_ON,
+                        **(AVX2_BOX if cpu == "avx2" else {})})
     result = json.loads(proc.stdout)
     # The run trained in the dtype the plan chose for this CPU, at the speed the plan predicted (within 30%: the
     # plan's probe and the run measure the same machine minutes apart).

@@ -11,6 +11,9 @@ from appliance.trust import audit
 from appliance.errors import InvalidInput
 from tests.conftest import cli_json, run_cli
 
+# What llama.cpp computes: scripts/test.sh runs these once more on its baseline x64 kernels (issue 33).
+pytestmark = pytest.mark.llama
+
 PROMPT = [{"role": "user", "content": "Convert this record to JSON.\nAda Weber, 41, baker in Graz."}]
 
 

@@ -8,9 +8,16 @@ import json
 import statistics
 from dataclasses import replace
 
+import pytest
+
 from appliance import hardware, plan, recipes
 from appliance.train import probe
 from conftest import cli_json, run_events, write_recipe
+
+
+@pytest.fixture(autouse=True)
+def probe_on(monkeypatch):
+    monkeypatch.setenv(probe.ENV_SWITCH, "on")
 
 
 def _spec(tiny_model_dir, micro=4, dtype="float32"):

@@ -98,7 +98,8 @@ def _hw(args) -> int:
     facts.add_column(overflow="fold")
     facts.add_row("CPU", escape(hardware.describe_cpu(hw)))
     dtype, why = hardware.compute_dtype(hw)
-    facts.add_row("bf16 (CPU)", "native" if hw.cpu_bf16 else "emulated: float32 is the fast choice on this CPU")
+    if not hw.gpus:  # with GPUs they compute; the CPU's bfloat16 decides nothing
+        facts.add_row("bf16 (CPU)", "native" if hw.cpu_bf16 else "emulated: float32 is the fast choice on this CPU")
     facts.add_row("compute", escape(f"{dtype} (compute_dtype: auto): {why}"))
     facts.add_row("RAM", f"{hw.ram_total / gib:.1f} GiB total, {hw.ram_available / gib:.1f} GiB available")
     facts.add_row("disk", escape(f"{hw.disk_free / gib:.1f} GiB free at {home()}"))

@@ -28,9 +28,10 @@ def default_sampler(simulate: str | None) -> Callable[[], dict]:
 def facts_text(hw) -> str:
     from appliance.hardware import compute_dtype, describe_cpu
 
-    rows = [("CPU", describe_cpu(hw)),
-            ("bf16", "native on the CPU" if hw.cpu_bf16 else "emulated on the CPU (float32 is faster)"),
-            ("compute", f"{compute_dtype(hw)[0]} (compute_dtype: auto)"),
+    rows = [("CPU", describe_cpu(hw))]
+    if not hw.gpus:  # with GPUs they compute; the CPU's bfloat16 decides nothing
+        rows.append(("bf16", "native on the CPU" if hw.cpu_bf16 else "emulated on the CPU (float32 is faster)"))
+    rows += [("compute", f"{compute_dtype(hw)[0]} (compute_dtype: auto)"),
             ("RAM", f"{hw.ram_total / GiB:.1f} GiB"),
             ("GPUs", f"{len(hw.gpus)} NVIDIA, {hw.vram_total / GiB:.1f} GiB VRAM in all" if hw.gpus
              else "none: plans are for the CPU")]
