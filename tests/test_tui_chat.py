@@ -342,8 +342,8 @@ def test_snapshot_chat(chat_home, monkeypatch, snap_compare):
     assert snap_compare(ApplianceApp(), terminal_size=SIZE, run_before=run_before)
     status = seen.pop("status")
     assert re.fullmatch(r"tuned: \d+ tokens, [\d.]+ tok/s · base: \d+ tokens, [\d.]+ tok/s", status.strip()), status
-    for slot, (text, updates, stats) in seen.items():
-        assert text.strip() and updates >= 1, slot  # it streamed, in batches
+    for slot, (answer, updates, stats) in seen.items():
+        assert answer.strip() and updates >= 1, slot  # it streamed, in batches
         tokens = int(re.search(r"\+ (\d+) tokens", stats)[1])
         assert 1 <= tokens <= 24 and (tokens == 24) == stats.endswith("max tokens reached"), (slot, stats)
 

@@ -481,19 +481,25 @@ def test_the_plan_screens_machines_field_reads_node_rank_count_and_rendezvous(ho
     assert parse_nodes("1/2@10.0.0.9:29400")["rdzv"] == "10.0.0.9:29400"
 
 
+async def plan_form(pilot, recipe: str, profile: str) -> PlanScreen:
+    """The Plan screen with ``recipe`` on a simulated ``profile``, its knobs open and showing the recipe's values."""
+    await pilot.press("5")
+    await settle(pilot)
+    screen = pilot.app.query_one(PlanScreen)
+    pilot.app.query_one("#recipe", Input).value = recipe
+    pilot.app.query_one("#profile").value = profile
+    screen.load_defaults()
+    await settle(pilot)
+    await pilot.press("k")
+    await settle(pilot)
+    return screen
+
+
 @aio
 async def test_plan_form_chooses_the_strategy_and_fsdp_offload(home):
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
-        await settle(pilot)
-        screen = app.query_one(PlanScreen)
-        app.query_one("#recipe", Input).value = "recipes/qwen2.5-32b-qlora-2x24gb.yaml"
-        app.query_one("#profile").value = "2x-rtx4090"
-        screen.load_defaults()
-        await settle(pilot)
-        await pilot.press("k")
-        await settle(pilot)
+        screen = await plan_form(pilot, "recipes/qwen2.5-32b-qlora-2x24gb.yaml", "2x-rtx4090")
         assert app.query_one("#k-strategy").prompt == "strategy auto" and screen.overrides() == {}
         await click(pilot, "#plan-go")
         await settle(pilot)
@@ -519,15 +525,7 @@ async def test_plan_form_sets_the_compute_dtype_and_shows_the_choice(home):
     bfloat16 (the simulated AVX2 box) the plan's details say what it chose and why."""
     app = ApplianceApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("5")
-        await settle(pilot)
-        screen = app.query_one(PlanScreen)
-        app.query_one("#recipe", Input).value = "recipes/demo-cpu.yaml"
-        app.query_one("#profile").value = "cpu-avx2"
-        screen.load_defaults()
-        await settle(pilot)
-        await pilot.press("k")
-        await settle(pilot)
+        screen = await plan_form(pilot, "recipes/demo-cpu.yaml", "cpu-avx2")
         assert app.query_one("#k-dtype").prompt == "compute auto" and screen.overrides() == {}
         await click(pilot, "#plan-go")
         await settle(pilot)
