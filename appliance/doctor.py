@@ -238,14 +238,14 @@ def default_routes() -> list[dict]:
 
 def hardware_checks(hw) -> list[dict]:
     """The "hardware" section. Nothing here fails the doctor: a missing GPU or bf16 is a fact or a warning."""
-    from .hardware import GiB, compute_dtype, describe_gpu
+    from .hardware import GiB, compute_dtype, describe_gpu, flag_names
 
     out = []
     if hw.simulated:
         out.append(check("simulated", "simulated profile", "info", hw.simulated,
                          "figures are the profile's, not this machine's (the free disk is this machine's)"))
     out.append(check("cpu", "CPU", "info", f"{hw.cpu} ({hw.cores} logical CPUs usable)",
-                     ", ".join(f.upper().replace("_", "-") for f in hw.cpu_flags) or "no AVX2"))
+                     flag_names(hw.cpu_flags)))
     dtype, why = compute_dtype(hw)
     out.append(check("cpu_bf16", "bfloat16 on the CPU", "ok" if hw.cpu_bf16 else "info",
                      "native" if hw.cpu_bf16 else "emulated (slow)",

@@ -100,7 +100,8 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
             spec = probe.spec_for(config, knobs, recipe, cores, seq if knobs.packing else row,
                                   mean if mean is not None else seq * PACK_FILL)
             measured = probe.measured(spec, hw)
-    if measured and "error" not in measured:
+    failed = measured.get("error") if measured else None
+    if measured and not failed:
         # the probe's micro-batch holds measured["tokens"]; the run's holds micro_tokens (packed bins fill less)
         micro_s = measured["micro_step_s"] * micro_tokens / max(1, measured["tokens"])
         step_s = knobs.grad_accum * micro_s + CPU_STEP_OVERHEAD_S
@@ -117,12 +118,12 @@ def estimate(shape, knobs, hw, recipe, train: dict | None, validation: dict | No
         eval_s = evals * (math.ceil(validation["records"] / knobs.micro_batch) * walk + val_tokens * 2 * params / flops)
     seconds = steps * step_s + eval_s
     tokens_step = batch * replicas * row
-    source = ("a probe of this machine (appliance/train/probe.py)" if measured and "error" not in measured else
-              f"the table's rates, not this machine's ({measured['error']})" if measured else
+    source = (f"the table's rates, not this machine's ({failed})" if failed else
+              "a probe of this machine (appliance/train/probe.py)" if measured else
               "measured throughput (appliance/duration.py)")
     return {"seconds": round(seconds, 1), "steps": steps, "tokens_per_step": round(tokens_step),
             "tokens_per_s": round(tokens_step / step_s), "evaluations": evals, "eval_seconds": round(eval_s, 1),
-            "measured": bool(measured and "error" not in measured), "compute_dtype": knobs.compute_dtype,
+            "measured": bool(measured and not failed), "compute_dtype": knobs.compute_dtype,
             "basis": f"{steps} steps of ~{tokens_step:,.0f} tokens at ~{tokens_step / step_s:,.0f} tokens/s on "
                      f"{where}, plus {evals} evaluation{'s' if evals != 1 else ''}; from {source}, loading and "
                      "export not counted"}

@@ -147,7 +147,7 @@ def compute_dtype(hw: Hardware) -> tuple[str, str]:
             return "bfloat16", "every GPU has compute capability 8.0 or newer: bfloat16 on its tensor cores"
         return "float16", "a GPU below compute capability 8.0 has no bfloat16: float16 on its tensor cores"
     if hw.cpu_bf16:
-        flags = " and ".join(f.upper().replace("_", "-") for f in CPU_BF16_FLAGS if f in hw.cpu_flags)
+        flags = flag_names([f for f in CPU_BF16_FLAGS if f in hw.cpu_flags], " and ")
         return "bfloat16", f"this CPU computes bfloat16 in hardware ({flags})"
     if hw.cpu_capped:
         return "float32", (f"ONEDNN_MAX_CPU_ISA={hw.cpu_capped} keeps oneDNN from this CPU's bfloat16 instructions: "
@@ -633,7 +633,11 @@ def summary() -> dict:
             "gpus": [g.name for g in hw.gpus], "cpu_flags": list(hw.cpu_flags)}
 
 
+def flag_names(flags, sep: str = ", ") -> str:
+    """CPU flags as people write them (avx512_bf16 -> AVX512-BF16); "no AVX2" when there are none of CPU_FEATURES."""
+    return sep.join(f.upper().replace("_", "-") for f in flags) or "no AVX2"
+
+
 def describe_cpu(hw: Hardware) -> str:
     """The CPU, its logical CPUs and the features that decide speed, in one line (hw, doctor, benchmarks)."""
-    flags = ", ".join(f.upper().replace("_", "-") for f in hw.cpu_flags) or "no AVX2"
-    return f"{hw.cpu}, {hw.cores} logical CPUs ({flags})"
+    return f"{hw.cpu}, {hw.cores} logical CPUs ({flag_names(hw.cpu_flags)})"

@@ -406,7 +406,7 @@ def make_plan(shape: Shape, knobs: Knobs, hw, limit: float = DEFAULT_LIMIT, allo
         return sum(estimate(shape, k, kind, shards).values())
 
     n = len(devs)
-    knobs, dtype_choice, dtype_step = _dtype(knobs, hw, lambda k: total(k))
+    knobs, dtype_choice, dtype_step = _dtype(knobs, hw, total)
 
     def sharded(k: Knobs) -> int:
         return sum(estimate(shape, k, kind, n, fsdp=True).values())
