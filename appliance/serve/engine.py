@@ -75,6 +75,7 @@ class Engine:
         self.proc: subprocess.Popen | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
         self.stopping = False
+        self.slot_ctx = ctx
         self._dir: Path | None = None
 
     @property
@@ -111,6 +112,7 @@ class Engine:
                 self._cleanup()
                 raise StageFailed(f"llama-server did not start: {failure}")
             if self.socket.exists() and self._health() == 200:
+                self.slot_ctx = self._slot_ctx()
                 return
             if time.monotonic() > deadline:
                 self.stop()
@@ -123,7 +125,21 @@ class Engine:
         for raw in self.proc.stdout:
             self.lines.append(raw.decode("utf-8", "replace").rstrip())
 
+    def _slot_ctx(self) -> int:
+        """Each slot's context as the engine sized it: ``--ctx`` unless the model was trained on fewer tokens,
+        which llama-server takes as the cap (the gateway checks prompts against this figure)."""
+        import json
+
+        status, body = self._get("/props")
+        try:
+            return int(json.loads(body)["default_generation_settings"]["n_ctx"]) if status == 200 else self.ctx
+        except (ValueError, KeyError, TypeError):
+            return self.ctx
+
     def _health(self) -> int | None:
+        return self._get("/health")[0]
+
+    def _get(self, path: str) -> tuple[int | None, bytes]:
         import http.client
         import socket
 
@@ -135,10 +151,11 @@ class Engine:
 
         conn = UnixConnection("engine")
         try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
         except OSError:
-            return None
+            return None, b""
         finally:
             conn.close()
 

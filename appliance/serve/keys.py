@@ -108,5 +108,10 @@ def active() -> dict[str, str]:
     return {e["sha256"]: e["tenant"] for e in _load() if not e.get("revoked")}
 
 
+def active_ids() -> dict[str, tuple[str, str]]:
+    """The active keys' hashes -> (tenant, key id): what a server checks requests against and records."""
+    return {e["sha256"]: (e["tenant"], e["id"]) for e in _load() if not e.get("revoked")}
+
+
 def tenants() -> list[str]:
     return sorted(set(active().values()))

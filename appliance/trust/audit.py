@@ -46,7 +46,7 @@ EVENTS = (
     "merge", "export", "export.adapter", "bundle", "eval", "eval.review",
     "ask", "chat",
     "serve.start", "serve.stop", "serve.usage", "serve.denied", "serve.key.create", "serve.key.revoke",
-    "serve.listen.allow", "serve.listen.remove",
+    "serve.listen.allow", "serve.listen.remove", "serve.requests", "serve.limits", "serve.tls.create",
     "cluster.allow", "cluster.revoke",
     "network.blocked",
     "audit.verify", "audit.repaired",
