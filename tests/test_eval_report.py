@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 
 from conftest import cli_json, run_cli
 

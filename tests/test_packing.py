@@ -6,7 +6,6 @@ per-document attention (appliance/train/attention.py) registered in transformers
 
 from __future__ import annotations
 
-import pytest
 
 import torch  # noqa: E402
 

@@ -10,7 +10,6 @@ import json
 import random
 import shutil
 import socket
-import threading
 import time
 
 import httpx

@@ -3,7 +3,6 @@ request from the official OpenAI client counted live, the server stopped, the ke
 
 from __future__ import annotations
 
-import pytest
 from textual.widgets import DataTable, Static
 
 from tests.test_tui import SIZE, aio

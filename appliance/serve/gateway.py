@@ -331,7 +331,7 @@ def build(socket: Path, routes: dict[str, list[Route]] | list[Route], adapters: 
         if who is None:
             return unauthorized(request)
         tenant, key_id = who
-        status, prompt, completion = 500, 0, 0
+        prompt, completion = 0, 0
 
         def done(code: int, p: int = 0, c: int = 0) -> None:
             usage.count(tenant, p, c, error=code != 200, key=key_id, client=peer, route=path, status=code)
