@@ -2,6 +2,7 @@
 passphrase), opened there with the package passphrase; ciphertext only on the way, every check before anything
 is stored, and the same records on both machines."""
 
+import hashlib
 import json
 import shutil
 
@@ -42,14 +43,30 @@ def test_a_package_carries_ciphertext_and_opens_on_another_machine_with_its_own_
                     env=pkg_env)
     pkg = tmp_path / "pkg"
     assert made["records"]["train"] + made["records"]["validation"] + made["records"]["test"] == 40
-    # What travels: ciphertext, two signed manifests; no text, no passphrase, no vault key.
+    # What travels: ciphertext under opaque names and one signed index; no text, no passphrase, no vault key, and
+    # nothing about the dataset in clear: not its name, its source file, its plaintext's digest, its counts.
     assert sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file()) == [
-        "dataset/manifest.json", "dataset/report.c2sp", "dataset/test.c2sp", "dataset/train.c2sp",
-        "dataset/validation.c2sp", "package.json"]
+        "package.json", "part-1.c2sp", "part-2.c2sp", "part-3.c2sp", "part-4.c2sp"]
+    index = json.loads((pkg / "package.json").read_text())
+    assert sorted(index) == ["format", "kdf", "parts", "sealed", "signature", "signer", "wrapped_key"]
     travelled = _all_bytes(pkg)
-    for secret in (CANARY, PACKAGE_PASSPHRASE, PASSPHRASE, "ledger entries"):
+    source_digest = hashlib.sha256((tmp_path / "ledger.jsonl").read_bytes()).hexdigest()
+    vault_manifest = json.loads((src / "datasets" / "ledger" / "manifest.json").read_text())
+    for secret in (CANARY, PACKAGE_PASSPHRASE, PASSPHRASE, "ledger entries", "ledger", source_digest, "records",
+                   vault_manifest["created"][:16]):
         assert secret.encode() not in travelled, secret
-    assert (pkg / "dataset" / "train.c2sp").read_bytes() == (src / "datasets" / "ledger" / "train.c2sp").read_bytes()
+    assert (pkg / "part-3.c2sp").read_bytes() == (src / "datasets" / "ledger" / "train.c2sp").read_bytes()
+
+    # The maker's side refuses a guessable package passphrase, and offers a strong one.
+    weak = tmp_path / "weak"
+    weak.write_text("password1")
+    refused = run_cli("data", "package", "ledger", str(tmp_path / "pkg-weak"), home=src, check=False,
+                      env={"APPLIANCE_PACKAGE_PASSPHRASE_FILE": str(weak)})
+    assert refused.returncode == 2 and "too weak" in refused.stderr and not (tmp_path / "pkg-weak").exists()
+    generated = cli_json("data", "package", "ledger", str(tmp_path / "pkg-gen"), "--generate-passphrase",
+                         "--kdf", "pbkdf2-sha256", home=src)
+    assert len(generated["passphrase"].split("-")) == 6
+    assert generated["passphrase"].encode() not in _all_bytes(tmp_path / "pkg-gen")
 
     other, env = _other_machine(tmp_path)
     mine = cli_json("vault", "status", home=other)
@@ -57,21 +74,34 @@ def test_a_package_carries_ciphertext_and_opens_on_another_machine_with_its_own_
     wrong_pw = tmp_path / "wrong"
     wrong_pw.write_text("not the package passphrase")
     failures = [
-        (run_cli("data", "import", str(pkg), home=other, check=False,
+        (run_cli("data", "import", str(pkg), home=other, check=False, env={**env, **pkg_env}),
+         f"is signed by the key {made['signer']}; name the key you expect with --signer"),
+        (run_cli("data", "import", str(pkg), "--signer", made["signer"], home=other, check=False,
                  env={**env, "APPLIANCE_PACKAGE_PASSPHRASE_FILE": str(wrong_pw)}),
          "the package passphrase does not open"),
         (run_cli("data", "import", str(pkg), "--signer", "ab" * 32, home=other, check=False, env={**env, **pkg_env}),
          "not by the one you named"),
-        (run_cli("data", "import", str(pkg), "--name", "renamed", home=other, check=False, env={**env, **pkg_env}),
+        (run_cli("data", "import", str(pkg), "--name", "renamed", "--signer", made["signer"], home=other,
+                 check=False, env={**env, **pkg_env}),
          "a package keeps its dataset's name"),
     ]
     tampered = tmp_path / "tampered"
     shutil.copytree(pkg, tampered)
-    data = bytearray((tampered / "dataset" / "train.c2sp").read_bytes())
+    data = bytearray((tampered / "part-3.c2sp").read_bytes())
     data[100] ^= 1
-    (tampered / "dataset" / "train.c2sp").write_bytes(bytes(data))
-    failures.append((run_cli("data", "import", str(tampered), home=other, check=False, env={**env, **pkg_env}),
-                     "does not match its sha256"))
+    (tampered / "part-3.c2sp").write_bytes(bytes(data))
+    failures.append((run_cli("data", "import", str(tampered), "--signer", made["signer"], home=other, check=False,
+                             env={**env, **pkg_env}), "does not match its sha256"))
+    # A hostile package asking the KDF for 128 GiB is refused before anything is derived (the bounds come first,
+    # so even a validly signed one could not).
+    greedy = tmp_path / "greedy"
+    shutil.copytree(pkg, greedy)
+    edited = json.loads((greedy / "package.json").read_text())
+    edited["kdf"].update(name="scrypt", n=2**30, r=8, p=1)
+    edited["kdf"].pop("iterations", None)
+    (greedy / "package.json").write_text(json.dumps(edited))
+    failures.append((run_cli("data", "import", str(greedy), "--signer", made["signer"], home=other, check=False,
+                             env={**env, **pkg_env}), "outside what this appliance accepts"))
     for proc, words in failures:
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -91,7 +121,8 @@ def test_a_package_carries_ciphertext_and_opens_on_another_machine_with_its_own_
     assert lineage["ok"], lineage  # a manifest of the second machine's own, naming the maker's key
     details = json.loads((other / "datasets" / "ledger" / "manifest.json").read_text())["details"]
     assert details["packaged"]["signer"] == made["signer"]
-    again = run_cli("data", "import", str(pkg), home=other, check=False, env={**env, **pkg_env})
+    again = run_cli("data", "import", str(pkg), "--signer", made["signer"], home=other, check=False,
+                    env={**env, **pkg_env})
     assert again.returncode != 0 and "already exists here" in again.stderr
 
     from appliance.trust import audit

@@ -32,7 +32,8 @@ def parsers(add) -> None:
     di.add_argument("file", help="the file, or a package folder (`data package`)")
     di.add_argument("--name", help="the dataset's id (a package keeps its own)")
     di.add_argument("--signer", metavar="FINGERPRINT|KEYFILE",
-                    help="a package: the maker's signing-key fingerprint (or .pub file) it must be signed by")
+                    help="a package: the maker's signing-key fingerprint (or .pub file) it must be signed by "
+                         "(without it, the fingerprint is shown and a yes asked for at the terminal)")
     di.add_argument("--format", default="auto", choices=["auto", "chat", "sharegpt", "alpaca", "completion", "dpo"])
     di.add_argument("--near-dup", type=float, default=0.9,
                     help="near-duplicate Jaccard threshold, 0.5 to 0.98 (default 0.9); 1.0 keeps near-duplicates")
@@ -47,8 +48,11 @@ def parsers(add) -> None:
     di.add_argument("--salvage", action="store_true", help="import the complete records of a file cut off mid-record")
     di.add_argument("--json", action="store_true")
     dp = dsub.add_parser("package", help="an encrypted dataset package for another machine: the ciphertext, the signed "
-                                         "manifest and the data key wrapped under a package passphrase "
-                                         "($APPLIANCE_PACKAGE_PASSPHRASE_FILE or a prompt)")
+                                         "manifest sealed, and the data key wrapped under a package passphrase "
+                                         "($APPLIANCE_PACKAGE_PASSPHRASE_FILE, a prompt, or --generate-passphrase)")
+    dp.add_argument("--generate-passphrase", action="store_true",
+                    help="make a strong package passphrase and print it once (give it to the other machine's "
+                         "operator by another way than the package)")
     dp.add_argument("name")
     dp.add_argument("out", help="the package folder to write; it must not exist")
     dp.add_argument("--kdf", default="scrypt", choices=["scrypt", "pbkdf2-sha256", "argon2id"],
@@ -166,16 +170,30 @@ def _package_import(args) -> int:
     from ..trust import package, passphrase
 
     vault = unlocked()  # the vault's passphrase first, then the package's
+    signer = args.signer or _confirm_signer(package.inspect(Path(args.file)))
     result = package.open_package(
         vault, Path(args.file), lambda: passphrase.read(package.PASSPHRASE_ENV, prompt="package passphrase: "),
-        hardware=hardware.summary(), signer=args.signer, name=args.name)
+        hardware=hardware.summary(), signer=signer, name=args.name)
     if args.json:
         print_json(result)
     else:
         print(f"imported package {args.file} as dataset {result['dataset']} ({split_counts(result['records'])}), "
-              f"signed by {result['signer']}" + ("" if args.signer else "; compare this fingerprint with the maker's "
-                                       "(`appliance data package` printed it)"))
+              f"signed by {result['signer']}")
     return 0
+
+
+def _confirm_signer(seen: dict) -> str | None:
+    """At a terminal: show the signer's fingerprint and ask; elsewhere None (open_package then asks for
+    --signer in one sentence)."""
+    if not sys.stdin.isatty():
+        return None
+    print(f"{seen['package']} is signed by the key\n  {seen['signer']}\ncompare it with the fingerprint the maker's "
+          "`appliance data package` printed.", file=sys.stderr)
+    if input("is this the maker's key? [y/N] ").strip().lower() not in ("y", "yes"):
+        from ..errors import InvalidInput
+
+        raise InvalidInput("not imported: the signer was not confirmed.")
+    return seen["signer"]
 
 
 @command("data package")
@@ -184,11 +202,20 @@ def _data_package(args) -> int:
     from ..trust import package, passphrase
 
     vault = unlocked()
-    made = package.make(vault, args.name, Path(args.out), passphrase.read(
-        package.PASSPHRASE_ENV, prompt="package passphrase (for the other machine): ", confirm=True), kdf=args.kdf)
+    if args.generate_passphrase:
+        secret = package.generate_passphrase()
+    else:
+        secret = passphrase.read(package.PASSPHRASE_ENV, prompt="package passphrase (for the other machine): ",
+                                 confirm=True)
+    made = package.make(vault, args.name, Path(args.out), secret, kdf=args.kdf)
+    if args.generate_passphrase:
+        made["passphrase"] = secret  # shown this once; kept nowhere
     if args.json:
         print_json(made)
     else:
+        if args.generate_passphrase:
+            print(f"package passphrase (shown once; give it to the other machine's operator apart from the package): "
+                  f"{secret}")
         print(f"packaged {args.name} ({split_counts(made['records'])}) into {made['out']}: ciphertext only, the key "
               f"wrapped under the package passphrase ({made['kdf']}); signed by {made['signer']}. On the other machine: "
               f"`appliance data import {made['out']} --signer {made['signer']}`")

@@ -194,6 +194,38 @@ def derive_kek(passphrase: str, params: dict) -> bytes:
     raise InvalidInput(f"{path()} names an unknown KDF {name!r}; this appliance knows {', '.join(KDFS)}.")
 
 
+# What a package (or keyring) from elsewhere may ask the KDF for: no less than this appliance's own minimums
+# (a weaker setting would make the passphrase cheaper to guess) and no more than a workstation can afford (a
+# hostile package must not make import allocate gigabytes or run for hours).
+KDF_BOUNDS = {
+    "scrypt": {"n": (2**14, 2**20), "r": (1, 16), "p": (1, 4)},
+    "pbkdf2-sha256": {"iterations": (100_000, 10_000_000)},
+    "argon2id": {"memory_kib": (19456, 1 << 20), "iterations": (1, 10), "lanes": (1, 8)},
+}
+MAX_KDF_MEMORY = 1 << 30
+
+
+def check_kdf(params: dict, where) -> None:
+    """Refuse KDF parameters outside KDF_BOUNDS before anything is derived with them."""
+    name = params.get("name") if isinstance(params, dict) else None
+    if name not in KDF_BOUNDS:
+        raise InvalidInput(f"{where} names an unknown KDF {name!r}; this appliance knows {', '.join(KDFS)}.")
+    for field, (low, high) in KDF_BOUNDS[name].items():
+        value = params.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise InvalidInput(f"{where} asks {name} for {field} {value!r}, outside what this appliance accepts "
+                               f"({low} to {high}); it was not made by this appliance's defaults.")
+    if name == "scrypt" and (params["n"] & (params["n"] - 1) or 128 * params["n"] * params["r"] > MAX_KDF_MEMORY):
+        raise InvalidInput(f"{where} asks scrypt for n {params['n']}, r {params['r']}: not a power of two or more "
+                           "than 1 GiB of memory.")
+    try:
+        salt = base64.b64decode(str(params.get("salt", "")).encode("ascii"), validate=True)
+    except ValueError:
+        salt = b""
+    if not 16 <= len(salt) <= 64:
+        raise InvalidInput(f"{where} holds a KDF salt of {len(salt)} bytes; 16 to 64 are accepted.")
+
+
 def _new_kdf(name: str) -> dict:
     if name not in KDFS:
         raise InvalidInput(f"unknown KDF {name!r}; choose one of {', '.join(KDFS)}.")

@@ -392,15 +392,38 @@ class DatasetsScreen(Pane):
         self.call(job, self.imported, group="import")
 
     def open_package(self, pkg: Path, name: str | None) -> None:
-        """A dataset package from another machine: checked, opened with its passphrase, stored under this vault's."""
+        """A dataset package from another machine: its signature checked, its signer's fingerprint shown for the
+        operator to confirm, and only then opened with its passphrase and stored under this vault's."""
         (secret,) = self._take("ds-pkg-open")
-        self.query_one("#ds-output", Static).update(f"checking and opening the package {escape(str(pkg))}…")
+        self.query_one("#ds-output", Static).update(f"checking the package {escape(str(pkg))}…")
+
+        def check():
+            from appliance.trust import package
+
+            return package.inspect(pkg)
+
+        def confirm(seen: dict) -> None:
+            def answered(yes: bool | None) -> None:
+                if yes:
+                    self.open_confirmed(pkg, name, secret, seen["signer"])
+                else:
+                    self.query_one("#ds-output", Static).update("not imported: the signer was not confirmed")
+
+            self.app.push_screen(ConfirmDialog(
+                f"{pkg} is signed by the key\n{seen['signer']}\n\nIs this the fingerprint the maker's appliance "
+                "printed? Only then open it.", yes="It is: open"), answered)
+
+        self.call(check, confirm, group="import")
+
+    def open_confirmed(self, pkg: Path, name: str | None, secret: str, signer: str) -> None:
+        self.query_one("#ds-output", Static).update(f"opening the package {escape(str(pkg))}…")
 
         def job():
             from appliance import hardware
             from appliance.trust import keys, package
 
-            return package.open_package(keys.vault(), pkg, lambda: secret, hardware=hardware.summary(), name=name)
+            return package.open_package(keys.vault(), pkg, lambda: secret, hardware=hardware.summary(), name=name,
+                                        signer=signer)
 
         def done(result: dict) -> None:
             self.opened_package = result
@@ -411,8 +434,7 @@ class DatasetsScreen(Pane):
 
             self.query_one("#ds-output", Static).update(
                 f"[b]imported package {escape(str(pkg))}[/] as dataset {escape(result['dataset'])} "
-                f"({split_counts(result['records'])}); "
-                f"signed by {result['signer']}: compare it with the fingerprint the maker's appliance printed")
+                f"({split_counts(result['records'])}); signed by {result['signer']}")
             self.call(list_datasets, self.show_datasets, group="list")
 
         self.call(job, done, group="import")
