@@ -12,6 +12,19 @@ it can: the rendezvous host is a declared peer (a Python probe of the route, whi
 reports the address it reaches the rendezvous from and each node refuses a cluster with an undeclared member,
 and the collectives are tied to the interface that holds that address (``GLOO_SOCKET_IFNAME`` /
 ``NCCL_SOCKET_IFNAME``), so they neither listen on nor route through any other.
+
+**The cluster secret.** c10d's store has no authentication: any host that reaches node 0's port could read what
+the nodes say and write an entry of its own. So the nodes share a secret (``appliance cluster secret create`` on
+one machine prints it once; ``cluster secret import`` on the others; it is kept in each vault, wrapped like a data
+key) and every entry of the agreement is sealed with it (AES-256-GCM under a key derived from it, bound to its
+purpose and round, with a fresh challenge from node 0 against replays): a host without the secret reads only
+ciphertext, and its entry does not open, so the nodes refuse to start. Node 0 also checks the connections its
+store really has (the kernel's table, ``/proc/net/tcp``), not the addresses the nodes claim: a connected peer
+that is not a declared member is refused by its address.
+
+**What is not protected**: the gradients (and so, in part, the training text) travel between the nodes
+unencrypted over gloo or NCCL. On a network that is not trusted, put the nodes on an encrypted link (WireGuard:
+README, "Training across machines") and declare their WireGuard addresses; ``doctor`` says so.
 """
 
 from __future__ import annotations
@@ -212,3 +225,133 @@ class Topology:
                                    "the cluster first.")
         elif self.rdzv or self.node_rank:
             raise InvalidInput("--node-rank and --rdzv are for training across machines; give --nnodes too.")
+
+
+# -- the cluster secret ---------------------------------------------------------------------------------------------
+
+SECRET = "cluster"
+_SECRET_PREFIX = "acs1-"
+
+
+def _text(secret: bytes) -> str:
+    import base64
+
+    return _SECRET_PREFIX + base64.b32encode(secret).decode("ascii").rstrip("=").lower()
+
+
+def _from_text(text: str) -> bytes:
+    import base64
+
+    body = text.strip().lower()
+    if not body.startswith(_SECRET_PREFIX):
+        raise InvalidInput(f"that is not a cluster secret (it starts with {_SECRET_PREFIX}); copy the whole line "
+                           "`appliance cluster secret create` printed.")
+    body = body[len(_SECRET_PREFIX):].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise InvalidInput("that cluster secret is damaged (not 32 bytes of base32); copy it again.")
+    return raw
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """What nodes compare to know they hold the same secret (it reveals nothing of the secret)."""
+    import hashlib
+    import hmac
+
+    digest = hmac.new(secret, b"appliance cluster secret fingerprint", hashlib.sha256).hexdigest()[:24]
+    return ":".join(digest[i:i + 4] for i in range(0, 24, 4))
+
+
+def create_secret(vault) -> dict:
+    """A new cluster secret in this vault (replacing any other: the other nodes must import the new one)."""
+    import os
+
+    from .trust import audit
+
+    secret = os.urandom(32)
+    vault.set_secret(SECRET, secret)
+    fingerprint = secret_fingerprint(secret)
+    audit.record("cluster.secret", details={"action": "create", "fingerprint": fingerprint})
+    return {"secret": _text(secret), "fingerprint": fingerprint}
+
+
+def import_secret(vault, text: str) -> dict:
+    from .trust import audit
+
+    secret = _from_text(text)
+    vault.set_secret(SECRET, secret)
+    fingerprint = secret_fingerprint(secret)
+    audit.record("cluster.secret", details={"action": "import", "fingerprint": fingerprint})
+    return {"fingerprint": fingerprint}
+
+
+def secret_of(vault) -> bytes | None:
+    return vault.secret(SECRET)
+
+
+def _aead(secret: bytes):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=b"appliance cluster agreement/1").derive(secret)
+    return AESGCM(key)
+
+
+def seal(secret: bytes, purpose: str, obj) -> str:
+    """``obj`` as JSON, encrypted and authenticated with the cluster secret, bound to ``purpose``."""
+    import base64
+    import json
+    import os
+
+    nonce = os.urandom(12)
+    sealed = nonce + _aead(secret).encrypt(nonce, json.dumps(obj, sort_keys=True).encode(), purpose.encode())
+    return base64.b64encode(sealed).decode("ascii")
+
+
+def unseal(secret: bytes, purpose: str, text) -> dict | None:
+    """What ``seal`` sealed for ``purpose`` with this secret; None if it was not (another secret, another purpose,
+    changed, or not sealed at all)."""
+    import base64
+    import json
+
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        raw = base64.b64decode(text if isinstance(text, (bytes, str)) else b"", validate=True)
+        return json.loads(_aead(secret).decrypt(raw[:12], raw[12:], purpose.encode()))
+    except (InvalidTag, ValueError, TypeError):
+        return None
+
+
+def connected_peers(port: int) -> set[str]:
+    """The remote addresses of this machine's established TCP connections to local ``port``, read from the
+    kernel's tables (``/proc/net/tcp``, ``tcp6``): who really is connected to the rendezvous, whatever they claim."""
+    out = set()
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "01":  # 01: ESTABLISHED
+                continue
+            local, remote = fields[1], fields[2]
+            if int(local.rsplit(":", 1)[1], 16) != port:
+                continue
+            out.add(_proc_address(remote.rsplit(":", 1)[0], width))
+    return out
+
+
+def _proc_address(hexed: str, width: int) -> str:
+    """/proc/net/tcp's address: 32-bit words in host (little-endian) order."""
+    raw = bytes.fromhex(hexed)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)

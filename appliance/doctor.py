@@ -134,6 +134,12 @@ def listener_checks() -> list[dict]:
         check("cluster_peers", "cluster peers training may reach", "info" if peers else "ok", peers or "none",
               "declared with `appliance cluster allow HOST[:PORT]`; only training runs with --nnodes reach them"
               if peers else "training stays on this machine (loopback only)"),
+        *([check("cluster_link", "what crosses the cluster's network", "warn",
+                 "gradients in clear",
+                 "the agreement between nodes is sealed with the cluster secret, but gloo/NCCL send gradients (which "
+                 "can leak training text) unencrypted: unless the network between the nodes is trusted, put them on "
+                 "an encrypted link (WireGuard; README, Training across machines) and declare those addresses")]
+          if peers else []),
     ]
 
 

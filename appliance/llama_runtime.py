@@ -3,15 +3,15 @@
 The appliance's llama-cpp-python is built portably (packaging/llama-wheel.sh): no host instruction set is
 baked in, and the CPU kernels are loadable modules, ``llama_cpp/lib/libggml-cpu-<variant>.so``, one per x86
 generation (``x64`` is plain x86-64). ``lib()`` loads the best variant this CPU supports, with llama.cpp's
-own scoring (``ggml_backend_load_all_from_path``), before llama.cpp's first use: llama.cpp would otherwise
-look beside the Python executable and in the current directory, and find nothing.
+own scoring (``ggml_backend_load_all_from_path``), when ``llama_cpp`` is imported (the wheel's own
+``llama_cpp/_backends.py``): llama.cpp would otherwise look beside the Python executable and in the current
+directory, find nothing, and refuse every model ("no backends are loaded").
 
 ``APPLIANCE_LLAMA_CPU=<variant>`` forces one variant (``x64`` proves a bundle runs on an older CPU).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 from pathlib import Path
@@ -39,7 +39,10 @@ def variants(where: Path | None = None) -> list[str]:
 
 
 def lib():
-    """``import llama_cpp`` with its CPU backend loaded, and llama.cpp's own logging limited to errors."""
+    """``import llama_cpp`` with its CPU backend loaded, and llama.cpp's own logging limited to errors.
+
+    The loading itself is the wheel's (``llama_cpp/_backends.py``, from packaging/llama_cpp_backends.py): it runs
+    when ``llama_cpp`` is imported, so the package works on its own; here its outcome becomes one sentence."""
     global _loaded
     import logging
 
@@ -47,7 +50,14 @@ def lib():
 
     if not _loaded:  # once: lib() is called on hot paths (every generated token's end-of-generation check)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        _load_backend(lib_dir())
+        try:
+            from llama_cpp import _backends
+        except ImportError:
+            raise InvalidInput("this llama-cpp-python was not built by packaging/llama-wheel.sh (it has no "
+                               "llama_cpp/_backends.py); run scripts/setup.sh again.") from None
+        failed = _backends.load(lib_dir())
+        if failed:
+            raise InvalidInput(failed + ".")
         _loaded = True
     return llama_cpp
 
@@ -57,33 +67,6 @@ def _mapped(pattern: str) -> list[str]:
     maps = Path("/proc/self/maps")
     fields = (line.split(None, 5) for line in (maps.read_text() if maps.exists() else "").splitlines())
     return sorted({f[5] for f in fields if len(f) == 6 and re.search(pattern, f[5])})
-
-
-def _load_backend(where: Path) -> None:
-    # The libggml that libllama itself loaded (its soname, e.g. libggml.so.0): the wheel holds libggml.so,
-    # .so.0 and .so.0.x as separate copies, and loading another copy would register the backend in a registry
-    # llama.cpp never reads.
-    mapped = [p for p in _mapped(r"/libggml\.so[.0-9]*$") if Path(p).parent == where] or [str(where / "libggml.so")]
-    ggml = ctypes.CDLL(mapped[0])
-    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    if ggml.ggml_backend_reg_count() > 0:  # a non-portable build registers its kernels itself
-        return
-    shipped = variants(where)
-    forced = os.environ.get(ENV_FORCE)
-    if forced:
-        if forced not in shipped:
-            raise InvalidInput(f"{ENV_FORCE}={forced} names no CPU variant of this llama.cpp build; "
-                               f"choose from {', '.join(shipped) or 'none (a non-portable build)'}.")
-        if not ggml.ggml_backend_load(str(where / f"{_PREFIX}{forced}.so").encode()):
-            raise InvalidInput(f"llama.cpp's CPU variant {forced} does not load on this CPU; unset {ENV_FORCE}.")
-    else:
-        ggml.ggml_backend_load_all_from_path(str(where).encode())
-    if ggml.ggml_backend_reg_count() == 0:
-        raise InvalidInput(f"no llama.cpp CPU backend loads from {where} (variants: {', '.join(shipped) or 'none'}); "
-                           "run scripts/setup.sh to rebuild llama-cpp-python.")
 
 
 def loaded_variant() -> str:

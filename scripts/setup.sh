@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 stamp=.venv/.appliance-setup
-want=$(cat pyproject.toml scripts/setup.sh scripts/default-model.txt packaging/llama-wheel.sh \
+want=$(cat pyproject.toml scripts/setup.sh scripts/default-model.txt packaging/llama-wheel.sh packaging/llama_cpp_backends.py \
   packaging/llama-cpp-python.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

@@ -119,6 +119,34 @@ def test_forcing_a_variant_that_is_not_shipped_is_one_sentence():
     assert proc.returncode != 0 and "APPLIANCE_LLAMA_CPU=pentium4 names no CPU variant" in proc.stderr
 
 
+STANDALONE = r"""
+import sys
+if sys.argv[2] == "without-loader":  # the negative control: the wheel's loader replaced by one that does nothing
+    import types
+    sys.modules["llama_cpp._backends"] = types.SimpleNamespace(load=lambda where: None)
+import llama_cpp
+try:
+    llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False)
+except ValueError as e:
+    print("refused:", e)
+    raise SystemExit(0)
+print("answered:", llm("The", max_tokens=2, temperature=0)["usage"]["completion_tokens"])
+"""
+
+
+def test_import_llama_cpp_works_on_its_own(tmp_path):
+    """A user's own script, with no appliance import, in another folder: the wheel loads its CPU kernels at
+    import. Without that loader llama.cpp finds no backend and refuses the model."""
+    runs = {}
+    for mode in ("as-shipped", "without-loader"):
+        proc = subprocess.run([sys.executable, "-c", STANDALONE, str(default_gguf()), mode], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mode] = proc.stdout.strip().splitlines()[-1]
+    assert runs["as-shipped"] == "answered: 2"
+    assert runs["without-loader"].startswith("refused:"), runs
+
+
 def test_doctor_names_the_cpu_backend_in_use_and_its_features(home):
     report = json.loads(run_cli("doctor", "--json", home=home, check=False).stdout)
     checks = report["sections"]["llama.cpp"]

@@ -30,6 +30,12 @@ def parsers(add) -> None:
         elif name == "revoke":
             sp.add_argument("peer", metavar="HOST")
         sp.add_argument("--json", action="store_true")
+    cs = csub.add_parser("secret", help="the secret every node of a cluster shares (kept in the vault): create "
+                                        "prints it once, import takes it on the other machines, show its fingerprint")
+    cs.add_argument("action", choices=["create", "import", "show"])
+    cs.add_argument("--file", help="import: read the secret from this file (else a prompt); create: also write it "
+                                   "here (mode 0600), e.g. on removable media for the other machines")
+    cs.add_argument("--json", action="store_true")
 
 
 @command("doctor")
@@ -169,4 +175,55 @@ def _cluster_revoke(args) -> int:
     from .. import cluster
 
     _print_peers(cluster.revoke(args.peer), args.json)
+    return 0
+
+
+@command("cluster secret")
+def _cluster_secret(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from .. import cluster
+    from ..errors import InvalidInput, NotFound
+    from .common import unlocked
+
+    vault = unlocked()
+    if args.action == "create":
+        made = cluster.create_secret(vault)
+        if args.file:
+            from ..workspace import atomic_writer
+
+            with atomic_writer(Path(args.file).expanduser()) as f:  # mkstemp's mode: 0600
+                f.write((made["secret"] + "\n").encode())
+        if args.json:
+            print_json(made)
+        else:
+            print(made["secret"])
+            print(f"cluster secret {made['fingerprint']}: shown this once; on every other node `appliance cluster "
+                  "secret import` it, then compare `appliance cluster secret show`", file=sys.stderr)
+        return 0
+    if args.action == "import":
+        if args.file:
+            path = Path(args.file).expanduser()
+            if not path.is_file():
+                raise NotFound(f"--file {path} does not exist.")
+            text = path.read_text(encoding="utf-8")
+        elif sys.stdin.isatty():
+            import getpass
+
+            text = getpass.getpass("cluster secret: ")
+        else:
+            raise InvalidInput("cluster secret import: give --file FILE holding the secret, or run in a terminal to "
+                               "be asked.")
+        made = cluster.import_secret(vault, text)
+    else:
+        secret = cluster.secret_of(vault)
+        if secret is None:
+            raise NotFound("this vault holds no cluster secret; `appliance cluster secret create` (on one machine) "
+                           "or `import` (on the others).")
+        made = {"fingerprint": cluster.secret_fingerprint(secret)}
+    if args.json:
+        print_json(made)
+    else:
+        print(f"cluster secret fingerprint {made['fingerprint']} (the same on every node of the cluster)")
     return 0

@@ -9,7 +9,8 @@ them pickled through spawn's pipe: in memory, never on disk, in the environment 
 The rendezvous is the appliance's own backend (``appliance``) on c10d's TCPStore: node 0 hosts the store on a
 socket it binds itself, so it listens on the rendezvous address only (c10d would listen on every interface,
 which the egress guard cannot see: it is C++), on loopback unless the operator declared the address. Before the
-ranks start, the nodes agree on what they train, through the store: the same recipe and the same data (digests
+ranks start, the nodes agree on what they train, through the store, each entry sealed with the cluster secret
+(``cluster.py`` says why; node 0 also checks who is really connected): the same recipe and the same data (digests
 of the decrypted records, never the text), the same processes per node, only declared members, the smallest
 micro-batch any node has (a node that ran out of memory halved its own), and the newest checkpoint complete on
 every node (a node killed during a save has one fewer).
@@ -98,7 +99,8 @@ def launch(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, topology: Top
         else:
             store = _store(topology, host, port)
         batch = batch_settings(run.name, recipe)
-        agreed = agree(store, run, recipe, resume, topology, local, batch)
+        agreed = agree(store, run, recipe, resume, topology, local, batch,
+                       bytes.fromhex(handed["cluster"]) if handed.get("cluster") else None)
         if agreed["micro_batch_size"] != batch[0]:
             _adopt_batch(run, emit, agreed)
         micro, accum = agreed["micro_batch_size"], agreed["gradient_accumulation_steps"]  # what the ranks train with
@@ -226,9 +228,8 @@ def data_digest(recipe: Recipe) -> str:
 
 
 def agree(store, run: Path, recipe: Recipe, resume: bool, topology: Topology, local: str,
-          batch: tuple[int, int]) -> dict:
+          batch: tuple[int, int], secret: bytes | None = None) -> dict:
     """Every node says what it would train; each node checks them all and they reach the same decision."""
-    from .. import cluster
     from ..runs import checkpoints, step_of
 
     if topology.nnodes == 1:
@@ -240,16 +241,82 @@ def agree(store, run: Path, recipe: Recipe, resume: bool, topology: Topology, lo
     mine = {"address": local, "recipe": recipe.digest(), "data": data_digest(recipe), "processes": topology.processes,
             "micro": batch[0], "accum": batch[1], "resume": resume,
             "checkpoints": [step_of(c) for c in checkpoints(run.name)] if resume else []}
+    nodes = exchange(store, topology, secret, mine, local)
+    return decide(nodes, mine, resume, batch)
+
+
+def exchange(store, topology: Topology, secret: bytes | None, mine: dict, local: str) -> list[dict]:
+    """Each node's entry, sealed with the cluster secret, through node 0's store; returns every node's, opened.
+
+    Node 0 first puts a fresh challenge (sealed); every entry carries it, so an entry of an earlier round replayed
+    does not count. An entry that does not open, and on node 0 a connection to the store from an undeclared
+    address, stops the run with a sentence naming what was refused."""
+    import datetime
+
+    from .. import cluster
+
+    if secret is None:
+        raise StageFailed("training across machines needs the cluster secret in every node's vault: `appliance "
+                          "cluster secret create` on one machine, `appliance cluster secret import` on the others.")
     prefix = "appliance/agree/"
-    store.set(f"{prefix}{topology.node_rank}", json.dumps(mine))
+    rank = topology.node_rank
+    host, port = cluster.parse(topology.rdzv, "--rdzv")
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+
+    def wait(keys: list[str]) -> None:
+        try:
+            store.wait(keys, timeout)
+        except Exception as e:
+            raise StageFailed(f"not every node joined the rendezvous within {RENDEZVOUS_TIMEOUT_S} s "
+                              f"({str(e).splitlines()[0]}); start `appliance train` (or `runs resume`) on all "
+                              f"{topology.nnodes} machines with the same --rdzv.") from None
+
+    if rank == 0:
+        challenge = os.urandom(16).hex()
+        store.set(prefix + "challenge", cluster.seal(secret, "challenge", {"challenge": challenge}))
+    else:
+        wait([prefix + "challenge"])
+        opened = cluster.unseal(secret, "challenge", store.get(prefix + "challenge"))
+        if opened is None:
+            raise StageFailed(f"the rendezvous at {cluster.show(host, port)} did not prove the cluster secret: the "
+                              "machines hold different secrets (compare `appliance cluster secret show` on each), or "
+                              "another host answered there.")
+        challenge = opened["challenge"]
+    store.set(f"{prefix}{rank}", cluster.seal(secret, f"node/{rank}", {**mine, "challenge": challenge}))
     keys = [f"{prefix}{r}" for r in range(topology.nnodes)]
-    try:
-        store.wait(keys)
-    except Exception as e:
-        raise StageFailed(f"not every node joined the rendezvous within {RENDEZVOUS_TIMEOUT_S} s "
-                          f"({str(e).splitlines()[0]}); start `appliance train` (or `runs resume`) on all "
-                          f"{topology.nnodes} machines with the same --rdzv.") from None
-    nodes = [json.loads(store.get(k)) for k in keys]
+    wait(keys)
+    nodes: list[dict | None] = []
+    for r, key in enumerate(keys):
+        opened = cluster.unseal(secret, f"node/{r}", store.get(key))
+        nodes.append(opened if opened is not None and opened.get("challenge") == challenge else None)
+    unproven = [r for r, n in enumerate(nodes) if n is None]
+    if rank == 0:
+        proven = {n["address"] for n in nodes if n is not None} | {local}
+        connected = cluster.connected_peers(port)
+        strangers = sorted(a for a in connected if a not in proven and not egress.is_loopback(a))
+        undeclared = [a for a in strangers if not cluster.declared(a)]
+        if undeclared:
+            raise StageFailed(f"the rendezvous has a connection from {', '.join(undeclared)}, which is not a declared "
+                              "member of this cluster: refused. If it is one, `appliance cluster allow` it here.")
+        if unproven:
+            who = f" (connected from {', '.join(strangers)})" if strangers else ""
+            raise StageFailed(f"node {unproven[0]}'s entry{who} did not prove the cluster secret: refused. Every "
+                              "machine must hold the same secret (`appliance cluster secret show` prints its "
+                              "fingerprint on each).")
+        for r, n in enumerate(nodes):
+            if r and not egress.is_loopback(n["address"]) and n["address"] not in connected:
+                raise StageFailed(f"node {r} says it joined from {n['address']}, but no connection to the rendezvous "
+                                  "comes from there: refused.")
+    elif unproven:
+        raise StageFailed(f"node {unproven[0]}'s entry did not prove the cluster secret: refused. Every machine must "
+                          "hold the same secret (`appliance cluster secret show` prints its fingerprint on each).")
+    return nodes
+
+
+def decide(nodes: list[dict], mine: dict, resume: bool, batch: tuple[int, int]) -> dict:
+    """What every node trains with, from every node's entry; a sentence for each way the nodes disagree."""
+    from .. import cluster
+
     for r, n in enumerate(nodes):
         if n["recipe"] != mine["recipe"]:
             raise StageFailed(f"node {r} trains another recipe (sha256 {n['recipe'][:12]}, here {mine['recipe'][:12]}); "

@@ -47,7 +47,7 @@ EVENTS = (
     "ask", "chat",
     "serve.start", "serve.stop", "serve.usage", "serve.denied", "serve.key.create", "serve.key.revoke",
     "serve.listen.allow", "serve.listen.remove", "serve.requests", "serve.limits", "serve.tls.create",
-    "cluster.allow", "cluster.revoke",
+    "cluster.allow", "cluster.revoke", "cluster.secret",
     "network.blocked",
     "audit.verify", "audit.repaired",
 )

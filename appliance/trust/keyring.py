@@ -74,6 +74,15 @@ class Unlocked:
     def signing_private(self) -> bytes:
         return _unwrap(self.kek, _b64d(self.data["signing"]["wrapped"]), "the signing key")
 
+    def secret(self, name: str) -> bytes | None:
+        """A named secret kept in the vault (the cluster's shared secret), or None."""
+        entry = self.data.get("secrets", {}).get(name)
+        return None if entry is None else _unwrap(self.kek, _b64d(entry["wrapped"]), f"the secret {name!r}")
+
+    def set_secret(self, name: str, value: bytes) -> None:
+        self.data.setdefault("secrets", {})[name] = {"wrapped": _b64e(_wrap(self.kek, value)), "created": _now()}
+        write_json(self.path, self.data)
+
     def destroy_key(self, dataset_id: str) -> bool:
         """Crypto-shred: forget the dataset's wrapped key. Returns whether there was one."""
         if self.data["keys"].pop(dataset_id, None) is None:
@@ -147,6 +156,8 @@ def rekey(old: str, new: str, kdf: str | None = None) -> Unlocked:
     data["keys"] = {ds: {**entry, "wrapped": _b64e(_wrap(kek, current.data_key(ds)))}
                     for ds, entry in current.data["keys"].items()}
     data["signing"] = {**data["signing"], "wrapped": _b64e(_wrap(kek, current.signing_private()))}
+    data["secrets"] = {name: {**entry, "wrapped": _b64e(_wrap(kek, current.secret(name)))}
+                       for name, entry in current.data.get("secrets", {}).items()}
     data["rekeyed"] = _now()
     write_json(path(), data)  # temp file + fsync + rename: old or new, never half
     audit.record("vault.rekey", details={"kdf": params["name"], "keys_rewrapped": len(data["keys"])})
