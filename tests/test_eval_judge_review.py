@@ -36,6 +36,23 @@ def test_judge_asks_both_orders_counts_inconsistency_as_a_tie_and_keeps_its_prom
     assert missing.returncode == 2 and "neither a .gguf file" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_a_judge_that_favours_a_position_makes_no_winner(exported_home):
+    """The both-orders rule, tested by what it must do rather than by replaying it: when base and tuned gave the
+    same answer, the judge sees the same prompt in both orders, so whatever it answers (a judge that always says
+    [[A]] included) no side may win: every item is a tie. Swapping the second order's mapping would fail this."""
+    from appliance import infer
+    from appliance.evaluate.judge import judge
+
+    home, run_id = exported_home
+    prompts = [[{"role": "user", "content": q}] for q in ("Name a colour.", "Count to three.", "Say hi.")]
+    answers = ["Blue.", "One, two, three.", "Hi!"]
+    result = judge(infer.resolve("tiny"), "tiny", prompts, answers, answers, list(answers))
+    assert result["tally"] == {"tuned_wins": 0, "ties": 3, "base_wins": 0}, result["verdicts"]
+    assert all(v["final"] == "tie" for v in result["verdicts"])
+    # Each order's verdict was the judge's own: a position-biased judge is seen as inconsistent, not as a winner.
+    assert all(v["base_first"] == "tie" or v["base_first"] != v["tuned_first"] for v in result["verdicts"])
+
+
 def test_blind_review_hides_which_model_tallies_and_audits_who(exported_home):
     from appliance.evaluate.review import Review, load_answers
     from appliance.trust import audit
@@ -45,17 +62,14 @@ def test_blind_review_hides_which_model_tallies_and_audits_who(exported_home):
     answers = load_answers(run_id)
     assert len(answers) == 6 and (home / "runs" / run_id / "eval-answers.jsonl").is_file()  # a plain-folder dataset
 
-    # The sides are drawn at random: over many sessions tuned is A about half the time.
-    tuned_first = []
-    for seed in range(40):
-        r = Review(run_id, "x", seed=seed)
-        if r.items:
-            tuned_first.append(r.items[0][1])
-    if tuned_first:  # (the tiny model may answer identically, leaving nothing to show)
-        assert 0.2 < sum(tuned_first) / len(tuned_first) < 0.8
+    # The sides are drawn at random: over many sessions tuned is A about half the time. (Strict: the tuned tiny
+    # model answers differently from its base, so there are items to show; none would fail here, not pass.)
+    tuned_first = [Review(run_id, "x", seed=seed).items[0][1] for seed in range(40)]
+    assert 0.2 < sum(tuned_first) / len(tuned_first) < 0.8
 
     # Always choosing A: the tally follows which model each A was.
     r = Review(run_id, "dana", seed=3)
+    assert r.items, "no differing answers to review: the test would prove nothing"
     expected = {"tuned": 0, "base": 0}
     while (item := r.current()) is not None:
         assert set(item) == {"number", "total", "prompt", "reference", "a", "b"}  # nothing says which is which

@@ -55,6 +55,29 @@ def test_export_adapter_writes_a_checked_gguf_adapter(two_runs, monkeypatch):
     assert {e["subjects"]["run"] for e in audit.entries(event="export.adapter")} >= {first, second}
 
 
+def test_the_adapter_check_fails_an_adapter_that_is_not_the_runs(two_runs, monkeypatch):
+    """The negative control of export --adapter's check: a converter that hands back another run's adapter (as a
+    broken conversion would) is caught by the top-1 check against this run's merged model, and nothing is kept."""
+    from appliance import convert, export
+    from appliance.errors import CheckFailed
+    from appliance.trust import keys
+
+    home, first, second, adapters = two_runs
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE_FILE", str(_passphrase(home)))
+    keys.use_vault(None)
+    kept = (home / "runs" / first / "adapter-gguf" / "adapter-f16.gguf").read_bytes()
+
+    def wrong_adapter(source, base, out):
+        shutil.copyfile(adapters[second]["path"], out)
+
+    monkeypatch.setattr(convert, "convert_lora", wrong_adapter)
+    with pytest.raises(CheckFailed, match="agrees with the merged model on the top-1 token at only"):
+        export.export_adapter(first)
+    assert (home / "runs" / first / "adapter-gguf" / "adapter-f16.gguf").read_bytes() == kept  # the good one stays
+    keys.use_vault(None)
+
+
 def test_two_tenants_are_served_through_their_own_adapters_on_one_base(two_runs, monkeypatch):
     home, first, second, _ = two_runs
     monkeypatch.setenv("APPLIANCE_HOME", str(home))
