@@ -292,6 +292,15 @@ def secret_of(vault) -> bytes | None:
     return vault.secret(SECRET)
 
 
+def require_secret(vault) -> bytes:
+    secret = secret_of(vault)
+    if secret is None:
+        raise InvalidInput("training across machines needs the cluster secret in this vault: `appliance cluster "
+                           "secret create` on one machine (it prints the secret once), `appliance cluster secret "
+                           "import` on each other machine.")
+    return secret
+
+
 def _aead(secret: bytes):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM

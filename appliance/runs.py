@@ -136,12 +136,7 @@ def start(run_id: str, resume: bool = False, processes: int | None = None, nnode
     if topology.nnodes > 1:  # the agreement between machines is sealed with the cluster secret (cluster.py)
         from . import cluster
 
-        secret = cluster.secret_of(keys.vault())
-        if secret is None:
-            raise InvalidInput("training across machines needs the cluster secret in this vault: `appliance cluster "
-                               "secret create` on one machine (it prints the secret once), `appliance cluster secret "
-                               "import` on each other machine.")
-        handed["cluster"] = secret.hex()
+        handed["cluster"] = cluster.require_secret(keys.vault()).hex()
     read_end, write_end = os.pipe()
     cmd += ["--keys-fd", str(read_end)]
     with open(path / "worker.log", "ab") as log:

@@ -146,6 +146,10 @@ def _two_nodes(homes, recipe, port, *extra, env=None):
     """Start node 0 and node 1 (one process each), each in its own workspace; return their run ids."""
     from conftest import run_cli
 
+    secret = homes[0].parent / "cluster-secret"  # the cluster secret: made on node 0, carried to node 1
+    if not secret.exists():
+        run_cli("cluster", "secret", "create", "--file", str(secret), home=homes[0], env=(env or {}).get(0))
+        run_cli("cluster", "secret", "import", "--file", str(secret), home=homes[1], env=(env or {}).get(1))
     ids = []
     for rank, home in enumerate(homes):
         out = run_cli("train", str(recipe), "--nnodes", "2", "--node-rank", str(rank), "--rdzv", f"127.0.0.1:{port}",

@@ -150,3 +150,15 @@ def test_the_cluster_secret_is_kept_in_the_vault_and_shown_only_once(vault_home,
     log = (vault_home / "audit" / "log.jsonl").read_text()
     assert made["secret"] not in log and made["secret"][5:] not in log
     assert [e["details"]["action"] for e in audit.entries(event="cluster.secret")] == ["create"]
+
+
+def test_training_across_machines_without_the_secret_is_one_sentence(tiny_home, tmp_path, demo_dataset):
+    from conftest import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", demo_dataset, max_steps=2)
+    proc = run_cli("train", str(recipe), "--nnodes", "2", "--node-rank", "0", "--rdzv", "127.0.0.1:29499",
+                   home=tiny_home, check=False)
+    assert proc.returncode == 2 and "needs the cluster secret in this vault" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    runs = tiny_home / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # refused before anything was made

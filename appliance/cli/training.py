@@ -83,7 +83,11 @@ def _train(args) -> int:
     if args.nnodes is not None and args.nnodes > 1:  # before the plan and the run: a clear sentence, nothing made
         from ..cluster import Topology
 
+        from ..cluster import require_secret
+        from .common import unlocked
+
         Topology(args.processes or 1, args.nnodes, args.node_rank or 0, args.rdzv).check()
+        require_secret(unlocked())
     recipe = recipes.load(args.recipe, **parse_overrides(args.set))
     # Plan first: refuse what cannot fit, apply the safe adjustments (the effective batch is kept).
     recipe, plan = planner.fitted(recipe, allow_shorter=args.allow_shorter)
