@@ -78,3 +78,40 @@ async def test_export_screen_writes_the_adapter_gguf_the_serve_screen_needs(expo
         stage = str(app.query_one("#ex-stage", Label).render())
         assert f"adapter GGUF of {run_id}" in stage and "serve it on tiny" in stage
     assert (home / "runs" / run_id / "adapter-gguf" / "adapter-f16.gguf").is_file()
+
+
+@aio
+async def test_serve_screen_sets_a_tenants_limits_and_makes_a_tls_certificate(exported_home):
+    """What `serve limits` and `serve cert` do, from the Serve screen; another host than loopback is refused
+    until the operator declared it, and without a certificate."""
+    from tests.test_tui_screens import error_message
+
+    home, run_id = exported_home
+    app = ApplianceApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_screen(pilot, "w")
+        await put(pilot, "#key-tenant", "acme")
+        await put(pilot, "#lim-tokens", "64")
+        await put(pilot, "#lim-concurrent", "2")
+        app.query_one("#lim-set").press()
+        await wait_for(pilot, lambda: "limits of acme" in str(app.query_one("#key-shown", Static).render()),
+                       "the limits set")
+        assert "concurrent 2, max_tokens 64" in str(app.query_one("#key-shown", Static).render())
+
+        await put(pilot, "#serve-host", "127.0.0.1")
+        app.query_one("#serve-host").focus()
+        app.query_one("ServeScreen").action_cert()
+        await pilot.pause()
+        shown = str(app.query_one("#key-shown", Static).render())
+        assert "TLS certificate for 127.0.0.1" in shown and "sha256" in shown
+
+        await put(pilot, "#serve-host", "0.0.0.0")
+        app.query_one("#serve-start").press()
+        await pilot.pause()
+        assert "is the wildcard address" in error_message(app)
+    from appliance.serve import limits
+    from appliance.trust import audit
+
+    assert limits.tenant_overrides() == {"acme": {"concurrent": 2, "max_tokens": 64}}
+    assert audit.entries(event="serve.limits")[-1]["details"]["tenant"] == "acme"
+    assert (home / "serve" / "tls" / "serve-127.0.0.1.crt").is_file()

@@ -437,7 +437,8 @@ class Server:
 
 # -- for the TUI: a server in its own process, found again through its state file --------------------------------
 
-def launch(model: str, port: int = DEFAULT_PORT, parallel: int = 4, adapters: list[str] | None = None):
+def launch(model: str, port: int = DEFAULT_PORT, parallel: int = 4, adapters: list[str] | None = None,
+           host: str = "127.0.0.1", tls: tuple[str, str] | None = None):
     """Start `appliance serve` as a detached process (it outlives the TUI, as a training run does); its errors go
     to ``serve/launch.log`` (one sentence: no prompt or answer is ever printed). Returns the Popen."""
     import subprocess
@@ -447,7 +448,10 @@ def launch(model: str, port: int = DEFAULT_PORT, parallel: int = 4, adapters: li
     from .keys import serve_dir
 
     log = serve_dir() / "launch.log"
-    cmd = [sys.executable, "-m", "appliance.cli", "serve", model, "--port", str(port), "--parallel", str(parallel)]
+    cmd = [sys.executable, "-m", "appliance.cli", "serve", model, "--port", str(port), "--parallel", str(parallel),
+           "--host", host]
+    if tls:
+        cmd += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     for item in adapters or []:
         cmd += ["--adapter", item]
     with open(log, "wb") as err:

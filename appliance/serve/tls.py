@@ -93,3 +93,10 @@ def check_pair(cert: str | Path, key: str | Path) -> str:
         raise InvalidInput(f"--tls-cert {cert} and --tls-key {key} are not a matching PEM certificate and key "
                            f"({e.reason or e}).") from None
     return fingerprint(cert.read_bytes())
+
+
+def pair_for(host: str) -> tuple[str, str] | None:
+    """The pair `serve cert --host HOST` made in the workspace, if there is one."""
+    tag = str(ipaddress.ip_address(host.strip("[]"))).replace(":", "_")
+    cert, key = tls_dir() / f"serve-{tag}.crt", tls_dir() / f"serve-{tag}.key"
+    return (str(cert), str(key)) if cert.is_file() and key.is_file() else None

@@ -8,6 +8,8 @@ again (only its hash is kept).
 
 from __future__ import annotations
 
+import ipaddress
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -17,7 +19,8 @@ from textual.widgets import Button, DataTable, Input, Static
 from .base import Pane
 
 HINT = ("enter a model (run id, model id or .gguf) and start · the base and TENANT=RUN pairs serve each tenant "
-        "through its adapter · k makes a key · x revokes the selected key")
+        "through its adapter · k makes a key · x revokes the selected key · another host needs `serve allow` and a "
+        "TLS certificate (c) · l sets a tenant's limits")
 
 
 def serve_models() -> list[str]:
@@ -51,7 +54,8 @@ def fill(table: DataTable, rows: list[tuple]) -> None:
 
 class ServeScreen(Pane):
     BINDINGS = [Binding("k", "new_key", "new key"), Binding("x", "revoke", "revoke key"),
-                Binding("s", "stop", "stop server")]
+                Binding("s", "stop", "stop server"), Binding("c", "cert", "TLS certificate"),
+                Binding("l", "limits", "tenant limits")]
     DEFAULT_CSS = """
     ServeScreen #serve-form { height: auto; }
     ServeScreen #serve-form Input { width: 1fr; }
@@ -61,6 +65,7 @@ class ServeScreen(Pane):
     ServeScreen #serve-tables { height: 1fr; }
     ServeScreen #serve-tables DataTable { width: 1fr; }
     ServeScreen #key-form { height: auto; }
+    ServeScreen #key-form Input { width: 1fr; }
     ServeScreen #key-shown { height: auto; padding: 0 1; }
     """
 
@@ -68,6 +73,7 @@ class ServeScreen(Pane):
         yield Static(HINT, id="serve-hint")
         with Horizontal(id="serve-form"):
             yield Input(placeholder="model: run id, model id or .gguf", id="serve-model")
+            yield Input(placeholder="host (127.0.0.1)", id="serve-host")
             yield Input("8080", placeholder="port", id="serve-port", type="integer")
             yield Input("4", placeholder="slots", id="serve-parallel", type="integer")
             yield Input(placeholder="adapters: TENANT=RUN, … (optional)", id="serve-adapters")
@@ -82,8 +88,11 @@ class ServeScreen(Pane):
                 table.add_columns("key", "tenant", "created", "revoked")
                 yield table
                 with Horizontal(id="key-form"):
-                    yield Input(placeholder="tenant for a new key", id="key-tenant")
+                    yield Input(placeholder="tenant (new key, limits)", id="key-tenant")
                     yield Button("New key", id="key-new")
+                    yield Input(placeholder="max tokens", id="lim-tokens", type="integer")
+                    yield Input(placeholder="concurrent", id="lim-concurrent", type="integer")
+                    yield Button("Limits", id="lim-set")
                 yield Static("", id="key-shown")
 
     def on_mount(self) -> None:
@@ -129,7 +138,11 @@ class ServeScreen(Pane):
                 return
         if state["servers"]:
             lines = [f"[$success]serving[/] {escape(s['model'])} at [b]{escape(s['url'])}[/] ({s['engine']}, "
-                     f"{s['parallel']} slots, {s['usage']['denied']} refused) · s stops it" for s in state["servers"]]
+                     f"{s['parallel']} slots, {s['usage']['denied']} refused"
+                     + (f", TLS sha256 {s['tls'][:23]}…" if s.get("tls") else "")
+                     + (", [$error]no TLS[/]" if s.get("url", "").startswith("http://") and
+                        not s.get("host", "127.0.0.1").startswith("127.") and s.get("host") != "::1" else "")
+                     + ") · s stops it" for s in state["servers"]]
             status.update("\n".join(lines))
         else:
             status.update("no server is running")
@@ -139,6 +152,8 @@ class ServeScreen(Pane):
             self.action_start()
         elif event.button.id == "key-new":
             self.action_new_key()
+        elif event.button.id == "lim-set":
+            self.action_limits()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "key-tenant":
@@ -159,8 +174,17 @@ class ServeScreen(Pane):
         except ValueError:
             raise InvalidInput("port and slots must be whole numbers.") from None
         pairs = [p.strip() for p in self.query_one("#serve-adapters", Input).value.split(",") if p.strip()]
+        host = serve.check_host(self.query_one("#serve-host", Input).value.strip() or "127.0.0.1")
+        tls = None
+        if not ipaddress.ip_address(host).is_loopback:  # beyond loopback only with TLS (the CLI's --insecure aside)
+            from appliance.serve.tls import pair_for
+
+            tls = pair_for(host)
+            if tls is None:
+                raise InvalidInput(f"serving on {host} needs TLS: press c to make a certificate for it (or give "
+                                   "`appliance serve --tls-cert/--tls-key` your own).")
         serve.plan(model, pairs)  # a wrong name or pair is said here, at once, not by a process that exits
-        self.starting = serve.launch(model, port=port, parallel=parallel, adapters=pairs)
+        self.starting = serve.launch(model, port=port, parallel=parallel, adapters=pairs, host=host, tls=tls)
         self.query_one("#serve-status", Static).update("starting… (llama-server is loading the model)")
 
     def action_stop(self) -> None:
@@ -197,3 +221,40 @@ class ServeScreen(Pane):
         gone = keys.revoke(str(key_id))
         self.query_one("#key-shown", Static).update(f"revoked {', '.join(k['id'] for k in gone)}")
         self.refresh_data()
+
+    def action_cert(self) -> None:
+        """A self-signed certificate for the host typed above (`serve cert`): its fingerprint shown for clients."""
+        from appliance.errors import InvalidInput
+        from appliance.serve.tls import make_pair
+
+        host = self.query_one("#serve-host", Input).value.strip()
+        if not host:
+            raise InvalidInput("type the host clients will connect to (this machine's address) first.")
+        made = make_pair(host)
+        self.query_one("#key-shown", Static).update(
+            f"TLS certificate for [b]{escape(made['host'])}[/]: {escape(made['cert'])}\nsha256 "
+            f"{escape(made['sha256'])}\n(give clients the certificate file to pin)")
+
+    def action_limits(self) -> None:
+        """The tenant's own max_tokens and concurrency (`serve limits`); a running server applies them at once."""
+        from appliance.errors import InvalidInput
+        from appliance.serve import limits
+
+        tenant = self.query_one("#key-tenant", Input).value.strip()
+        table = self.query_one("#keys", DataTable)
+        if not tenant and table.row_count:
+            tenant = str(table.get_row_at(table.cursor_row)[1])
+        values = {}
+        for field, name in (("#lim-tokens", "max_tokens"), ("#lim-concurrent", "concurrent")):
+            text = self.query_one(field, Input).value.strip()
+            if text:
+                try:
+                    values[name] = int(text)
+                except ValueError:
+                    raise InvalidInput(f"{name.replace('_', ' ')} must be a whole number; got {text!r}.") from None
+        if not tenant:
+            raise InvalidInput("name the tenant (or select one of its keys) to set its limits.")
+        own = limits.set_tenant(tenant, reset=not values, **values)
+        self.query_one("#key-shown", Static).update(
+            f"limits of [b]{escape(tenant)}[/]: " + (", ".join(f"{k} {v}" for k, v in sorted(own.items())) or
+                                                    "the server's defaults"))
