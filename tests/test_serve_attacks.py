@@ -335,3 +335,25 @@ def test_every_answer_and_every_request_is_counted(exported_home):
     assert all(r["client"] == "127.0.0.1" for r in logged)
     usage = audit.entries(event="serve.usage")[-1]["details"]
     assert usage["requests"] == 2 and usage["errors"] == 1 and usage["completion_tokens"] == 24
+
+
+def test_a_dead_engine_is_a_503_without_its_words_or_paths(home, tmp_path):
+    """The gateway in front of an engine that is gone: the client gets one sentence of ours, never llama-server's
+    last lines (which name files) nor the socket's path."""
+    from starlette.testclient import TestClient
+
+    from appliance.serve import keys
+    from appliance.serve.gateway import Route, Usage, build
+
+    made = keys.create("acme")
+    usage = Usage()
+    app = build(tmp_path / "gone.sock", [Route("m")], 0, usage, ready=lambda: False,
+                failure=lambda: "llama-server exited with status 1; its last lines: cannot open /srv/secret/model.gguf")
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {made['key']}"},
+                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        health = c.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["message"] == "The model server is not available."
+    assert "/srv" not in r.text and "gone.sock" not in r.text and "llama-server" not in r.text
+    assert health.status_code == 503 and health.json() == {"status": "error"}
+    assert usage.snapshot()["tenants"]["acme"]["errors"] == 1
