@@ -28,6 +28,8 @@ def reporter(quiet: bool = False):
             console.print(f"[yellow]warning:[/] {event.message}")
         elif event.type == "metric" and event.message:
             console.print(f"  {event.message}")
+        elif event.type == "progress" and event.message:  # a step of a long stage: merge's shards
+            console.print(f"  [dim]{event.message}[/]")
     return emit
 
 

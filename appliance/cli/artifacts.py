@@ -52,8 +52,10 @@ def _merge(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"merged {result['label']} into {result['path']} (max |logit difference| vs base+adapter: "
-              f"{result['max_abs_logit_diff']:.2e})")
+        logits = (f"max |logit difference| vs base+adapter {result['max_abs_logit_diff']:.2e}; "
+                  if result["max_abs_logit_diff"] is not None else f"{result['logit_check']}; ")
+        print(f"merged {result['label']} into {result['path']} ({logits}{result['weights_checked']} merged weights "
+              f"checked, the worst at {result['max_weight_excess']:.2f} of its rounding bound)")
     return 0
 
 

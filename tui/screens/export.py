@@ -155,10 +155,23 @@ def results_text(run: dict) -> str:
     if ex and ex.get("label"):
         lines += ["", f"[b]exported from[/] {escape(ex['label'])}"]
     if merge:
-        lines += ["", f"[b]merge[/]: {escape(merge.get('label') or 'the final adapter')}; saved as {escape(str(merge['dtype']))}; max |logit diff| vs base+adapter "
-                      f"{merge['max_abs_logit_diff']:.2e} over {merge['positions']} positions of {merge['prompts']} "
-                      "held-out prompts"]
+        lines += ["", f"[b]merge[/]: {escape(merge.get('label') or 'the final adapter')}; saved as "
+                      f"{escape(str(merge['dtype']))}; {escape(merge_summary(merge))}"]
     return "\n".join(lines)
+
+
+def merge_summary(merge: dict) -> str:
+    """What merge.json says its checks found, in one line (older merge.json files have the logits check only)."""
+    parts = []
+    if merge.get("max_abs_logit_diff") is not None:
+        parts.append(f"max |logit diff| vs base+adapter {merge['max_abs_logit_diff']:.2e} over "
+                     f"{merge.get('positions', 0)} positions of {merge.get('prompts', 0)} held-out prompts")
+    elif merge.get("logit_check"):
+        parts.append(f"logits check skipped ({merge['logit_check']})")
+    if merge.get("weights_checked") is not None:
+        parts.append(f"{merge['weights_checked']} merged weights within {merge['max_weight_excess']:.2f} of their "
+                     "rounding bound")
+    return "; ".join(parts)
 
 
 class ExportScreen(Pane):
@@ -399,6 +412,9 @@ class ExportScreen(Pane):
             self.stage(e.message)
         elif e.type == "warning" and e.message:
             self.log_line(f"warning: {e.message}")
+        elif e.type == "progress" and e.message and isinstance(e.data.get("total"), int):
+            self.stage(e.message)  # merge's shards: "shard 3 of 30 merged", then "checked shard 3 of 30"
+            self.log_line(f"  {e.message}")
         elif e.type == "finished" and e.message:
             self.log_line(f"✓ {e.message}")
             if e.stage == self.working:
@@ -472,7 +488,7 @@ class ExportScreen(Pane):
         run_id, result = out
         self.working = None
         self.finish_bar()
-        self.stage(f"merged {run_id} at {result['label']} (max |logit diff| vs base+adapter {result['max_abs_logit_diff']:.2e})")
+        self.stage(f"merged {run_id} at {result['label']} ({merge_summary(result)})")
         if run_id in self.runs:
             self.runs[run_id].update(merge=result, merged=True)
             self.show_run(run_id, force=True)
