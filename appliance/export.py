@@ -255,20 +255,31 @@ def check(merged: Path, gguf: Path, conversations: list[list[dict]], reference: 
 
 def reference_top1(merged: Path, conversations: list[list[dict]]) -> list[tuple[list[int], object, object]]:
     """Per conversation: (token ids, the merged model's best tokens at each position [n, k], their logits
-    minus the row's tie tolerance below the best one, so a pick agrees if its logit is >= that bound)."""
+    minus the row's tie tolerance below the best one, so a pick agrees if its logit is >= that bound).
+
+    The merged model runs in float32 one decoder layer at a time from its files (``layerwise``: the same logits
+    as the model loaded whole, in a few layers' memory), all conversations in one padded batch."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from . import layerwise
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    rows = [tokenizer(render(tokenizer, conv), add_special_tokens=False)["input_ids"] for conv in conversations]
+    if not rows:
+        return []
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with step(f"computing the reference logits of {merged.name} layer by layer"):
+        all_logits = layerwise.logits(merged, ids, mask)
     out = []
-    for conv in conversations:
-        ids = tokenizer(render(tokenizer, conv), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float()
+    for row, logits in zip(rows, all_logits):
+        logits = logits[: len(row)]
         best = logits.topk(_TOP_K, dim=-1)
         bound = best.values[:, :1] - TIE * (best.values[:, :1] - logits.min(-1, keepdim=True).values)
-        out.append((ids, best.indices.numpy(), (best.values >= bound).numpy()))
+        out.append((row, best.indices.numpy(), (best.values >= bound).numpy()))
     return out
 
 

@@ -15,7 +15,6 @@ prompts. Both go to ``runs/<id>/merge.json``.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -241,20 +240,19 @@ def merge_streaming(base: Path, adapter: Path | None, out: Path, save_dtype: str
     for i, name in enumerate(files, 1):
         source = shards.specs(base / name)
         plan = [shards.Spec(s.name, target if s.dtype in shards.FLOATING else s.dtype, s.shape) for s in source]
-        from safetensors import safe_open
+        reader = shards.Reader(base, [name])
 
-        with safe_open(str(base / name), framework="pt") as f:
-            def produce(spec):
-                nonlocal merged
-                tensor = f.get_tensor(spec.name)
-                if spec.name in pending:
-                    tensor = merged_weight(tensor, pending.pop(spec.name))
-                    merged += 1
-                elif spec.name in whole:
-                    tensor = whole[spec.name]
-                return tensor.to(getattr(torch, shards.DTYPES[spec.dtype][0]))
+        def produce(spec):
+            nonlocal merged
+            tensor = reader.get(spec.name)
+            if spec.name in pending:
+                tensor = merged_weight(tensor, pending.pop(spec.name))
+                merged += 1
+            elif spec.name in whole:
+                tensor = whole[spec.name]
+            return tensor.to(getattr(torch, shards.DTYPES[spec.dtype][0]))
 
-            written += shards.write(out / name, plan, produce)
+        written += shards.write(out / name, plan, produce)
         weight_map.update({s.name: name for s in source})
         emit(Event("progress", STAGE, f"shard {i} of {len(files)} merged", {"done": i, "total": len(files)}))
     if pending:
@@ -288,7 +286,6 @@ def check_weights(base: Path, adapter: Path | None, merged: Path, save_dtype: st
     weight: a few tensors in memory at a time, whatever the model's size. Returns the worst excess (1.0: at the
     bound) and the counts; a tensor over its bound stops with its name."""
     import torch
-    from safetensors import safe_open
 
     from . import shards
 
@@ -296,37 +293,31 @@ def check_weights(base: Path, adapter: Path | None, merged: Path, save_dtype: st
     u = ROUNDOFF[save_dtype]
     dtype = getattr(torch, save_dtype)
     generator = torch.Generator().manual_seed(0)
-    base_files = {}
-    for name in shards.shard_files(base):
-        for spec in shards.specs(base / name):
-            base_files[spec.name] = name
+    base_reader = shards.Reader(base)
     worst, adapted, copied = 0.0, 0, 0
     files = shards.shard_files(merged)
-    with contextlib.ExitStack() as stack:
-        opened = {n: stack.enter_context(safe_open(str(base / n), framework="pt")) for n in set(base_files.values())}
-        for i, name in enumerate(files, 1):
-            with safe_open(str(merged / name), framework="pt") as fm:
-                for spec in shards.specs(merged / name):
-                    source = base_files.get(spec.name)
-                    if source is None:
-                        raise CheckFailed(f"the merged model holds {spec.name}, which the base does not.")
-                    m, w = fm.get_tensor(spec.name), opened[source].get_tensor(spec.name)
-                    if spec.name in updates:
-                        excess = _excess(m, w, updates[spec.name], u, generator)
-                        worst = max(worst, excess)
-                        adapted += 1
-                        if not excess <= 1.0:
-                            raise CheckFailed(f"the merged {spec.name} is not base + adapter: on random vectors it is "
-                                              f"off by {excess:.1f} times what rounding to {save_dtype} can explain.")
-                    else:
-                        expected = whole[spec.name] if spec.name in whole else w
-                        if not torch.equal(m, expected.to(dtype) if m.is_floating_point() else expected):
-                            raise CheckFailed(f"the merged {spec.name} is not the "
-                                              f"{'adapter' if spec.name in whole else 'base'}'s, cast to {save_dtype}.")
-                        copied += 1
-                    del m, w
-            emit(Event("progress", STAGE, f"checked shard {i} of {len(files)}", {"done": i, "total": len(files),
-                                                                                 "check": True}))
+    for i, name in enumerate(files, 1):
+        reader = shards.Reader(merged, [name])
+        for tensor_name in reader.names():
+            if tensor_name not in base_reader:
+                raise CheckFailed(f"the merged model holds {tensor_name}, which the base does not.")
+            m, w = reader.get(tensor_name), base_reader.get(tensor_name)
+            if tensor_name in updates:
+                excess = _excess(m, w, updates[tensor_name], u, generator)
+                worst = max(worst, excess)
+                adapted += 1
+                if not excess <= 1.0:
+                    raise CheckFailed(f"the merged {tensor_name} is not base + adapter: on random vectors it is off by "
+                                      f"{excess:.1f} times what rounding to {save_dtype} can explain.")
+            else:
+                expected = whole[tensor_name] if tensor_name in whole else w
+                if not torch.equal(m, expected.to(dtype) if m.is_floating_point() else expected):
+                    raise CheckFailed(f"the merged {tensor_name} is not the "
+                                      f"{'adapter' if tensor_name in whole else 'base'}'s, cast to {save_dtype}.")
+                copied += 1
+            del m, w
+        emit(Event("progress", STAGE, f"checked shard {i} of {len(files)}", {"done": i, "total": len(files),
+                                                                             "check": True}))
     if adapted != len(updates):
         raise CheckFailed(f"the merged model holds {adapted} of the adapter's {len(updates)} adapted weights.")
     return {"weights_checked": adapted, "tensors_copied": copied, "max_weight_excess": worst,

@@ -138,3 +138,23 @@ def test_the_weight_check_passes_the_merge_and_fails_one_dropped_or_corrupted_te
     save_file({**good, other: (good[other] + 1).contiguous()}, str(out / "model.safetensors"))
     with pytest.raises(CheckFailed, match=f"the merged {other} is not the base's"):
         merge.check_weights(tiny_model_dir, adapter, out, "bfloat16")
+
+
+def test_the_layer_by_layer_reference_equals_the_whole_model(tiny_model_dir, tmp_path):
+    """The export's reference for models too large to hold: the same logits as the model loaded whole, on a
+    padded batch, with the tiny model saved in bfloat16 and read back layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    from appliance import layerwise
+
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to(torch.bfloat16).save_pretrained(
+        str(folder), max_shard_size="2MB")
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3], [1, 8, 2, 2, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    whole = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = whole(input_ids=ids, attention_mask=mask).logits
+    got = layerwise.logits(folder, ids, mask)
+    assert (got - expected)[mask.bool()].abs().max().item() < 1e-5
