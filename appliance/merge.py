@@ -23,7 +23,7 @@ from .chat_format import render, with_system
 from .errors import CheckFailed
 from .events import Emit, Event, ignore
 from .trust import manifest
-from .workspace import read_json, staging, write_json
+from .workspace import fault_point, read_json, staging, write_json
 
 STAGE = "merge"
 MAX_ABS_DIFF = 1e-3  # fp32 merge vs unmerged: algebraically equal, so only rounding may differ
@@ -63,6 +63,8 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = 
     emit(Event("stage", STAGE, f"merging the adapter of {source['label']} into {recipe.base_model} shard by shard "
                                f"(float32, saved as {save_dtype})" if not full else
                                f"saving the weights of {source['label']} as {save_dtype}, shard by shard"))
+    for stale in run.glob(f".tmp-{out.name}-*"):  # what a merge killed before left: as large as the model
+        shutil.rmtree(stale, ignore_errors=True)
     with staging(out, replace=True) as tmp:  # kill -9 at any point: the previous merged model or none, never a mix
         written = merge_streaming(source_weights, None if full else adapter, tmp, save_dtype, emit)
         config = read_json(source_weights / "config.json")
@@ -248,6 +250,7 @@ def merge_streaming(base: Path, adapter: Path | None, out: Path, save_dtype: str
             if spec.name in pending:
                 tensor = merged_weight(tensor, pending.pop(spec.name))
                 merged += 1
+                fault_point("merge_mid_shard")  # tests: a kill -9 here leaves the previous merged model whole
             elif spec.name in whole:
                 tensor = whole[spec.name]
             return tensor.to(getattr(torch, shards.DTYPES[spec.dtype][0]))

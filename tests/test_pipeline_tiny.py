@@ -172,6 +172,17 @@ def test_lora_without_quantization_and_the_merge_checks_that_can_fail(tiny_home,
     done = merging.merge(run_id)
     assert done["max_abs_logit_diff"] < merging.MAX_ABS_DIFF
     assert done["weights_checked"] == 14 and done["max_weight_excess"] <= 1.0
+    # kill -9 in the middle of a shard: the merged model of before stays whole under its name; the next merge
+    # clears what the killed one left.
+    merged = home / "runs" / run_id / "merged"
+    before = {p.name: p.read_bytes() for p in merged.iterdir() if p.is_file()}
+    killed = run_cli("merge", run_id, home=home, check=False, env={"APPLIANCE_FAULT": "kill_at:merge_mid_shard"})
+    assert killed.returncode == -9
+    assert {p.name: p.read_bytes() for p in merged.iterdir() if p.is_file()} == before
+    assert list((home / "runs" / run_id).glob(".tmp-merged-*"))  # the killed merge's folder, never under the name
+    assert cli_json("verify", str(merged), home=home)["ok"]
+    cli_json("merge", run_id, home=home)
+    assert not list((home / "runs" / run_id).glob(".tmp-merged-*"))
 
     # Base weights changed after training: the merge refuses (the logit check alone, comparing two models built
     # from the same changed files, would not see it).
