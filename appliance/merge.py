@@ -99,7 +99,7 @@ def merge(run_id: str, samples: int = 8, emit: Emit = ignore, checkpoint: str = 
 # The whole-model logits check (base+adapter against the merged model, both in float32) runs where it is cheap:
 # it holds one float32 model in memory. Above this the per-weight check alone decides (it implies the same: the
 # model is its weights), and merge stays within a few tensors' memory at any size.
-LOGIT_CHECK_MAX_BYTES = 2 << 30
+LOGIT_CHECK_MAX_BYTES = 2 << 30  # (plan.LOGIT_CHECK_MAX_BYTES says the same for the footprint)
 
 
 def _logit_check(base: Path, adapter: Path | None, merged: Path, tokenizer, recipe, samples: int,

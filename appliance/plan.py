@@ -345,8 +345,8 @@ def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool,
               tokenizer: int = 0, limit: float = DEFAULT_LIMIT) -> dict:
     """What the run leaves on disk and needs after training, before it starts: its checkpoints (adapter and
     optimizer states; under FSDP the whole 4-bit model too), the merged model, the GGUF files of the recipe's
-    quantizations; and the host memory of merge and export, which load the merged model in float32 for their
-    logit checks. Estimates; disk against the free space at the workspace. ``tokenizer``: the bytes of the
+    quantizations; and the host memory of merge (streamed: a few tensors) and of export (llama.cpp holds the
+    f16 GGUF for its top-1 check). Estimates; disk against the free space at the workspace. ``tokenizer``: the bytes of the
     tokenizer's files, which every checkpoint, the adapter and the merged model carry (and a GGUF its vocabulary)."""
     t = recipe.training
     targets = k.lora_targets if isinstance(k.lora_targets, str) else list(k.lora_targets)
@@ -363,10 +363,38 @@ def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool,
     quants = ["f16", *[q for q in recipe.export.quant if q != "f16"]]
     gguf = {q: int(shape.total_params * GGUF_BYTES[q] + tokenizer / 2) for q in quants}  # vocabulary and merges
     disk = (kept or 0) * checkpoint + trainable * weights + tokenizer + merged + sum(gguf.values())
-    host = shape.total_params * 4 + CPU_RUNTIME
+    host = merge_host(shape, trainable, base_dtype)
+    export = export_host(shape, gguf["f16"])
     return {"checkpoint": int(checkpoint), "checkpoints": kept, "keep": t.keep_checkpoints, "merged": int(merged),
             "gguf": gguf, "disk": int(disk), "disk_free": hw.disk_free, "disk_fits": disk <= hw.disk_free,
-            "merge_host": int(host), "ram": hw.ram_total, "merge_host_fits": host <= hw.ram_total * limit}
+            "merge_host": int(host), "ram": hw.ram_total, "merge_host_fits": host <= hw.ram_total * limit,
+            "export_host": int(export), "export_host_fits": export <= hw.ram_total * limit}
+
+
+def merge_host(shape: Shape, adapter_params: int, base_dtype: str = "bfloat16") -> int:
+    """Host memory of `appliance merge` (merge.py): it streams, so what counts is its largest tensor at work,
+    not the model. A merged weight is read (its dtype), upcast, added to B A in float32 and cast back, then
+    checked against base + adapter (merged and base read back and upcast: ~24 bytes per element); the
+    embeddings are only cast and compared (~6 bytes). The float32 logits check of small models holds the model in
+    float32 (up to merge.LOGIT_CHECK_MAX_BYTES). Plus the adapter and the libraries' own memory."""
+    h, i = shape.hidden, shape.intermediate
+    largest_adapted = max(h * i, h * shape.heads * shape.head_dim)
+    working = max(24 * largest_adapted, (4 + 2 * DTYPE_BYTES.get(base_dtype, 2)) * shape.vocab * h)
+    fp32 = shape.total_params * 4
+    logit_check = fp32 * 1.2 if fp32 <= LOGIT_CHECK_MAX_BYTES else 0  # (merge.LOGIT_CHECK_MAX_BYTES)
+    return int(CPU_RUNTIME + max(working, logit_check) + 4 * adapter_params)
+
+
+def export_host(shape: Shape, f16_gguf: int) -> int:
+    """Host memory of `appliance export`: llama.cpp holds the f16 GGUF (mapped, every page read) for the top-1
+    check; the float32 reference of the merged model runs one layer at a time (layerwise.py: the embeddings and
+    one block in float32, and the logits of the held-out batch), which is less."""
+    layer = shape.linear_params // max(shape.layers, 1)
+    reference = 4 * (shape.vocab * shape.hidden + 2 * layer) + 4 * 8 * 512 * shape.vocab * 2
+    return int(CPU_RUNTIME + max(f16_gguf, reference))
+
+
+LOGIT_CHECK_MAX_BYTES = 2 << 30  # as merge.LOGIT_CHECK_MAX_BYTES (plan cannot import merge: it would load torch)
 
 
 def footprint_lines(f: dict) -> list[str]:
@@ -384,11 +412,12 @@ def footprint_lines(f: dict) -> list[str]:
             f"{'ok' if f['disk_fits'] else 'TOO LITTLE'}: {ckpt}the merged model {size(f['merged'])}, GGUF {files}"
             + ("" if f["disk_fits"] else "; free space, or keep fewer checkpoints (training.keep_checkpoints) "
                                          "and export fewer quantizations (export.quant)"))
-    host = (f"merge and export: about {size(f['merge_host'])} of host memory of {size(f['ram'])} "
-            f"{'ok' if f['merge_host_fits'] else 'TOO MUCH'} (they load the merged model in float32 for their "
-            "logit checks)")
-    if not f["merge_host_fits"]:
-        host += "; the training fits, but merging this model needs a machine with that much memory"
+    host = (f"merge: about {size(f['merge_host'])} of host memory of {size(f['ram'])} "
+            f"{'ok' if f['merge_host_fits'] else 'TOO MUCH'} (it streams the model a tensor at a time); export: "
+            f"about {size(f['export_host'])} {'ok' if f['export_host_fits'] else 'TOO MUCH'} (llama.cpp holds the "
+            "f16 GGUF for its top-1 check)")
+    if not f["export_host_fits"]:
+        host += "; merging fits, but checking the f16 GGUF needs a machine with that much memory"
     return [disk, host]
 
 

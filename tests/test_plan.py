@@ -97,8 +97,9 @@ def test_fsdp_shards_the_state_keeps_each_replicas_activations_and_counts_host_m
 
 
 def test_the_plan_says_what_the_run_leaves_on_disk_and_what_merging_it_needs(home):
-    """The 70B recipe trains on 2x24 GB, but its FSDP checkpoints hold the whole 4-bit model and merging loads
-    the model in float32: the plan says so before a two-day run. (Sizes against a real run: test_pipeline_tiny.)"""
+    """The 70B recipe trains on 2x24 GB; its FSDP checkpoints hold the whole 4-bit model, the merge streams, and
+    export's f16 check holds the f16 GGUF: the plan says so before a two-day run. (Sizes against a real run:
+    test_pipeline_tiny.)"""
     p = cli_json("plan", str(ROOT / "recipes/llama-3.1-70b-qlora-2x24gb.yaml"), "--simulate", "2x-rtx4090", home=home)
     f = p["footprint"]
     params = p["model"]["parameters"]
@@ -106,10 +107,13 @@ def test_the_plan_says_what_the_run_leaves_on_disk_and_what_merging_it_needs(hom
     assert f["checkpoints"] == 3 and f["keep"] == 2  # 600 steps, one every 100: the newest 2 and the best
     assert f["checkpoint"] > 0.5 * params  # the 4-bit base is in each
     assert f["merged"] == pytest.approx(2 * params, rel=0.01) and f["gguf"]["q4_k_m"] < f["gguf"]["q8_0"] < f["gguf"]["f16"]
-    assert f["merge_host"] > 4 * params and not f["merge_host_fits"]
+    # The merge streams: a few of the largest tensors, not the model (issue 27); export's f16 check does not yet.
+    assert f["merge_host"] < 0.1 * 4 * params and f["merge_host_fits"]
+    assert f["export_host"] > 2 * params and not f["export_host_fits"]
     text = run_cli("plan", str(ROOT / "recipes/llama-3.1-70b-qlora-2x24gb.yaml"), "--simulate", "2x-rtx4090",
                    home=home).stdout
-    assert "merge and export: about 263" in text and "TOO MUCH" in text and "3 checkpoints of" in text
+    assert "merge: about" in text and "(it streams the model a tensor at a time)" in text
+    assert "export: about 13" in text and "TOO MUCH" in text and "3 checkpoints of" in text
     # Without FSDP a checkpoint is the adapter and its optimizer states: small, and the merge fits 64 GB.
     small = cli_json("plan", str(ROOT / "recipes/llama-3.1-8b-qlora-1x24gb.yaml"), "--simulate", "1x-rtx4090",
                      home=home)["footprint"]
