@@ -344,7 +344,7 @@ GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.064, "q5_k_m": 0.713, "q4_k_m":
 def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool, base_dtype: str = "bfloat16",
               tokenizer: int = 0, limit: float = DEFAULT_LIMIT) -> dict:
     """What the run leaves on disk and needs after training, before it starts: its checkpoints (adapter and
-    optimizer states; under FSDP the whole 4-bit model too), the merged model, the GGUF files of the recipe's
+    optimizer states; under FSDP the sharded adapter too), the merged model, the GGUF files of the recipe's
     quantizations; and the host memory of merge (streamed: a few tensors) and of export (llama.cpp holds the
     f16 GGUF for its top-1 check). Estimates; disk against the free space at the workspace. ``tokenizer``: the bytes of the
     tokenizer's files, which every checkpoint, the adapter and the merged model carry (and a GGUF its vocabulary)."""
@@ -353,9 +353,8 @@ def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool,
     trainable = shape.total_params if k.full else shape.lora_params(k.lora_r, targets)
     weights = 4 if k.full else DTYPE_BYTES[k.compute_dtype]
     checkpoint = trainable * (weights + OPTIMIZER_BYTES[k.optimizer]) + tokenizer
-    if fsdp and not k.full:  # accelerate's sharded state dict holds every weight, the frozen 4-bit ones too
-        gpu = estimate(shape, replace(k, cpu_offload=False), "cuda", 1, fsdp=True)
-        checkpoint += gpu["weights"] + gpu["weights_other"]
+    if fsdp and not k.full:  # the sharded trained weights beside the adapter's own files (the frozen ones: not
+        checkpoint += trainable * weights  # saved, trainer.adapter_only_fsdp_checkpoints)
     written = steps // t.save_steps if steps else None
     kept = None if written is None else (min(written, t.keep_checkpoints) + (written > t.keep_checkpoints)
                                          if t.keep_checkpoints else written)

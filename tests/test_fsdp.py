@@ -49,6 +49,9 @@ def test_fsdp_matches_ddp_saves_sharded_checkpoints_with_the_adapter_and_exports
         ckpt = run / "checkpoints" / f"checkpoint-{step}"
         assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir(), sorted(os.listdir(ckpt))
         assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "COMPLETE").is_file()
+        # Only what trains: the sharded state is the adapter's size, not the 4-bit base's (issue 27).
+        sharded = sum(p.stat().st_size for p in (ckpt / "pytorch_model_fsdp_0").rglob("*") if p.is_file())
+        assert sharded < 3 * (ckpt / "adapter_model.safetensors").stat().st_size, sharded
     # The adapter is gathered from both shards: the same tensors, in shape, as a DDP run's adapter.
     from safetensors.torch import load_file
 
