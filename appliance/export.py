@@ -36,6 +36,7 @@ from .convert import convert
 from .errors import CheckFailed, InvalidInput, StageFailed
 from .events import Emit, Event, ignore
 from .native_crash import step
+from .plan import GGUF_BYTES
 from .recipes import QUANTS
 from .trust import manifest
 from .workspace import staging, write_json
@@ -71,12 +72,15 @@ def export(run_id: str, quants: list[str] | None = None, emit: Emit = ignore, ch
     out = run / "gguf"
     with staging(out, replace=True) as tmp:
         f16 = tmp / "model-f16.gguf"
+        params = _merged_parameters(merged)
+        need_space(tmp, params * GGUF_BYTES["f16"], "converting the merged model to an f16 GGUF")
         emit(Event("stage", STAGE, "converting the merged model to GGUF f16 with llama.cpp's converter"))
         convert(merged, f16)
         files = {"f16": f16}
         notes: dict[str, dict] = {}
         for q in quants:
             if q != "f16":
+                need_space(tmp, params * GGUF_BYTES[q], f"quantizing to {q}")
                 emit(Event("stage", STAGE, f"quantizing to {q}"))
                 files[q] = tmp / f"model-{q}.gguf"
                 notes[q] = quantize(f16, files[q], q)
@@ -182,6 +186,24 @@ def export_adapter(run_id: str, emit: Emit = ignore, checkpoint: str = "best") -
     emit(Event("finished", STAGE, f"adapter GGUF written; top-1 agreement with the merged model "
                                   f"{agreement['rate']:.2%}", result))
     return result
+
+
+def _merged_parameters(merged: Path) -> int:
+    from . import shards
+
+    return sum(s.nbytes // shards.DTYPES[s.dtype][1] for n in shards.shard_files(merged)
+               for s in shards.specs(merged / n))
+
+
+def need_space(folder: Path, needed: float, step: str) -> None:
+    """Stop before a step that would fill the disk: one sentence with the step, the bytes needed and free (the
+    staging folder is removed on the way out, so nothing half-written stays)."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if needed * 1.02 > free:
+        raise StageFailed(f"{step} needs about {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free at "
+                          f"{folder.parent}; free space there, or export fewer quantizations.")
 
 
 def quantize(src: Path, dst: Path, quant: str) -> dict:

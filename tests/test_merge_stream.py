@@ -158,3 +158,23 @@ def test_the_layer_by_layer_reference_equals_the_whole_model(tiny_model_dir, tmp
         expected = whole(input_ids=ids, attention_mask=mask).logits
     got = layerwise.logits(folder, ids, mask)
     assert (got - expected)[mask.bool()].abs().max().item() < 1e-5
+
+
+def test_export_stops_before_a_step_that_would_fill_the_disk(exported_home, monkeypatch):
+    """Free space is checked before each step (the disk's capacity is the boundary faked here): one sentence
+    naming the step, the bytes needed and free; the previous GGUF files stay, nothing half-written is left."""
+    import shutil
+
+    from appliance import export
+    from appliance.errors import StageFailed
+
+    home, run_id = exported_home
+    gguf = home / "runs" / run_id / "gguf"
+    before = sorted(p.name for p in gguf.iterdir())
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    with pytest.raises(StageFailed, match=r"converting the merged model to an f16 GGUF needs about 0\.\d GiB and "
+                                          r"0\.0 GiB are free at .*; free space there"):
+        export.export(run_id, ["q8_0"])
+    assert sorted(p.name for p in gguf.iterdir()) == before
+    assert not list(gguf.parent.glob(".tmp-gguf-*"))
