@@ -353,8 +353,8 @@ def footprint(shape: Shape, k: Knobs, recipe, steps: int | None, hw, fsdp: bool,
     trainable = shape.total_params if k.full else shape.lora_params(k.lora_r, targets)
     weights = 4 if k.full else DTYPE_BYTES[k.compute_dtype]
     checkpoint = trainable * (weights + OPTIMIZER_BYTES[k.optimizer]) + tokenizer
-    if fsdp and not k.full:  # the sharded trained weights beside the adapter's own files (the frozen ones: not
-        checkpoint += trainable * weights  # saved, trainer.adapter_only_fsdp_checkpoints)
+    if fsdp and not k.full:  # the sharded trained weights beside the adapter's own files (transformers saves
+        checkpoint += trainable * weights  # FSDP checkpoints adapter_only: the frozen 4-bit ones are not in them)
     written = steps // t.save_steps if steps else None
     kept = None if written is None else (min(written, t.keep_checkpoints) + (written > t.keep_checkpoints)
                                          if t.keep_checkpoints else written)

@@ -206,7 +206,8 @@ def train(run: Path, recipe: Recipe, resume: bool, emit: ev.Emit, checkpoint: st
 
 
 # What a checkpoint holds to resume training, and is not part of the adapter it can be merged as (under FSDP: the
-# sharded trained weights and optimizer, one folder each, in torch.distributed.checkpoint's format).
+# sharded trained weights and optimizer, one folder each, in torch.distributed.checkpoint's format; transformers
+# passes accelerate's adapter_only for a PEFT model, so the frozen 4-bit weights are not in them: test_fsdp).
 _TRAINER_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "rng_state", "optimizer_",
                  "pytorch_model_fsdp_")
 
@@ -403,37 +404,12 @@ def fsdp_args(model, t) -> dict:
                             "cpu_ram_efficient_loading": os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING") == "true"}}
 
 
-def adapter_only_fsdp_checkpoints() -> None:
-    """FSDP checkpoints of a LoRA run hold the adapter and its optimizer states, not the whole model.
-
-    transformers' Trainer saves and loads FSDP checkpoints through accelerate's ``save_fsdp_model`` /
-    ``load_fsdp_model`` without their ``adapter_only`` flag, so each checkpoint of a QLoRA run held every frozen
-    4-bit weight too (37.6 GiB per checkpoint for the 70B recipe). The frozen weights are the base's, loaded again
-    from the base at resume; only what trains has to be saved. This sets the flag for PEFT models, in the names
-    the Trainer calls (accelerate's own functions, unchanged). Resume stays exact (tests/test_fsdp.py)."""
-    import transformers.trainer as hf
-
-    if getattr(hf.save_fsdp_model, "adapter_only_for_peft", False):
-        return
-    from accelerate.utils import is_peft_model, load_fsdp_model, save_fsdp_model
-
-    def save(plugin, accelerator, model, output_dir, **kwargs):
-        return save_fsdp_model(plugin, accelerator, model, output_dir, adapter_only=is_peft_model(model), **kwargs)
-
-    def load(plugin, accelerator, model, input_dir, **kwargs):
-        return load_fsdp_model(plugin, accelerator, model, input_dir, adapter_only=is_peft_model(model), **kwargs)
-
-    save.adapter_only_for_peft = load.adapter_only_for_peft = True
-    hf.save_fsdp_model, hf.load_fsdp_model = save, load
-
-
 def fsdp_trainer(cls, cuda: bool):
     """``cls`` as it is on a GPU; on a CPU with accelerate's FSDP path switched on.
 
     accelerate 1.15 offers FSDP only on accelerators (on a CPU it quietly trains with DDP), while PyTorch's
     fully_shard runs on the CPU with gloo: switching the accelerator's state to FSDP after it is made lets a CPU
     machine (and the tests) run the same sharding, sharded checkpoints and gathering as a GPU machine does."""
-    adapter_only_fsdp_checkpoints()
     if cuda:
         return cls
 
