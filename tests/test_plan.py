@@ -105,7 +105,7 @@ def test_the_plan_says_what_the_run_leaves_on_disk_and_what_merging_it_needs(hom
     params = p["model"]["parameters"]
     assert p["verdict"] == "fits" and p["strategy"]["mode"] == "fsdp"
     assert f["checkpoints"] == 3 and f["keep"] == 2  # 600 steps, one every 100: the newest 2 and the best
-    assert f["checkpoint"] < 0.01 * params  # the adapter and its optimizer states, not the 4-bit base (issue 27)
+    assert f["checkpoint"] < 0.05 * params  # the adapter and its optimizer states, not the 4-bit base (issue 27)
     assert f["merged"] == pytest.approx(2 * params, rel=0.01) and f["gguf"]["q4_k_m"] < f["gguf"]["q8_0"] < f["gguf"]["f16"]
     # The merge streams: a few of the largest tensors, not the model (issue 27); export's f16 check does not yet.
     assert f["merge_host"] < 0.1 * 4 * params and f["merge_host_fits"]
