@@ -48,13 +48,11 @@ def first_token(client, url: str, headers: dict, body: dict) -> float:
         if r.status_code != 200:
             r.read()
             raise SystemExit(f"HTTP {r.status_code}: {r.text[:200]}")
+        elapsed = None
         for line in r.iter_lines():
-            if line.startswith("data: {") and '"content"' in line:
+            if elapsed is None and line.startswith("data: {") and '"content"' in line:
                 elapsed = time.perf_counter() - start
-                for _ in r.iter_lines():
-                    pass
-                return elapsed
-    return time.perf_counter() - start
+    return elapsed if elapsed is not None else time.perf_counter() - start
 
 
 def conversation(system: str, turns: int) -> list[list[dict]]:
@@ -116,8 +114,9 @@ def main() -> None:
     engine = Engine(gguf, parallel=2, ctx=2048)
     engine.start()
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(engine.socket)), base_url="http://engine",
-                          timeout=300) as raw:
+        # A fresh connection per request, as the gateway does: llama-server closes kept-alive ones at will.
+        transport = httpx.HTTPTransport(uds=str(engine.socket), limits=httpx.Limits(max_keepalive_connections=0))
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=300) as raw:
             def shared(tenant, body):
                 return first_token(raw, "/v1/chat/completions", {}, body)
 
