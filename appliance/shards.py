@@ -55,11 +55,7 @@ def shard_files(folder: Path) -> list[str]:
 
 def specs(path: Path) -> list[Spec]:
     """The tensors of one safetensors file as its header lists them, in the order of their data."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ordered = sorted(_header(path)[1].items(), key=lambda kv: kv[1]["data_offsets"][0])
     return [Spec(name, v["dtype"], tuple(v["shape"])) for name, v in ordered]
 
 

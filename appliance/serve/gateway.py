@@ -367,8 +367,7 @@ def build(socket: Path, routes: dict[str, list[Route]] | list[Route], adapters: 
                 length = await prompt_length(req, ctx, wanted or 1)
             except httpx.HTTPError:
                 done(503)
-                return error(503, "The model server is not available.", kind="server_error",
-                             code="engine_unavailable")
+                return unavailable()
             if length is not None and length + (wanted or 1) > ctx:
                 message = (f"The prompt is {length} tokens and {wanted} more were asked for; this server's context is "
                            f"{ctx} tokens per request: shorten the prompt or ask for fewer tokens." if wanted else
@@ -389,8 +388,7 @@ def build(socket: Path, routes: dict[str, list[Route]] | list[Route], adapters: 
                     upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
                 except httpx.HTTPError:
                     done(503)
-                    return error(503, "The model server is not available.", kind="server_error",
-                                 code="engine_unavailable")
+                    return unavailable()
                 if upstream.status_code != 200:
                     raw = await upstream.aread()
                     await upstream.aclose()
@@ -410,8 +408,7 @@ def build(socket: Path, routes: dict[str, list[Route]] | list[Route], adapters: 
                     upstream = await client.post(path, json=body)
                 except httpx.HTTPError:
                     done(503, prompt, completion)
-                    return error(503, "The model server is not available.", kind="server_error",
-                                 code="engine_unavailable")
+                    return unavailable()
                 if upstream.status_code != 200:
                     return answer_error(upstream.status_code, upstream.content, done, prompt, completion)
                 try:
@@ -436,6 +433,9 @@ def build(socket: Path, routes: dict[str, list[Route]] | list[Route], adapters: 
                 running[tenant] -= 1
                 if slot is not None:
                     await slots.give(slot)
+
+    def unavailable():
+        return error(503, "The model server is not available.", kind="server_error", code="engine_unavailable")
 
     def answer_error(code: int, raw: bytes, done, prompt: int = 0, completion: int = 0):
         if 400 <= code < 500:
